@@ -1,0 +1,3 @@
+from soragen.cli import main
+
+main()

@@ -1,0 +1,559 @@
+"""The `soragen` command line. The only module that prints or knows about exit codes.
+
+Heavy imports (torch, transformers, diffusers) happen inside the commands, so `soragen --help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from soragen import __version__
+from soragen.errors import SoragenError, UsageError
+
+app = typer.Typer(
+    name="soragen",
+    help="Text to video with a Sora-style diffusion transformer (DiT), hackable and fast on a CPU.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_debug = False
+
+
+def _stderr():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"soragen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+# ---- shared bits -------------------------------------------------------------------------------
+
+def _model_dir(model: Optional[Path]) -> Path:
+    from soragen.model_io import default_model_dir
+    if model is not None:
+        return model
+    default = default_model_dir()
+    if default is None:
+        raise UsageError("no --model given and this install has no default model; pass --model DIR")
+    return default
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the long work if the output cannot be written."""
+    parent = path if path.is_dir() else path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoragenError(f"cannot write to {path}: {err.strerror or err}") from err
+    if not os.access(parent, os.W_OK):
+        raise SoragenError(f"cannot write to {path}: {parent} is not writable")
+
+
+class StageProgress:
+    """Rich progress bars for the pipeline's (stage, done, total) callbacks."""
+
+    def __init__(self, label: str = ""):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                             TimeElapsedColumn(), TimeRemainingColumn(), console=_stderr(), transient=True)
+        self.label, self.tasks, self.times = label, {}, {}
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bars.add_task(f"{self.label}{stage}", total=total)
+            self.times[stage] = time.perf_counter()
+        self.bars.update(self.tasks[stage], completed=done, total=total)
+        if done >= total:
+            self.times[stage] = time.perf_counter() - self.times[stage]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(filter(None, keep.split("-")))[:limit] or "video"
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What the video shows.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames. "
+                                      "With --prompts, a folder.")] = Path("video.mp4"),
+    prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's, 16).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's sampler setting).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc.")] = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same video.")] = 0,
+    fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder or training run (default: the built-in model).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+) -> None:
+    """Generate a video from a text prompt.
+
+    Examples:
+
+      soragen generate "a red ball moving right in the blue sky" --out ball.mp4
+
+      soragen generate "sora is sky" --frames 16 --steps 20 --seed 3 --out sky.gif
+
+      soragen generate --prompts prompts.txt --out videos/
+    """
+    from soragen.pipeline import DTYPES, SAMPLERS
+    if (prompt is None) == (prompts is None):
+        raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if steps is not None and steps < 1:
+        raise UsageError("--steps must be at least 1; nearest valid value: 1")
+    if fps is not None and not 0 < fps < float("inf"):
+        raise UsageError(f"--fps must be a positive number, not {fps:g}")
+    jobs: list[tuple[str, Path]]
+    if prompts is not None:
+        if not prompts.is_file():
+            raise UsageError(f"--prompts {prompts}: no such file")
+        try:
+            lines = [line.strip() for line in prompts.read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise SoragenError(f"cannot read {prompts}: {err}") from err
+        lines = [line for line in lines if line and not line.startswith("#")]
+        if not lines:
+            raise UsageError(f"--prompts {prompts} holds no prompt")
+        if out.suffix:
+            raise UsageError(f"with --prompts, --out must be a folder, not {out}")
+        jobs = [(p, out / f"{i:03d}-{_slug(p)}.mp4") for i, p in enumerate(lines)]
+        _check_writable(out)
+    else:
+        if out.suffix.lower() not in (".mp4", ".gif", ""):
+            raise UsageError(f"--out {out}: use .mp4, .gif, or a folder name for PNG frames")
+        jobs = [(prompt, out)]
+        _check_writable(out.parent if out.suffix else out)
+
+    from soragen.pipeline import Pipeline
+    from soragen.video_io import write_video
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype)
+    settings = pipe.sampler_settings(sampler, steps, guidance)
+    defaults = pipe.model.video  # `is None`, not `or`: an explicit 0 is an error, not "the default"
+    frames = defaults.frames if frames is None else frames
+    height = defaults.height if height is None else height
+    width = defaults.width if width is None else width
+    pipe.check_request(frames, height, width, settings["steps"])
+    console = _stderr()
+    console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
+                  f"{settings['sampler']} {settings['steps']} steps, guidance {settings['guidance']:g} "
+                  f"(loaded in {time.perf_counter() - t0:.1f}s)")
+    index = []
+    for i, (text, path) in enumerate(jobs):
+        start = time.perf_counter()
+        with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
+            video = pipe.generate(text, frames=frames, height=height, width=width, eta=eta, seed=seed + i,
+                                  progress=bars, **settings)
+        result = write_video(path, video, defaults.fps if fps is None else fps)
+        if result.note:
+            console.print(f"note: {result.note}")
+        T, H, W, _ = video.shape
+        typer.echo(f"wrote {result.path} ({T} frames, {W}x{H}, {time.perf_counter() - start:.1f}s)")
+        index.append({"prompt": text, "file": result.path.name, "seed": seed + i})
+    if prompts is not None:
+        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {out / 'index.jsonl'}")
+
+
+# ---- inspect-patches ---------------------------------------------------------------------------
+
+@app.command("inspect-patches")
+def inspect_patches(
+    video: Annotated[Path, typer.Argument(help="A video file (mp4, mov, mkv, avi, webm, gif).", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to take from the start (default: the model's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to save the picture (default: VIDEO.patches.png "
+                                                "in the current folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Show how the model sees a video: latent grid, spacetime patches, tokens, attention cost.
+
+    Examples:
+
+      soragen inspect-patches clip.mp4
+
+      soragen inspect-patches clip.mp4 --frames 9 --out patches.png --json
+    """
+    from soragen.patches import analyse, draw_patches
+    from soragen.model_io import load_model
+    if frames is not None and frames < 1:
+        raise UsageError("--frames must be at least 1; nearest valid value: 1")
+    out = out or Path(f"{video.stem}.patches.png")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the picture is a .png")
+    _check_writable(out.parent)
+    loaded = load_model(_model_dir(model))
+    report, picture = analyse(video, loaded, frames)
+    draw_patches(picture, report, out)
+    report["picture"] = str(out)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"how the model sees {video.name}", show_header=False)
+    for key, label in [("input", "input video"), ("used", "taken"), ("resize", "resize"),
+                       ("latent_shape", "VAE latent [C, T, H, W]"), ("compression", "VAE compression"),
+                       ("patch_size", "patch [t, h, w]"), ("token_grid", "token grid [t, h, w]"),
+                       ("tokens_per_latent_frame", "tokens per latent frame"), ("num_tokens", "tokens in all"),
+                       ("attention", "attention cost"), ("picture", "picture")]:
+        table.add_row(label, str(report[key]))
+    Console().print(table)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def _train_progress(total_steps: int):
+    """A callback for train events: a scan/cache bar, then a step bar with loss, steps/s, ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    console = _stderr()
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    tasks: dict[str, int] = {}
+
+    def progress(event: str, info) -> None:
+        if not bars.live.is_started:
+            bars.start()
+        if event in ("scan", "cache"):
+            done, total = info
+            label = "scanning clips" if event == "scan" else "encoding latents"
+            if event not in tasks:
+                tasks[event] = bars.add_task(label, total=total, info="")
+            bars.update(tasks[event], completed=done, total=total)
+        elif event == "step":
+            if "step" not in tasks:
+                tasks["step"] = bars.add_task("training", total=total_steps, completed=info["step"] - 1, info="")
+            loss = "skipped" if info["loss"] is None else f"{info['loss']:.4f}"
+            bars.update(tasks["step"], completed=info["step"],
+                        info=f"loss {loss}  {info['steps_per_s']:.2f} steps/s")
+        else:
+            console.print(info)
+
+    return progress, bars
+
+
+def _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
+                  save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay):
+    from soragen.config import TrainConfig
+    for name, value, low in (("frames", frames, 1), ("batch-size", batch_size, 1), ("grad-accum", grad_accum, 1),
+                             ("max-steps", max_steps, 1), ("save-every", save_every, 1), ("height", height, 8),
+                             ("width", width, 8)):
+        if value < low:
+            raise UsageError(f"--{name} must be at least {low}; nearest valid value: {low}")
+    if lr <= 0 or fps <= 0:
+        raise UsageError("--lr and --fps must be positive")
+    if mixed_precision not in ("auto", "no", "bf16"):
+        raise UsageError(f"--mixed-precision must be auto, no or bf16, not {mixed_precision!r}")
+    return TrainConfig(data=str(data), frames=frames, height=height, width=width, fps=fps, batch_size=batch_size,
+                       grad_accum=grad_accum, lr=lr, warmup_steps=warmup, max_steps=max_steps, seed=seed,
+                       save_every=save_every, sample_every=sample_every, keep_last=keep_last,
+                       gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+                       ema_decay=ema_decay)
+
+
+Data = Annotated[Path, typer.Option(help="Folder of clips (mp4, mov, mkv, avi, webm, gif) with captions.")]
+Out = Annotated[Path, typer.Option(help="Run folder: checkpoint-STEP/ folders, metrics.jsonl, loss.png.")]
+
+
+@app.command()
+def train(
+    data: Data = Path("clips"),
+    out: Out = Path("runs/dit"),
+    vae: Annotated[Optional[str], typer.Option(help="The frozen VAE: a train-vae run, a model folder, a VAE "
+                                               "folder or hub id (default: the built-in model's).")] = None,
+    text_encoder: Annotated[str, typer.Option(help="The frozen text encoder: 'default' (all-MiniLM-L6-v2), "
+                                              "a hub id or a folder.")] = "default",
+    preset: Annotated[str, typer.Option(help="DiT size: test, tiny, small, base, large.")] = "tiny",
+    init: Annotated[Optional[Path], typer.Option(help="Start from this model folder's weights.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")] = False,
+    frames: Annotated[int, typer.Option(help="Frames per training clip.")] = 16,
+    height: Annotated[int, typer.Option(help="Training height.")] = 64,
+    width: Annotated[int, typer.Option(help="Training width.")] = 64,
+    fps: Annotated[float, typer.Option(help="Clips are resampled to this frame rate.")] = 8.0,
+    batch_size: Annotated[int, typer.Option(help="Clips per step and process.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate after warm-up.")] = 3e-4,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
+    sample_every: Annotated[int, typer.Option(help="Sample videos at checkpoints whose step is a multiple of N "
+                                              "(0: only at the end).")] = 0,
+    keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.999,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 where fast), no, bf16.")] = "auto",
+    cache: Annotated[bool, typer.Option(help="Cache VAE latents and text embeddings.")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default ~/.cache/soragen).")] = None,
+    windows: Annotated[int, typer.Option(help="Temporal crops cached per clip.")] = 4,
+    samples: Annotated[Optional[Path], typer.Option(help="Prompts for sample videos, one per line.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train the DiT on a folder of captioned clips (VAE and text encoder frozen).
+
+    Examples:
+
+      soragen train --data clips/ --vae runs/vae --out runs/dit --max-steps 2000
+
+      torchrun --nproc_per_node=2 -m soragen train --data clips/ --out runs/dit
+
+      soragen train --data clips/ --out runs/dit --resume --max-steps 4000
+    """
+    from soragen.train import run_train
+    cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
+                        save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay)
+    if vae is None and init is None and not resume:
+        from soragen.model_io import default_model_dir
+        default = default_model_dir()
+        if default is None:
+            raise UsageError("no --vae given and this install has no default model; train one with soragen train-vae")
+        vae = str(default / "vae")
+    sample_prompts = _sample_prompts(samples)
+    progress, bars = _train_progress(max_steps)
+    cache_folder = None if not cache else (cache_dir or _default_cache())
+    try:
+        result = run_train(cfg, out, preset, text_encoder, vae, str(init) if init else None, resume,
+                           cache_folder, windows, device, sample_prompts, progress)
+    finally:
+        bars.stop()
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"trained to step {result['step']} (last loss {result['loss']:.4f}, "
+                   f"{result['skipped_nonfinite']} non-finite steps skipped); model: {out}")
+
+
+def _sample_prompts(path: Optional[Path]) -> list[str]:
+    if path is None:
+        from soragen.shapes import load_sample_prompts
+        return load_sample_prompts()
+    if not path.is_file():
+        raise UsageError(f"--samples {path}: no such file")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "soragen"
+
+
+@app.command("train-vae")
+def train_vae(
+    data: Data = Path("clips"),
+    out: Out = Path("runs/vae"),
+    preset: Annotated[str, typer.Option(help="VAE size: test, tiny, small.")] = "tiny",
+    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")] = False,
+    frames: Annotated[int, typer.Option(help="Frames per training clip (1 + 4k suits the causal VAE).")] = 5,
+    height: Annotated[int, typer.Option(help="Training height.")] = 64,
+    width: Annotated[int, typer.Option(help="Training width.")] = 64,
+    fps: Annotated[float, typer.Option(help="Clips are resampled to this frame rate.")] = 8.0,
+    batch_size: Annotated[int, typer.Option(help="Clips per step and process.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate after warm-up.")] = 5e-4,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
+    max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
+    keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
+    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1e-4,
+    mixed_precision: Annotated[str, typer.Option(help="no, or bf16 (its gradients overflow in the Wan VAE's "
+                                                 "norms: NaN steps get skipped).")] = "no",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train the 3D causal VAE from scratch (reconstruction + KL) on a folder of clips.
+
+    Examples:
+
+      soragen train-vae --data clips/ --out runs/vae --max-steps 1000
+
+      soragen train --data clips/ --vae runs/vae --out runs/dit
+    """
+    from soragen.train import run_train_vae
+    cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
+                        save_every, 0, keep_last, False, mixed_precision, ema_decay)
+    progress, bars = _train_progress(max_steps)
+    try:
+        result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress)
+    finally:
+        bars.stop()
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"trained the VAE to step {result['step']} (last loss {result['loss']:.4f}); use it with "
+                   f"soragen train --vae {out}")
+
+
+# ---- shapes world ------------------------------------------------------------------------------
+
+@app.command("make-dataset")
+def make_dataset(
+    world: Annotated[str, typer.Argument(help="Which synthetic world: shapes.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Folder to write the clips and captions into.", show_default=False)],
+    n: Annotated[int, typer.Option(help="Number of clips.")] = 720,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same clips.")] = 0,
+    frames: Annotated[int, typer.Option(help="Frames per clip.")] = 16,
+    size: Annotated[int, typer.Option(help="Width and height in pixels.")] = 64,
+) -> None:
+    """Write a synthetic data set of captioned clips (MP4 + .txt + metadata.jsonl).
+
+    Example:
+
+      soragen make-dataset shapes data/shapes --n 720 --seed 0
+    """
+    from soragen.shapes import make_dataset as make
+    if world != "shapes":
+        raise UsageError(f"unknown world {world!r}; available: shapes")
+    if n < 1 or frames < 2 or size < 16:
+        raise UsageError("--n must be >= 1, --frames >= 2 and --size >= 16")
+    from rich.progress import Progress
+    with Progress(console=_stderr(), transient=True) as bars:
+        task = bars.add_task("writing clips", total=n)
+        paths = make(out, n=n, seed=seed, frames=frames, size=size,
+                     progress=lambda done, total: bars.update(task, completed=done))
+    typer.echo(f"wrote {len(paths)} clips to {out}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="A JSONL prompt set (prompt, background, color, shape, "
+                                                    "direction); default: the packaged eval set.")] = None,
+    prompt_set: Annotated[str, typer.Option("--set", help="Packaged prompt set: eval or heldout.")] = "eval",
+    out: Annotated[Optional[Path], typer.Option(help="Folder to keep the videos and results in.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first video; video i uses seed + i.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.")] = False,
+) -> None:
+    """Score a model on the shapes world: generate a video per prompt and read back background, colour,
+    shape and motion from the pixels.
+
+    Examples:
+
+      soragen eval
+
+      soragen eval --set heldout --out eval-heldout/ --json
+    """
+    from soragen.evaluate import run_eval
+    results = run_eval(_model_dir(model), prompts, prompt_set, out, limit, steps, sampler, guidance, seed,
+                       device, dtype, progress_factory=StageProgress)
+    if as_json:
+        typer.echo(json.dumps(results))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"shapes-world eval: {results['prompts']} prompts, {results['seconds']:.0f}s")
+    table.add_column("attribute")
+    table.add_column("accuracy", justify="right")
+    for key, value in results["scores"].items():
+        table.add_row(key, f"{100 * value:.1f}%")
+    Console().print(table)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(ClickException, Exit, Abort) classes of the click that typer runs on: typer >= 0.2x ships its
+    own copy as `typer._click`, whose classes are not click's; older typers use click itself."""
+    errors, exits, aborts = [], [typer.Exit], [typer.Abort]
+    try:
+        from typer._click.exceptions import ClickException
+        errors.append(ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+        errors.append(click.ClickException)
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(errors), tuple(exits), tuple(aborts)
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI; every error becomes one line on stderr and an exit code (2: usage, 1: other)."""
+    click_errors, click_exits, click_aborts = _click_exceptions()
+    debug = "--debug" in argv or bool(os.environ.get("SORAGEN_DEBUG"))
+    try:
+        result = app(args=argv, prog_name="soragen", standalone_mode=False)
+        code = result if isinstance(result, int) else 0  # non-standalone click returns Exit's code
+    except click_exits as e:
+        code = e.exit_code
+    except click_errors as e:  # bad options: click's message on one line, exit 2
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `soragen`: the message is the help
+            if e.format_message().strip():
+                e.show()
+        else:
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {(e.format_message().splitlines() or [''])[0]}{hint}", err=True)
+        code = e.exit_code
+    except click_aborts:
+        typer.echo("aborted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        code = 130
+    except SoragenError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        code = e.exit_code
+    except Exception as e:  # a bug or an environment problem we did not foresee: still one line
+        if debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        typer.echo(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", err=True)
+        code = 1
+    return code

@@ -1,0 +1,244 @@
+"""VideoDiT: the diffusion transformer that predicts the noise in a video latent.
+
+A latent video (B, C, T, H, W) is cut into spacetime patches of pt x ph x pw cells; each patch
+becomes one token. Tokens get a 3D sin-cos position, then pass through DiT blocks conditioned by
+adaLN-Zero on c = timestep embedding + pooled text, and (optionally) cross-attend to the text
+tokens. A final adaLN + linear maps each token back to its patch of predicted noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from soragen.config import DiTConfig
+
+
+# ---- patches -------------------------------------------------------------------------------------
+
+def patchify(x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, pt*ph*pw*C), tokens in (t, h, w) raster order."""
+    pt, ph, pw = patch_size
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """(B, N, pt*ph*pw*C) -> (B, C, T, H, W); the inverse of `patchify` for a (t, h, w) token grid."""
+    pt, ph, pw = patch_size
+    t, h, w = grid
+    return rearrange(tokens, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+                     t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def token_grid(latent_shape: tuple[int, int, int], patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Tokens along (t, h, w) for a latent of (T, H, W) cells; a partial patch at the end counts."""
+    return tuple(math.ceil(n / p) for n, p in zip(latent_shape, patch_size))
+
+
+# ---- positions and timesteps ---------------------------------------------------------------------
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) positions -> (N, dim) sin-cos features with periods from 1 to 10000."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = positions.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """(t*h*w, dim) position features for a token grid of any size, computed on the fly.
+    Each axis gets an even third of `dim`; what is left over stays zero."""
+    axis_dim = (dim // 3) // 2 * 2
+    t, h, w = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    coords = coords.reshape(-1, 3)  # (N, 3) in the same raster order as patchify
+    parts = [sincos_1d(coords[:, i], axis_dim) for i in range(3)]
+    pad = torch.zeros(coords.shape[0], dim - 3 * axis_dim, dtype=torch.float64)
+    return torch.cat(parts + [pad], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion step t -> (B, D): sinusoidal features, then a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sincos_1d(t.float(), self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+# ---- the block -----------------------------------------------------------------------------------
+
+@dataclass
+class Modulation:
+    shift: torch.Tensor  # (B, 1, D)
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
+    return x * (1 + m.scale) + m.shift
+
+
+class Attention(nn.Module):
+    """Multi-head attention with fused QKV (self) or Q + fused KV (cross), via SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, cross: bool = False):
+        super().__init__()
+        self.num_heads, self.cross = num_heads, cross
+        head_dim = dim // num_heads
+        if cross:
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cross:
+            q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+            k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        else:
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: c regresses shift/scale/gate for attention and MLP; zero gates at init
+    make the block the identity. Cross-attention to text sits between the two."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, config.num_heads, config.qk_norm)
+        self.cross_attention = config.cross_attention
+        if config.cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross = Attention(dim, config.num_heads, config.qk_norm, cross=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, text, text_mask):
+        attn_mod, mlp_mod = (Modulation(*m.chunk(3, dim=-1)) for m in self.adaLN_modulation(c)[:, None].chunk(2, -1))
+        x = x + attn_mod.gate * self.attn(modulate(self.norm1(x), attn_mod))
+        if self.cross_attention:
+            x = x + self.cross(self.norm_cross(x), text, text_mask)
+        x = x + mlp_mod.gate * self.mlp(modulate(self.norm2(x), mlp_mod))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(self.norm(x) * (1 + scale) + shift)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+class VideoDiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.patch_embed = nn.Linear(math.prod(config.patch_size) * config.in_channels, dim)
+        self.time_embed = TimestepEmbedder(dim)
+        self.text_pooled = nn.Linear(config.text_dim, dim)
+        if config.cross_attention:
+            self.text_tokens = nn.Linear(config.text_dim, dim)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.final = FinalLayer(config)
+        self.gradient_checkpointing = False
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def xavier(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(xavier)
+        # Timestep MLP: small normal, as in DiT.
+        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: every block's shift/scale/gate start at zero, so each block is the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            # Cross-attention adds nothing at init either.
+            if self.config.cross_attention:
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
+        # The output layer starts at zero: the first prediction is "no noise".
+        nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def positions(self, grid: tuple[int, int, int], device, dtype) -> torch.Tensor:
+        key = (grid, str(device), dtype)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = sincos_3d(grid, self.config.hidden_size).to(device, dtype)
+        return self._pos_cache[key]
+
+    def condition(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """c = timestep embedding + projected pooled text: (B, D)."""
+        return self.time_embed(t) + self.text_pooled(pooled)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, T, H, W) noisy latent; t: (B,) steps; text: (B, L, Dt) tokens with mask (B, L)
+        (True = real token); pooled: (B, Dt). Returns predicted noise shaped like x."""
+        B, C, T, H, W = x.shape
+        ps = self.config.patch_size
+        grid = token_grid((T, H, W), ps)
+        padded = tuple(g * p for g, p in zip(grid, ps))
+        if padded != (T, H, W):  # a partial patch at an edge: pad with zeros, crop after
+            x = F.pad(x, (0, padded[2] - W, 0, padded[1] - H, 0, padded[0] - T))
+        tokens = self.patch_embed(patchify(x, ps))  # (B, N, D)
+        tokens = tokens + self.positions(grid, x.device, tokens.dtype)
+        c = self.condition(t, pooled)  # (B, D)
+        context, mask = None, None
+        if self.config.cross_attention:
+            context = self.text_tokens(text)  # (B, L, D)
+            mask = text_mask.bool()[:, None, None, :]  # (B, 1, 1, L) broadcast over heads and queries
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, c, context, mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, context, mask)
+        out = unpatchify(self.final(tokens, c), grid, ps)  # (B, C, T', H', W')
+        return out[:, :, :T, :H, :W]
+
+    def flops_per_forward(self, num_tokens: int, text_len: int, batch: int = 1) -> int:
+        """Matmul FLOPs (2 per multiply-add) of one forward pass: what model FLOP utilisation counts."""
+        cfg, D = self.config, self.config.hidden_size
+        per_block = 2 * num_tokens * D * 3 * D + 2 * num_tokens * D * D  # qkv + out proj
+        per_block += 2 * 2 * num_tokens * num_tokens * D  # q @ k and attn @ v
+        per_block += 2 * 2 * num_tokens * D * int(D * cfg.mlp_ratio)  # MLP
+        if cfg.cross_attention:
+            per_block += 2 * num_tokens * D * D * 2 + 2 * text_len * D * 2 * D  # q, out; kv
+            per_block += 2 * 2 * num_tokens * text_len * D
+        patch_dim = math.prod(cfg.patch_size) * cfg.in_channels
+        total = cfg.depth * per_block + 2 * 2 * num_tokens * patch_dim * D  # + embed and final
+        return batch * total

@@ -1,0 +1,148 @@
+"""From prompt to frames: text encoding, noise, the denoising loop, VAE decode, uint8.
+
+The pipeline owns device and dtype. It reports progress through a callback
+`progress(stage, done, total)` and never prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from soragen.errors import SoragenError, UsageError
+from soragen.model_io import Model, load_model
+from soragen.sampling import SAMPLERS, denoise, make_scheduler
+from soragen.text import TextEncoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_FRAMES = 512
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+
+Progress = Callable[[str, int, int], None]
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU does bf16 matmuls in hardware (AVX512-BF16 or AMX): there bf16 runs several
+    times faster than float32; elsewhere it is emulated and far slower."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SoragenError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _nearest_multiple(value: int, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+@dataclass
+class Pipeline:
+    model: Model
+    text_encoder: TextEncoder
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> "Pipeline":
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        model = load_model(model_dir)
+        text_encoder = TextEncoder(model.text_spec, device=dev)
+        if text_encoder.dim != model.dit.config.text_dim:
+            raise SoragenError(f"text encoder {model.text_spec.source!r} gives {text_encoder.dim}-d embeddings, "
+                               f"the DiT expects {model.dit.config.text_dim}")
+        model.dit.to(dev, dt)
+        model.vae.model.to(dev)  # the VAE stays float32: it is small and decodes once
+        return cls(model, text_encoder, dev, dt)
+
+    # ---- what sizes work -------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of the VAE's spatial factor times the patch size."""
+        return self.model.vae.spatial_factor * self.model.dit.config.patch_size[1]
+
+    def check_request(self, frames: int, height: int, width: int, steps: int) -> None:
+        if not 1 <= frames <= MAX_FRAMES:
+            raise UsageError(f"--frames must be between 1 and {MAX_FRAMES}; nearest valid value: "
+                             f"{min(max(frames, 1), MAX_FRAMES)}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise UsageError(f"--steps must be between 1 and {MAX_STEPS}; nearest valid value: "
+                             f"{min(max(steps, 1), MAX_STEPS)}")
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value % m or not m <= value <= MAX_SIDE:
+                nearest = min(_nearest_multiple(value, m), MAX_SIDE // m * m)
+                raise UsageError(f"--{name} must be a multiple of {m} between {m} and {MAX_SIDE}; "
+                                 f"nearest valid value: {nearest}")
+
+    def sampler_settings(self, sampler: str | None = None, steps: int | None = None,
+                         guidance: float | None = None) -> dict:
+        """The model's sampling defaults, with whatever the user set on top."""
+        d = self.model.sampling
+        return {"sampler": d.sampler if sampler is None else sampler, "steps": d.steps if steps is None else steps,
+                "guidance": d.guidance if guidance is None else guidance}
+
+    # ---- generation ------------------------------------------------------------------------------
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.model.dit(x.to(self.dtype), t.to(self.device), text.tokens, text.mask, text.pooled)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, steps: int = 50, guidance: float = 5.0, sampler: str = "ddim",
+                 eta: float = 0.0, seed: int = 0, progress: Progress | None = None) -> np.ndarray:
+        """One video for `prompt`: (frames, height, width, 3) uint8."""
+        video = self.model.video
+        frames = video.frames if frames is None else frames
+        height = video.height if height is None else height
+        width = video.width if width is None else width
+        self.check_request(frames, height, width, steps)
+        if sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        report = progress or (lambda stage, done, total: None)
+
+        report("encode", 0, 1)
+        cond = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+        uncond = self.text_encoder.encode([""]).to(self.device, self.dtype)
+        report("encode", 1, 1)
+
+        generator = torch.Generator("cpu").manual_seed(seed)  # the same seed gives the same noise anywhere
+        shape = (1, *self.model.vae.latent_shape(frames, height, width))
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        scheduler = make_scheduler(sampler, self.model.scheduler_config)
+        latent = denoise(self.predict_noise, noise, cond, uncond, scheduler, steps, guidance, eta=eta,
+                         generator=generator, progress=lambda i, n: report("denoise", i, n))
+
+        report("decode", 0, 1)
+        out = self.model.vae.decode_uint8(latent, frames)[0]
+        report("decode", 1, 1)
+        return out

@@ -1,0 +1,75 @@
+"""Samplers (diffusers schedulers) and the denoising loop with classifier-free guidance."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from soragen.errors import UsageError
+
+SAMPLERS = ("ddim", "dpm++", "unipc")
+
+# The training noise schedule: DiT's linear betas over 1000 steps, epsilon prediction.
+# "trailing" spacing makes few-step sampling start from pure noise.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    steps_offset=0,
+    timestep_spacing="trailing",
+)
+
+
+def training_scheduler(config: dict | None = None):
+    from diffusers import DDPMScheduler
+    return DDPMScheduler.from_config({**SCHEDULER_CONFIG, **(config or {})})
+
+
+def make_scheduler(name: str, config: dict | None = None):
+    """The sampler `name` built on the model's noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    config = {**SCHEDULER_CONFIG, **(config or {})}
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(config, solver_order=2)
+    raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def denoise(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond, scheduler, steps: int,
+            guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
+            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the sampler from `noise` (B, C, T, H, W) to a clean latent.
+
+    `model(x, t, text)` predicts noise; `cond` and `uncond` are TextEmbeddings for the batch.
+    With guidance != 1 both passes run as one batch of 2B: eps = eps_u + g * (eps_c - eps_u)."""
+    scheduler.set_timesteps(steps)
+    guided = guidance != 1.0
+    text = cond.cat(uncond) if guided else cond
+    step_kwargs = {"eta": eta, "generator": generator} if "eta" in _step_params(scheduler) else {}
+    x = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        t_batch = torch.full((model_in.shape[0],), float(t), device=x.device)
+        eps = model(model_in, t_batch, text).float()
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        if progress:
+            progress(i + 1, steps)
+    return x
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+    return set(inspect.signature(scheduler.step).parameters)
+

@@ -1,0 +1,647 @@
+"""Training: the DiT on cached VAE latents (`soragen train`) and the VAE itself (`soragen train-vae`).
+
+Both share one loop: AdamW with linear warm-up, gradient accumulation and clipping, an EMA of the
+weights, bf16 autocast where the hardware does bf16 fast, non-finite steps skipped, checkpoints
+written under a temporary name and renamed when complete, exact resume, and DDP under torchrun.
+
+Randomness is derived, not stored: step s on rank r draws its noise, timesteps, caption dropout
+and crops from a generator seeded with (seed, r, s), and the data order of epoch e from
+(seed, e). So the training state is just weights, optimizer moments, EMA and the step, and a run
+stopped at N and resumed to 2N ends bitwise equal to one run straight to 2N (on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from soragen.config import (DiTConfig, TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
+                            from_dict, vae_preset_config)
+from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
+from soragen.errors import SoragenError, UsageError
+from soragen.model_io import CHECKPOINT_RE, latest_checkpoint, save_model, load_model
+from soragen.vae import VideoVAE, load_vae, new_vae, save_vae, uint8_to_frames
+from soragen.weights import assert_finite, read_safetensors
+
+MAX_BAD_STEPS_IN_A_ROW = 20
+
+# progress(event, info): events "scan" (done, total), "cache" (done, total), "step" (dict of metrics),
+# "message" (str). The CLI turns them into bars and lines; rank > 0 gets None.
+Progress = Callable[[str, object], None]
+
+
+# ---- distributed -------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Under torchrun (WORLD_SIZE set) join the process group: nccl on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SoragenError("--device cuda was asked for, but this machine has no CUDA device")
+    if world == 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return Dist(rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "little")
+    return torch.Generator("cpu").manual_seed(mixed)
+
+
+def sample_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start .. start+count-1 of the endless sequence of per-epoch shuffles of range(num_items)."""
+    out = []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, num_items)
+        order = list(range(num_items))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    from soragen.pipeline import cpu_has_fast_bf16
+    if mode == "no":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+# ---- what differs between DiT and VAE training -------------------------------------------------
+
+class Task:
+    """One kind of training: the trainable module, how a micro-batch's loss is computed, and
+    what a checkpoint holds besides the training state."""
+
+    kind: str
+    module: torch.nn.Module
+
+    def loss(self, module: torch.nn.Module, items: list[int], generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def num_items(self) -> int:
+        raise NotImplementedError
+
+    def write_model(self, folder: Path, ema: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def after_save(self, folder: Path, ema: torch.nn.Module, step: int) -> None:
+        pass
+
+
+class DiTTask(Task):
+    kind = "dit"
+
+    def __init__(self, dit, vae: VideoVAE, text_spec: TextEncoderSpec, video: VideoDefaults,
+                 samples: "LatentSamples", caption_dropout: float, scheduler_config: dict):
+        from soragen.sampling import training_scheduler
+        self.module, self.vae, self.text_spec, self.video = dit, vae, text_spec, video
+        self.samples, self.caption_dropout = samples, caption_dropout
+        self.scheduler_config = scheduler_config
+        self.scheduler = training_scheduler(scheduler_config)
+        self.sample_hook: Callable[[Path, torch.nn.Module, int], None] | None = None
+
+    def num_items(self) -> int:
+        return len(self.samples)
+
+    def loss(self, module, items, generator):
+        latents, text = self.samples.batch(items, generator, self.caption_dropout)
+        device = next(module.parameters()).device
+        latents = latents.to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = self.scheduler.add_noise(latents, noise, t.to(device))
+        text = text.to(device, torch.float32)
+        pred = module(noisy, t.to(device), text.tokens, text.mask, text.pooled)
+        return F.mse_loss(pred.float(), noise)
+
+    def write_model(self, folder, ema):
+        save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config)
+
+    def after_save(self, folder, ema, step):
+        if self.sample_hook:
+            self.sample_hook(folder, ema, step)
+
+
+class VAEWithLoss(torch.nn.Module):
+    """The VAE's training objective as one module, so DDP can wrap it: reconstruction (L1 + MSE)
+    of the sampled latent, plus a KL term towards N(0, I)."""
+
+    def __init__(self, model, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = model, kl_weight
+
+    def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
+        posterior = self.vae.encode(video).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=noise_generator).to(video.device)
+        z = posterior.mean + posterior.std * eps
+        recon = self.vae.decode(z).sample.float()
+        reconstruction = F.l1_loss(recon, video) + F.mse_loss(recon, video)
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+        return reconstruction + self.kl_weight * kl
+
+
+class VAETask(Task):
+    kind = "vae"
+
+    def __init__(self, vae: VideoVAE, clips: list[Clip], frames: int, fps: float, height: int, width: int,
+                 kl_weight: float):
+        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight)
+        self.clips, self.frames, self.fps, self.height, self.width = clips, frames, fps, height, width
+        self._frames: dict[Path, np.ndarray] = {}
+        self._bytes, self.memory_budget = 0, 4 << 30
+
+    def num_items(self) -> int:
+        return len(self.clips)
+
+    def _clip(self, index: int, generator: torch.Generator) -> np.ndarray:
+        """A random window of clip `index`; decoded clips stay in memory while they fit."""
+        from soragen.data import resize_and_crop, sample_frame_indices
+        from soragen.video_io import read_video
+        clip = self.clips[index]
+        if clip.path not in self._frames:
+            frames, _ = read_video(clip.path)
+            if self._bytes + frames.nbytes <= self.memory_budget:
+                self._frames[clip.path] = frames
+                self._bytes += frames.nbytes
+        else:
+            frames = self._frames[clip.path]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        indices = sample_frame_indices(len(frames), clip.info.fps, self.frames, self.fps, random.Random(seed))
+        return resize_and_crop(frames[indices], self.height, self.width)
+
+    def loss(self, module, items, generator):
+        video = uint8_to_frames(np.stack([self._clip(i, generator) for i in items]))
+        return module(video.to(next(module.parameters()).device), generator)
+
+    @torch.no_grad()
+    def latent_stats(self, model, count: int = 32) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the (un-normalised) latents of up to `count` clips."""
+        zs = []
+        for i in range(min(count, len(self.clips))):
+            clip = load_clip(self.clips[i], self.frames, self.fps, self.height, self.width, random.Random(i))
+            x = uint8_to_frames(clip).to(next(model.parameters()).device)
+            zs.append(model.encode(x).latent_dist.mode().float().cpu())
+        z = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in zs], dim=1)
+        return z.mean(1).tolist(), z.std(1).clamp(min=1e-3).tolist()
+
+    def write_model(self, folder, ema):
+        model = copy.deepcopy(ema.vae).eval()
+        mean, std = self.latent_stats(model)
+        model.register_to_config(latents_mean=mean, latents_std=std)
+        folder.mkdir(parents=True)
+        save_vae(VideoVAE(model), folder / "vae")
+        (folder / "soragen.json").write_text(json.dumps({"kind": "vae", "note": "a trained VAE: pass this run "
+                                                         "or checkpoint to soragen train --vae"}, indent=2) + "\n")
+
+
+# ---- latent and text cache ---------------------------------------------------------------------
+
+class LatentSamples:
+    """Training examples for the DiT: per clip, one or more VAE latents of random windows plus its
+    caption's text embedding, held in memory; computed once and kept in a safetensors cache."""
+
+    def __init__(self, latents: list[torch.Tensor], tokens: list[torch.Tensor], pooled: list[torch.Tensor],
+                 empty_tokens: torch.Tensor, empty_pooled: torch.Tensor):
+        self.latents, self.tokens, self.pooled = latents, tokens, pooled  # latents[i]: (K, C, T, H, W)
+        self.empty_tokens, self.empty_pooled = empty_tokens, empty_pooled
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, items: list[int], generator: torch.Generator, caption_dropout: float):
+        from soragen.text import TextEmbedding
+        latents, tokens, pooled = [], [], []
+        for i in items:
+            k = int(torch.randint(0, self.latents[i].shape[0], (1,), generator=generator))
+            latents.append(self.latents[i][k])
+            drop = float(torch.rand((), generator=generator)) < caption_dropout
+            tokens.append(self.empty_tokens if drop else self.tokens[i])
+            pooled.append(self.empty_pooled if drop else self.pooled[i])
+        length = max(t.shape[0] for t in tokens)
+        mask = torch.stack([torch.arange(length) < t.shape[0] for t in tokens])
+        tokens = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in tokens])
+        return torch.stack(latents), TextEmbedding(tokens, mask, torch.stack(pooled))
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def vae_fingerprint(vae: VideoVAE) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps(dict(vae.model.config), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def window_starts(clip: Clip, frames: int, fps: float, windows: int) -> list[int]:
+    """Up to `windows` evenly spread start frames of the clip's possible crops."""
+    from soragen.data import frames_needed
+    last = max(0, clip.info.frames - frames_needed(frames, fps, clip.info.fps))
+    count = min(windows, last + 1)
+    return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
+
+
+def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConfig, cache_dir: Path | None,
+                  windows: int, progress: Progress | None) -> LatentSamples:
+    from safetensors.torch import load_file, save_file
+    from soragen.data import resize_and_crop
+    from soragen.video_io import read_video
+
+    settings = _digest(cfg.frames, cfg.fps, cfg.height, cfg.width, windows, vae_fingerprint(vae))
+    text_settings = _digest(text_encoder.spec.source, text_encoder.spec.max_length)
+    if cache_dir:
+        (cache_dir / "latents").mkdir(parents=True, exist_ok=True)
+        (cache_dir / "text").mkdir(parents=True, exist_ok=True)
+    latents: list[torch.Tensor | None] = [None] * len(clips)
+    tokens, pooled = [], []
+    pending: list[tuple[int, np.ndarray, Path | None]] = []  # clips whose windows still need the VAE
+    hits = 0
+
+    def flush() -> None:  # encode pending windows in one batch: much faster than clip by clip
+        if not pending:
+            return
+        windows_per_clip = [len(crops) for _, crops, _ in pending]
+        lat = vae.encode(uint8_to_frames(np.concatenate([crops for _, crops, _ in pending]))).cpu()
+        for (i, _, lat_file), part in zip(pending, lat.split(windows_per_clip)):
+            latents[i] = part.contiguous()
+            if lat_file:
+                _atomic_save(save_file, {"latents": latents[i]}, lat_file)
+        pending.clear()
+
+    for n, clip in enumerate(clips):
+        lat_file = text_file = None
+        if cache_dir:
+            lat_file = cache_dir / "latents" / f"{file_hash(clip.path)}-{settings}.safetensors"
+            text_file = cache_dir / "text" / f"{_digest(clip.caption, text_settings)}.safetensors"
+        if lat_file and lat_file.is_file():
+            latents[n] = load_file(str(lat_file))["latents"]
+            hits += 1
+        else:
+            frames, _ = read_video(clip.path)
+            step = clip.info.fps / cfg.fps
+            crops = []
+            for start in window_starts(clip, cfg.frames, cfg.fps, windows):
+                idx = [min(len(frames) - 1, int(math.floor(start + k * step + 0.5))) for k in range(cfg.frames)]
+                crops.append(resize_and_crop(frames[idx], cfg.height, cfg.width))
+            pending.append((n, np.stack(crops), lat_file))
+            if sum(len(c) for _, c, _ in pending) >= 16:
+                flush()
+        if text_file and text_file.is_file():
+            emb = load_file(str(text_file))
+        else:
+            e = text_encoder.encode([clip.caption])
+            emb = {"tokens": e.tokens[0].cpu().contiguous(), "pooled": e.pooled[0].cpu().contiguous()}
+            if text_file:
+                _atomic_save(save_file, emb, text_file)
+        tokens.append(emb["tokens"])
+        pooled.append(emb["pooled"])
+        if progress:
+            progress("cache", (n + 1, len(clips)))
+    flush()
+    empty = text_encoder.encode([""])
+    if progress:
+        progress("message", f"latent cache: {hits} of {len(clips)} clips reused"
+                 + ("" if cache_dir else " (cache off)"))
+    return LatentSamples(latents, tokens, pooled, empty.tokens[0].cpu(), empty.pooled[0].cpu())
+
+
+def _atomic_save(save_file, tensors, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+# ---- the shared loop ---------------------------------------------------------------------------
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        meta["state"][str(pid)] = sorted(entries)
+        for name, value in entries.items():
+            tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
+                else torch.tensor(value)
+    return tensors, meta
+
+
+def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {int(pid): {name: tensors[f"{pid}.{name}"] for name in names} for pid, names in meta["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, task: Task, raw: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer, counters: dict, cfg: TrainConfig) -> Path:
+    """checkpoint-STEP/: the model (EMA weights) + train_state/, complete before it gets its name."""
+    from safetensors.torch import save_file
+    assert_finite(raw, "the model")
+    assert_finite(ema, "the EMA model")
+    final = run_dir / f"checkpoint-{step}"
+    staging = run_dir / f".checkpoint-{step}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    task.write_model(staging, ema)  # renames its own temporary folder onto `staging`
+    state_dir = staging / "train_state"
+    state_dir.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
+              str(state_dir / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+              str(state_dir / "ema.safetensors"))
+    tensors, meta = _optimizer_tensors(optimizer)
+    save_file(tensors, str(state_dir / "optimizer.safetensors"))
+    (state_dir / "optimizer.json").write_text(json.dumps(meta) + "\n")
+    (state_dir / "state.json").write_text(json.dumps({
+        "kind": task.kind, "step": step, **counters, "config": dataclasses.asdict(cfg),
+        "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
+    }, indent=2) + "\n")
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    if final.exists():  # a leftover of the same step from a run that was killed after renaming
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    # Only now, with the new one complete, may old checkpoints go.
+    steps = sorted(int(CHECKPOINT_RE.match(p.name).group(1)) for p in run_dir.iterdir()
+                   if CHECKPOINT_RE.match(p.name))
+    for old in steps[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+        shutil.rmtree(run_dir / f"checkpoint-{old}", ignore_errors=True)
+    return final
+
+
+def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer) -> dict:
+    from soragen.weights import load_into
+    state_dir = checkpoint / "train_state"
+    state = json.loads((state_dir / "state.json").read_text())
+    load_into(raw, [state_dir / "model.safetensors"], "checkpoint model")
+    load_into(ema, [state_dir / "ema.safetensors"], "checkpoint EMA")
+    meta = json.loads((state_dir / "optimizer.json").read_text())
+    _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
+    return state
+
+
+def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
+               progress: Progress | None) -> dict:
+    module = task.module.to(dist.device)
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    step, counters = 0, {"skipped_nonfinite": 0}
+    if resume_from is not None:
+        state = load_train_state(resume_from, module, ema, optimizer)
+        step, counters = state["step"], {"skipped_nonfinite": state.get("skipped_nonfinite", 0)}
+    model = module
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(module)
+    amp = autocast_dtype(cfg.mixed_precision, dist.device)
+    metrics_file = run_dir / "metrics.jsonl"
+    if dist.main:
+        _truncate_metrics(metrics_file, step)
+    bad_in_a_row, started, start_step = 0, time.perf_counter(), step
+    loss_value = float("nan")
+    while step < cfg.max_steps:
+        generator = step_generator(cfg.seed, dist.rank, step)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            position = ((step * cfg.grad_accum + micro) * dist.world + dist.rank) * cfg.batch_size
+            items = sample_indices(task.num_items(), cfg.seed, position, cfg.batch_size)
+            with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
+                loss = task.loss(model, items, generator) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+        if dist.world > 1:  # every rank must agree to skip, or DDP falls out of step
+            flag = torch.tensor([float(finite)], device=dist.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        step += 1
+        if finite:
+            optimizer.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), module.parameters()):
+                    e.lerp_(p.detach(), 1 - decay)
+            bad_in_a_row, loss_value = 0, total
+        else:
+            counters["skipped_nonfinite"] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                raise SoragenError(f"stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss "
+                                   f"or gradient; lower --lr or check the data")
+        if dist.main:
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": total if finite else None, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": float(grad_norm) if finite else None,
+                      "steps_per_s": (step - start_step) / max(elapsed, 1e-9),
+                      "skipped_nonfinite": counters["skipped_nonfinite"]}
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress:
+                progress("step", record)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            if dist.main:
+                ckpt = save_checkpoint(run_dir, step, task, module, ema, optimizer, counters, cfg)
+                task.after_save(ckpt, ema, step)
+                if progress:
+                    progress("message", f"saved {ckpt}")
+            dist.barrier()
+    return {"step": step, "loss": loss_value, **counters}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the file tells one consistent story."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---- entry points used by the CLI --------------------------------------------------------------
+
+def prepare_run_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to mix a new run into an old one."""
+    out.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            raise UsageError(f"--resume: {out} has no complete checkpoint to resume from")
+        return latest
+    if latest is not None:
+        raise UsageError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
+                         f"it or choose another --out")
+    return None
+
+
+def stored_config(checkpoint: Path) -> TrainConfig:
+    state = json.loads((checkpoint / "train_state" / "state.json").read_text())
+    return from_dict(TrainConfig, state["config"])
+
+
+def resolve_vae(source: str) -> VideoVAE:
+    """--vae: a train-vae run (its latest checkpoint), a checkpoint, a model folder, a VAE folder or a hub id."""
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is not None:
+            path = checkpoint
+        return load_vae(path)
+    return load_vae(source)
+
+
+def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
+              init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
+              sample_prompts: list[str], progress: Progress | None) -> dict:
+    from soragen.dit import VideoDiT
+    from soragen.text import TextEncoder
+
+    dist = init_distributed(device)
+    progress = progress if dist.main else None
+    resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
+    dist.barrier()
+    if resume_from is not None:
+        cfg = dataclasses.replace(stored_config(resume_from), max_steps=cfg.max_steps)
+        model = load_model(resume_from)
+        vae, text_spec, dit_config = model.vae, model.text_spec, model.dit.config
+    else:
+        text_spec = TextEncoderSpec(source=text_source)
+        if init:
+            base = load_model(init)
+            vae, text_spec, dit_config = base.vae, base.text_spec, base.dit.config
+        else:
+            vae = resolve_vae(vae_source) if vae_source else None
+            if vae is None:
+                raise UsageError("soragen train needs a VAE: --vae RUN_DIR_OR_MODEL (train one with soragen "
+                                 "train-vae) or a pretrained Wan 2.1 VAE folder or hub id")
+    text_encoder = TextEncoder(text_spec)
+    if resume_from is None and not init:
+        dit_config = dit_preset(preset, in_channels=vae.latent_channels, text_dim=text_encoder.dim)
+    f = vae.spatial_factor * dit_config.patch_size[1]
+    for name, value in (("height", cfg.height), ("width", cfg.width)):
+        if value % f:
+            raise UsageError(f"--{name} must be a multiple of {f}; nearest valid value: {max(f, round(value / f) * f)}")
+    torch.manual_seed(cfg.seed)  # the initial weights
+    dit = VideoDiT(dit_config)
+    if init and resume_from is None:
+        dit.load_state_dict(base.dit.state_dict())
+    dit.gradient_checkpointing = cfg.gradient_checkpointing
+    dit.train().requires_grad_(True)
+
+    report = scan_clips(Path(cfg.data), cfg.frames, cfg.fps,
+                        progress=(lambda d, n: progress("scan", (d, n))) if progress else None)
+    require_clips(report, cfg.data)
+    if progress:
+        progress("message", report.summary())
+        for line in report.skipped_details():
+            progress("message", "  skipped " + line)
+    if dist.main:
+        samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, progress)
+    dist.barrier()
+    if not dist.main:  # the cache is complete now: read it back
+        samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, None)
+    video = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
+    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {})
+    if sample_prompts:
+        task.sample_hook = _sample_hook(out, text_encoder, cfg, sample_prompts)
+    if dist.main:
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    result = train_loop(task, cfg, out, dist, resume_from, progress)
+    if dist.main:
+        _finish(out, progress)
+    return result
+
+
+def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str]):
+    def hook(checkpoint: Path, ema, step: int) -> None:
+        if step != cfg.max_steps and (not cfg.sample_every or step % cfg.sample_every):
+            return
+        from soragen.pipeline import Pipeline
+        from soragen.video_io import write_video
+        from soragen.model_io import load_model
+        model = load_model(checkpoint)
+        pipe = Pipeline(model, text_encoder, torch.device("cpu"), torch.float32)
+        folder = out / "samples" / f"step-{step:06d}"
+        for i, prompt in enumerate(prompts):
+            frames = pipe.generate(prompt, steps=25, seed=i)
+            write_video(folder / f"{i:02d}.mp4", frames, cfg.fps)
+        (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return hook
+
+
+def _finish(out: Path, progress: Progress | None) -> None:
+    from soragen.plots import loss_curve_png
+    png = loss_curve_png(out / "metrics.jsonl", out / "loss.png")
+    if progress and png:
+        progress("message", f"loss curve: {png}")
+
+
+def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
+                  progress: Progress | None) -> dict:
+    dist = init_distributed(device)
+    progress = progress if dist.main else None
+    resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
+    dist.barrier()
+    if resume_from is not None:
+        cfg = dataclasses.replace(stored_config(resume_from), max_steps=cfg.max_steps)
+        vae = load_vae(resume_from / "vae")
+    else:
+        torch.manual_seed(cfg.seed)
+        vae = new_vae(vae_preset_config(preset))
+    f = vae.spatial_factor
+    for name, value in (("height", cfg.height), ("width", cfg.width)):
+        if value % f:
+            raise UsageError(f"--{name} must be a multiple of {f}; nearest valid value: {max(f, round(value / f) * f)}")
+    report = scan_clips(Path(cfg.data), cfg.frames, cfg.fps,
+                        progress=(lambda d, n: progress("scan", (d, n))) if progress else None)
+    require_clips(report, cfg.data)
+    if progress:
+        progress("message", report.summary())
+    task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight)
+    if dist.main:
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    result = train_loop(task, cfg, out, dist, resume_from, progress)
+    if dist.main:
+        _finish(out, progress)
+    return result

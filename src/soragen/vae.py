@@ -1,0 +1,169 @@
+"""The 3D causal VAE: diffusers' `AutoencoderKLWan` behind a small adapter.
+
+Layout: videos are (B, 3, T, H, W) in [-1, 1]; latents are (B, C, T', H', W'), normalised per
+channel with the mean and std stored in the VAE config. Causality means 1 + k*s frames map to
+1 + k latent frames (s = temporal factor); the adapter pads and trims around that rule so any
+frame count works. Decoding runs one latent frame at a time through Wan's causal cache and turns
+each chunk into uint8 at once, so working memory does not grow with the frame count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soragen.errors import SoragenError
+from soragen.weights import load_into
+
+# The Wan encoder reads the first frame alone, then chunks of 4 frames.
+ENCODER_CHUNK = 4
+
+
+def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def uint8_to_frames(frames: np.ndarray) -> torch.Tensor:
+    """(B, T, H, W, 3) or (T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    if x.ndim == 4:
+        x = x[None]
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+class VideoVAE:
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+        config = model.config
+        if getattr(config, "patch_size", None):
+            raise SoragenError("VAEs with patchified inputs (Wan 2.2) are not supported yet; use a Wan 2.1 VAE")
+        self.temporal_factor = 2 ** sum(bool(d) for d in config.temperal_downsample)
+        self.spatial_factor = 2 ** (len(config.dim_mult) - 1)
+        self.latent_channels = config.z_dim
+        self.mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    # ---- the frame-count rule --------------------------------------------------------------------
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames that decode to at least `frames` frames: 1 + ceil((frames - 1) / s)."""
+        return 1 + math.ceil((frames - 1) / self.temporal_factor)
+
+    def decoded_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.temporal_factor
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T', H', W') for a video of the given size (H and W multiples of the spatial factor)."""
+        f = self.spatial_factor
+        return (self.latent_channels, self.latent_frames(frames), height // f, width // f)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    # ---- encode ----------------------------------------------------------------------------------
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               grad: bool = False) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latent (B, C, 1 + ceil((T-1)/s), H/f, W/f).
+        Frames are padded at the end by repeating the last one up to the next 1 + 4k."""
+        T = video.shape[2]
+        target = 1 + ENCODER_CHUNK * math.ceil((T - 1) / ENCODER_CHUNK)
+        if target > T:
+            video = torch.cat([video, video[:, :, -1:].expand(-1, -1, target - T, -1, -1)], dim=2)
+        with torch.set_grad_enabled(grad):
+            dist = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+            z = dist.sample(generator) if sample else dist.mode()
+        z = z[:, :, : self.latent_frames(T)]
+        return (z.float() - self.mean.to(z.device)) / self.std.to(z.device)
+
+    # ---- decode ----------------------------------------------------------------------------------
+    def denormalise(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent.float() * self.std.to(latent.device) + self.mean.to(latent.device)
+
+    @torch.no_grad()
+    def decode_uint8(self, latent: torch.Tensor, frames: int | None = None) -> np.ndarray:
+        """Normalised latent (B, C, T', H', W') -> (B, frames, H, W, 3) uint8, one latent frame at
+        a time through the causal cache; `frames` trims the 1 + (T'-1)*s decoded frames."""
+        model = self.model
+        z = model.post_quant_conv(self.denormalise(latent).to(self.device, self.dtype))
+        chunks = []
+        model.clear_cache()
+        for i in range(z.shape[2]):
+            model._conv_idx = [0]
+            out = model.decoder(z[:, :, i:i + 1], feat_cache=model._feat_map, feat_idx=model._conv_idx,
+                                first_chunk=(i == 0))
+            chunks.append(frames_to_uint8(out))
+        model.clear_cache()
+        video = np.concatenate(chunks, axis=1)
+        return video[:, :frames] if frames is not None else video
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent -> (B, 3, T, H, W) in [-1, 1], in one pass (for training and tests)."""
+        return self.model.decode(self.denormalise(latent).to(self.device, self.dtype)).sample
+
+
+def new_vae(config: dict) -> VideoVAE:
+    from diffusers import AutoencoderKLWan
+    return VideoVAE(AutoencoderKLWan(**config))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SoragenError(f"VAE folder {folder} has no .safetensors weights")
+    return files
+
+
+def load_vae(source: str | Path) -> VideoVAE:
+    """A VAE folder in diffusers layout (config.json + safetensors), a folder holding one under
+    `vae/` (a Wan pipeline repo), or a hub id of either."""
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(source)
+    if not folder.exists():
+        if str(source).count("/") != 1:
+            raise SoragenError(f"VAE {source} not found (neither a folder nor a hub id)")
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors",
+                                                                         "*.safetensors.index.json", "vae/*"]))
+        except Exception as err:  # network and hub errors come in many classes
+            raise SoragenError(f"cannot fetch VAE {source}: {str(err).splitlines()[0]}") from err
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SoragenError(f"VAE folder {folder} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise SoragenError(f"{config_file} is not valid JSON: {err}") from err
+    if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+        raise SoragenError(f"{folder} holds a {config['_class_name']}; soragen reads AutoencoderKLWan VAEs")
+    try:
+        model = AutoencoderKLWan.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise SoragenError(f"{config_file} is not a valid AutoencoderKLWan config: {err}") from err
+    load_into(model, _weight_files(folder), "VAE")
+    return VideoVAE(model)
+
+
+def save_vae(vae: VideoVAE, folder: Path) -> None:
+    """diffusers layout, so `AutoencoderKLWan.from_pretrained(folder)` reads it too."""
+    from soragen.weights import save_module
+    folder.mkdir(parents=True, exist_ok=True)
+    vae.model.save_config(folder)
+    save_module(vae.model, folder / "diffusion_pytorch_model.safetensors", "VAE")

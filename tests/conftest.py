@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models built from configs, and tiny real clips."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_tiny_model(folder, seed: int = 0, perturb: float = 0.0, **dit_overrides):
+    """A complete model folder with random weights: test-size DiT and VAE, the packaged text encoder.
+    `perturb` adds noise to every weight so the zero-initialised paths do something."""
+    from soragen.config import TextEncoderSpec, VideoDefaults, dit_preset, vae_preset_config
+    from soragen.dit import VideoDiT
+    from soragen.model_io import save_model
+    from soragen.vae import new_vae
+
+    torch.manual_seed(seed)
+    dit = VideoDiT(dit_preset("test", in_channels=4, text_dim=384, **dit_overrides))
+    if perturb:
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    vae = new_vae(vae_preset_config("test"))
+    return save_model(folder, dit, vae, TextEncoderSpec(), VideoDefaults(frames=8, height=32, width=32, fps=8.0))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", perturb=0.02)
+
+
+def moving_square(frames: int = 9, height: int = 32, width: int = 48) -> np.ndarray:
+    """(T, H, W, 3) uint8: a white square sliding right over a blue gradient."""
+    video = np.zeros((frames, height, width, 3), np.uint8)
+    video[..., 2] = np.linspace(120, 230, height, dtype=np.uint8)[None, :, None]
+    for t in range(frames):
+        x = 2 + t * (width - 12) // max(frames - 1, 1)
+        video[t, height // 2 - 4:height // 2 + 4, x:x + 8] = 245
+    return video
+
+
+@pytest.fixture
+def tiny_clip(tmp_path):
+    from soragen.video_io import write_video
+    return write_video(tmp_path / "clip.mp4", moving_square(), 8.0).path

@@ -1,0 +1,156 @@
+"""`soragen train` and `train-vae` on tiny real clips: checkpoints generate, resume is exact,
+broken files are skipped, the cache is reused, two gloo processes train together."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soragen.cli import run
+from soragen.model_io import latest_checkpoint, load_model
+
+from conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from soragen.shapes import make_dataset
+    folder = tmp_path_factory.mktemp("data") / "clips"
+    make_dataset(folder, n=6, seed=0, frames=9, size=32)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_for_vae(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("base") / "model")
+
+
+def train_args(clips, out, vae_model, cache, steps, *extra):
+    return ["train", "--data", str(clips), "--out", str(out), "--vae", str(vae_model), "--preset", "test",
+            "--frames", "9", "--height", "32", "--width", "32", "--batch-size", "2", "--max-steps", str(steps),
+            "--save-every", "2", "--warmup", "2", "--cache-dir", str(cache), "--samples", str(SAMPLES), *extra]
+
+
+SAMPLES = Path(__file__).parent / "data" / "one_prompt.txt"
+
+
+def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 4)) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["loss"] > 0 for m in metrics)
+    assert (out / "loss.png").stat().st_size > 0
+    assert len(list((out / "samples" / "step-000004").glob("*.mp4"))) == 1
+    # The run folder stands for its latest checkpoint.
+    assert load_model(out).path.name == "checkpoint-4"
+    video = tmp_path / "v.mp4"
+    assert run(["generate", "a red ball", "--model", str(out), "--steps", "2", "--out", str(video)]) == 0
+    from soragen.video_io import probe_video
+    info = probe_video(video)
+    assert (info.frames, info.height, info.width) == (9, 32, 32)
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(clips, model_for_vae, tmp_path):
+    cache = tmp_path / "cache"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(train_args(clips, straight, model_for_vae, cache, 4)) == 0
+    assert run(train_args(clips, resumed, model_for_vae, cache, 2)) == 0
+    assert run(train_args(clips, resumed, model_for_vae, cache, 4, "--resume")) == 0
+    for name in ("dit/model.safetensors", "train_state/model.safetensors", "train_state/optimizer.safetensors"):
+        a, b = load_file(straight / "checkpoint-4" / name), load_file(resumed / "checkpoint-4" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_a_new_run_will_not_overwrite_an_old_one(clips, model_for_vae, tmp_path, capfd):
+    out = tmp_path / "run"
+    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 2)) == 0
+    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 4)) == 2
+    assert "--resume" in capfd.readouterr().err
+
+
+def test_broken_files_are_skipped_and_the_cache_is_reused(clips, model_for_vae, tmp_path, capfd):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(clips, data)
+    (data / "empty.mp4").write_bytes(b"")
+    (data / "notes.mp4").write_text("not a video at all")
+    good = (data / "clip_00000.mp4").read_bytes()
+    (data / "cut.mp4").write_bytes(good[: len(good) // 2])
+    cache = tmp_path / "cache"
+    assert run(train_args(data, tmp_path / "a", model_for_vae, cache, 2)) == 0
+    err = capfd.readouterr().err
+    assert "used 6 clips" in err and "skipped 3" in err
+    assert "latent cache: 0 of 6 clips reused" in err
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 6
+    assert run(train_args(data, tmp_path / "b", model_for_vae, cache, 2)) == 0
+    assert "latent cache: 6 of 6 clips reused" in capfd.readouterr().err
+
+
+def test_a_folder_of_only_broken_files_fails_clearly(model_for_vae, tmp_path, capfd):
+    data = tmp_path / "broken"
+    data.mkdir()
+    (data / "a.mp4").write_bytes(b"")
+    (data / "b.webm").write_text("nope")
+    assert run(train_args(data, tmp_path / "run", model_for_vae, tmp_path / "cache", 2)) == 1
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]  # above it, at most the scan's progress bar
+    assert last.startswith("error: no usable clip") and "Traceback" not in err
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_for_vae, tmp_path):
+    """SIGKILL a real run while it trains and saves every step, then resume it."""
+    out = tmp_path / "run"
+    args = train_args(clips, out, model_for_vae, tmp_path / "cache", 400, "--save-every", "1", "--keep-last", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "soragen", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("checkpoint-*"))) < 2:
+        time.sleep(0.2)
+    time.sleep(0.7)  # somewhere inside later steps and saves
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = latest_checkpoint(out)
+    assert latest is not None
+    load_model(latest)  # loadable
+    step = int(latest.name.split("-")[1])
+    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", step + 1, "--resume")) == 0
+    assert latest_checkpoint(out).name == f"checkpoint-{step + 1}"
+
+
+def test_two_gloo_processes_train_with_ddp(clips, model_for_vae, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "soragen", *train_args(clips, out, model_for_vae, tmp_path / "cache", 2)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "checkpoint-2" / "soragen.json").is_file()
+    assert result.stdout.count("trained to step 2") == 1  # only rank 0 reports and writes
+    state = json.loads((out / "checkpoint-2" / "train_state" / "state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_train_vae_lowers_its_loss_and_feeds_train(clips, tmp_path):
+    out = tmp_path / "vae"
+    assert run(["train-vae", "--data", str(clips), "--out", str(out), "--preset", "test", "--frames", "5",
+                "--height", "32", "--width", "32", "--batch-size", "2", "--max-steps", "30", "--save-every", "30",
+                "--lr", "3e-3", "--warmup", "1"]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    vae_config = json.loads((out / "checkpoint-30" / "vae" / "config.json").read_text())
+    assert vae_config["latents_std"] != [1.0] * 4  # measured latent statistics were stored
+    run_dir = tmp_path / "dit"
+    assert run(train_args(clips, run_dir, out, tmp_path / "cache", 2)) == 0
+    assert load_model(run_dir).vae.latent_channels == 4
