@@ -112,7 +112,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames. "
                                       "With --prompts, a folder.")] = Path("video.mp4"),
     prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each.")] = None,
-    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's, 16).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's sampler setting).")] = None,

@@ -82,6 +82,8 @@ def _read_json(path: Path) -> dict:
 
 def read_manifest(folder: Path) -> dict:
     manifest = _read_json(folder / "soragen.json")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format", 0), int):
+        raise SoragenError(f"{folder / 'soragen.json'} is not a soragen manifest (needs an integer \"format\")")
     if manifest.get("format", 0) > FORMAT:
         raise SoragenError(f"{folder} was written by soragen {manifest.get('soragen_version')} in model "
                            f"format {manifest['format']}; this soragen {__version__} reads format {FORMAT}: upgrade")

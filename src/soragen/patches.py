@@ -104,6 +104,10 @@ def draw_patches(picture: dict, report: dict, out: Path, max_frames: int = 8, zo
             canvas.paste(img, (pad + c * (lw + pad), y0 + t * (lh + pad)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(out)
+    try:
+        canvas.save(tmp)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written picture behind
+        raise
     return out
