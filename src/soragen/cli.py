@@ -6,10 +6,13 @@ answers at once.
 
 from __future__ import annotations
 
+import time
+
+_STARTED = time.perf_counter()  # for the import-time figure of SORAGEN_TIMINGS
+
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -172,7 +175,9 @@ def generate(
     from soragen.pipeline import Pipeline
     from soragen.video_io import write_video
     t0 = time.perf_counter()
+    timings = {"imports": t0 - _STARTED}
     pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype)
+    timings["load"] = time.perf_counter() - t0
     settings = pipe.sampler_settings(sampler, steps, guidance)
     defaults = pipe.model.video  # `is None`, not `or`: an explicit 0 is an error, not "the default"
     frames = defaults.frames if frames is None else frames
@@ -189,7 +194,11 @@ def generate(
         with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
             video = pipe.generate(text, frames=frames, height=height, width=width, eta=eta, seed=seed + i,
                                   progress=bars, **settings)
+        write_start = time.perf_counter()
         result = write_video(path, video, defaults.fps if fps is None else fps)
+        for stage, seconds in bars.times.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        timings["write"] = timings.get("write", 0.0) + time.perf_counter() - write_start
         if result.note:
             console.print(f"note: {result.note}")
         T, H, W, _ = video.shape
@@ -198,6 +207,9 @@ def generate(
     if prompts is not None:
         (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
         typer.echo(f"wrote {out / 'index.jsonl'}")
+    if os.environ.get("SORAGEN_TIMINGS"):  # where bench/run.py reads the split of a generate run
+        timings["total"] = time.perf_counter() - _STARTED
+        Path(os.environ["SORAGEN_TIMINGS"]).write_text(json.dumps(timings) + "\n")
 
 
 # ---- inspect-patches ---------------------------------------------------------------------------
@@ -453,6 +465,42 @@ def make_dataset(
         paths = make(out, n=n, seed=seed, frames=frames, size=size,
                      progress=lambda done, total: bars.update(task, completed=done))
     typer.echo(f"wrote {len(paths)} clips to {out}")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="A model folder, checkpoint or training run.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Where to write the model folder.", show_default=False)],
+    weights_dtype: Annotated[str, typer.Option(help="Store DiT weights as float32, bfloat16 or float16.")] = "float32",
+    sampler: Annotated[Optional[str], typer.Option(help="Default sampler of the exported model.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Default denoising steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Default guidance scale.")] = None,
+) -> None:
+    """Copy a model (e.g. a run's latest checkpoint) into a clean model folder, without training
+    state, optionally with smaller weights and new sampling defaults.
+
+    Example:
+
+      soragen export runs/dit my-model --weights-dtype bfloat16 --sampler dpm++ --steps 12
+    """
+    import dataclasses
+    from soragen.model_io import load_model, save_model
+    from soragen.pipeline import DTYPES, SAMPLERS
+    if weights_dtype not in DTYPES:
+        raise UsageError(f"unknown --weights-dtype {weights_dtype!r}; choose {', '.join(DTYPES)}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps is not None and steps < 1:
+        raise UsageError("--steps must be at least 1; nearest valid value: 1")
+    loaded = load_model(model)
+    overrides = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
+    sampling = dataclasses.replace(loaded.sampling, **overrides)
+    scheduler = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}
+    save_model(out, loaded.dit, loaded.vae, loaded.text_spec, loaded.video, scheduler, sampling,
+               dit_dtype=DTYPES[weights_dtype])
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB; {sampling.sampler} {sampling.steps} steps, "
+               f"guidance {sampling.guidance:g})")
 
 
 @app.command("eval")

@@ -119,9 +119,10 @@ def load_model(path: str | Path, load_vae_weights: bool = True) -> Model:
 
 def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,
                scheduler_config: dict | None = None, sampling: SamplingDefaults | None = None,
-               extra: dict | None = None) -> Path:
+               extra: dict | None = None, dit_dtype=None) -> Path:
     """Write a complete model folder under a temporary name, then rename it into place.
-    `extra` adds files: {relative name: JSON-able object}."""
+    `extra` adds files: {relative name: JSON-able object}; `dit_dtype` stores the DiT weights in
+    another precision (they load back into float32)."""
     from soragen.sampling import SCHEDULER_CONFIG
     from soragen.vae import save_vae
     from soragen.weights import save_module
@@ -133,7 +134,7 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
     try:
         (tmp / "dit").mkdir(parents=True)
         (tmp / "dit" / "config.json").write_text(to_json(dit.config))
-        save_module(dit, tmp / "dit" / "model.safetensors", "DiT")
+        save_module(dit, tmp / "dit" / "model.safetensors", "DiT", dit_dtype)
         save_vae(vae, tmp / "vae")
         (tmp / "text_encoder.json").write_text(to_json(text_spec))
         (tmp / "scheduler").mkdir()

@@ -139,6 +139,7 @@ class Pipeline:
         shape = (1, *self.model.vae.latent_shape(frames, height, width))
         noise = torch.randn(shape, generator=generator).to(self.device)
         scheduler = make_scheduler(sampler, self.model.scheduler_config)
+        report("denoise", 0, steps)
         latent = denoise(self.predict_noise, noise, cond, uncond, scheduler, steps, guidance, eta=eta,
                          generator=generator, progress=lambda i, n: report("denoise", i, n))
 

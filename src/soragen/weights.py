@@ -51,12 +51,14 @@ def assert_finite(module: torch.nn.Module, what: str) -> None:
             raise SoragenError(f"refusing to save {what}: weight {name} holds NaN or infinite values")
 
 
-def save_module(module: torch.nn.Module, path: Path, what: str) -> None:
-    """Write a module's weights as safetensors (contiguous CPU copies), via a temporary file."""
+def save_module(module: torch.nn.Module, path: Path, what: str, dtype: torch.dtype | None = None) -> None:
+    """Write a module's weights as safetensors (contiguous CPU copies), via a temporary file.
+    `dtype` stores floating-point weights in another precision (bf16 halves a shipped model)."""
     from safetensors.torch import save_file
 
     assert_finite(module, what)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(state, str(tmp))
     os.replace(tmp, path)

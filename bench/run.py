@@ -1,0 +1,627 @@
+#!/usr/bin/env python
+"""soragen benchmarks: how close the DiT gets to the machine's matmul limit, how it compares with
+diffusers' Wan transformer, what `soragen generate` costs end to end, how time and memory scale
+with frames and resolution, and which sampler settings buy speed without losing quality.
+
+    python bench/run.py [--quick] [--json] [--model DIR] [--only limit,dit,...]
+
+Every figure is measured in the same run as the figure it is compared with (ratios, not absolute
+numbers, are what carries over between machines). Timings are the median of several repeats after
+warm-up; subprocess figures come from fresh processes. Writes bench/RESULTS.md.
+Run it on an idle machine: anything else running skews every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+PROMPT = "a red ball moving right in the blue sky"
+SECTIONS = ("limit", "dit", "diffusers", "e2e", "scaling", "samplers")
+
+# The default denoising step: guided batch (cond + uncond), latent (8, 5, 16, 16) = 16 frames at
+# 64x64 through the tiny VAE (x4 time, x4 space), 16 text tokens.
+BATCH, LATENT, TEXT_LEN = 2, (8, 5, 16, 16), 16
+
+# Targets, printed beside the figures.
+MFU_TARGET = 0.60
+DIFFUSERS_SPEEDUP_TARGET = 1.5
+GENERATE_TARGET_S = 10.0
+HELP_TARGET_S = 1.0
+DECODE_MEMORY_RATIO_TARGET = 1.3
+SAMPLER_TIME_FRACTION = 1 / 3
+
+
+# ---- settings and results ------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    quick: bool
+    model_dir: Path | None
+    model_note: str  # where the model came from, or why there is none
+
+    @property
+    def warmup(self) -> int:
+        return 1 if self.quick else 3
+
+    @property
+    def repeats(self) -> int:
+        return 3 if self.quick else 10
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)  # what --json prints
+    targets: list[dict] = field(default_factory=list)  # {"target", "value", "pass"}
+
+    def target(self, name: str, value: str, ok: bool) -> str:
+        self.targets.append({"target": name, "value": value, "pass": ok})
+        return "PASS" if ok else "FAIL"
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def median_times(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function. Repeats are interleaved (a, b, a, b, ...) so
+    anything else happening on the machine weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_child(argv: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
+    """Run `argv` from a fresh wrapper process, so RUSAGE_CHILDREN covers this one child only.
+    Returns wall seconds (measured around the child alone), its peak RSS in MB, exit code, output."""
+    wrapper = (
+        "import json, resource, subprocess, sys, time\n"
+        "start = time.perf_counter()\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - start\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(json.dumps({'wall': wall, 'maxrss_mb': rss / 1024, 'rc': p.returncode,\n"
+        "                  'stdout': p.stdout[-4000:], 'stderr': p.stderr[-4000:]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrapper failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)
+
+
+def child_error(result: dict, what: str) -> RuntimeError:
+    tail = (result["stderr"] or result["stdout"]).strip().splitlines()[-5:]
+    return RuntimeError(f"{what} exited with {result['rc']}: " + " | ".join(tail))
+
+
+# ---- machine -------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    from soragen.pipeline import cpu_has_fast_bf16
+    load = ", load average %.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
+            f"fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'}, torch {torch.__version__}, "
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}{load}")
+
+
+def auto_dtype() -> torch.dtype:
+    from soragen.pipeline import resolve_dtype
+    return resolve_dtype("auto", torch.device("cpu"))
+
+
+def bench_dtypes() -> list[torch.dtype]:
+    """The dtype `--dtype auto` picks on this CPU, then float32 as the reference."""
+    return list(dict.fromkeys([auto_dtype(), torch.float32]))
+
+
+# ---- 1. limit ------------------------------------------------------------------------------------
+
+# (m, k, n): the guided batch's 2 x 320 tokens through the DiT's linears, the small preset's, a square.
+MATMUL_SHAPES = [(640, 256, 1024), (640, 1024, 256), (640, 256, 768), (640, 384, 1536), (1024, 1024, 1024)]
+_limit_cache: dict[torch.dtype, float] = {}
+
+
+def matmul_gflops(settings: Settings) -> dict[tuple, dict[torch.dtype, float]]:
+    results: dict[tuple, dict[torch.dtype, float]] = {}
+    for m, k, n in MATMUL_SHAPES:
+        results[(m, k, n)] = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            once = median_times({"mm": lambda: a @ b}, 1, 1)["mm"]
+            loops = max(1, math.ceil(0.02 / once))  # a sample of >= ~20 ms: sub-ms calls time noisily
+
+            def matmuls():
+                for _ in range(loops):
+                    a @ b
+            seconds = median_times({"mm": matmuls}, settings.warmup, settings.repeats * 2)["mm"] / loops
+            results[(m, k, n)][dtype] = 2 * m * k * n / seconds / 1e9
+    for dtype in (torch.float32, torch.bfloat16):
+        _limit_cache[dtype] = max(r[dtype] for r in results.values())
+    return results
+
+
+def machine_limit(dtype: torch.dtype, settings: Settings) -> float:
+    """GFLOP/s: the best matmul throughput at DiT-like shapes (measured once per run)."""
+    if dtype not in _limit_cache:
+        matmul_gflops(settings)
+    return _limit_cache[dtype]
+
+
+def section_limit(settings: Settings) -> Section:
+    s = Section("limit", "Matmul throughput at DiT-like shapes (the machine's limit)",
+                ["matmul (m x k) @ (k x n)", "float32 GFLOP/s", "bfloat16 GFLOP/s", "bf16 / fp32"])
+    results = matmul_gflops(settings)
+    for (m, k, n), r in results.items():
+        s.rows.append([f"{m}x{k} @ {k}x{n}", fmt(r[torch.float32]), fmt(r[torch.bfloat16]),
+                       f"{r[torch.bfloat16] / r[torch.float32]:.2f}x"])
+        s.data[f"{m}x{k}x{n}"] = {dtype_name(d): v for d, v in r.items()}
+    fp32, bf16 = _limit_cache[torch.float32], _limit_cache[torch.bfloat16]
+    s.rows.append(["limit (max over shapes)", fmt(fp32), fmt(bf16), f"{bf16 / fp32:.2f}x"])
+    s.data["limit"] = {"float32": fp32, "bfloat16": bf16}
+    return s
+
+
+# ---- 2. dit --------------------------------------------------------------------------------------
+
+def dit_inputs(latent=LATENT, dtype=torch.float32, text_dim=384, batch=BATCH, text_len=TEXT_LEN):
+    """One guided denoising step's inputs for VideoDiT: x, t, text tokens, mask, pooled."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, *latent, generator=g).to(dtype),
+            torch.full((batch,), 500.0),
+            torch.randn(batch, text_len, text_dim, generator=g).to(dtype),
+            torch.ones(batch, text_len, dtype=torch.bool),
+            torch.randn(batch, text_dim, generator=g).to(dtype))
+
+
+def num_tokens(model, latent_thw) -> int:
+    """Tokens the DiT makes of a latent of (T, H, W) cells."""
+    from soragen.dit import token_grid
+    return math.prod(token_grid(tuple(latent_thw), model.config.patch_size))
+
+
+def make_dit(preset: str, dtype: torch.dtype):
+    from soragen.config import dit_preset
+    from soragen.dit import VideoDiT
+    torch.manual_seed(0)
+    return VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
+
+
+def section_dit(settings: Settings) -> Section:
+    s = Section("dit", f"One denoising forward of VideoDiT (batch {BATCH}, latent {LATENT}, text {TEXT_LEN})",
+                ["preset", "dtype", "tokens", "GFLOP", "ms / step", "GFLOP/s", "limit GFLOP/s", "MFU", "target"])
+    default = auto_dtype()
+    for preset in ("tiny", "small"):
+        for dtype in bench_dtypes():
+            model = make_dit(preset, dtype)
+            inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
+            seconds = median_times({"dit": lambda: model(*inputs)}, settings.warmup, settings.repeats)["dit"]
+            tokens = num_tokens(model, inputs[0].shape[-3:])
+            flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH)
+            achieved = flops / seconds / 1e9
+            limit = machine_limit(dtype, settings)
+            mfu = achieved / limit
+            mark = ""
+            if preset == "tiny" and dtype == default:
+                mark = s.target(f"MFU >= {MFU_TARGET:.0%} (tiny, {dtype_name(dtype)})", f"{mfu:.1%}",
+                                mfu >= MFU_TARGET)
+            s.rows.append([preset, dtype_name(dtype), str(tokens), fmt(flops / 1e9, 2), fmt(seconds * 1e3),
+                           fmt(achieved), fmt(limit), f"{mfu:.1%}", mark])
+            s.data[f"{preset}/{dtype_name(dtype)}"] = {"tokens": tokens, "flops": flops, "ms": seconds * 1e3,
+                                                       "gflops": achieved, "limit_gflops": limit, "mfu": mfu}
+    s.notes.append("FLOPs from VideoDiT.flops_per_forward (matmuls only); MFU = achieved / limit of the same "
+                   "dtype (section limit).")
+    return s
+
+
+# ---- 3. diffusers --------------------------------------------------------------------------------
+
+def make_wan(dtype: torch.dtype, keep_fp32: bool = False):
+    """Wan at our tiny size. `keep_fp32` keeps the modules diffusers' from_pretrained(torch_dtype=...)
+    leaves in float32 (`_keep_in_fp32_modules`); otherwise everything is cast, like our DiT."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=8,
+                                  out_channels=8, text_dim=384, freq_dim=256, ffn_dim=1024, num_layers=8,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    model.eval().requires_grad_(False)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warning about casting the fp32 modules: we do it on purpose
+    try:
+        model.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if keep_fp32:
+        for name, param in model.named_parameters():
+            if any(keep in name.split(".") for keep in model._keep_in_fp32_modules or []):
+                param.data = param.data.float()
+    return model
+
+
+def section_diffusers(settings: Settings) -> Section:
+    s = Section("diffusers", "VideoDiT (tiny) vs diffusers' WanTransformer3DModel, same width/depth/heads/patch/inputs",
+                ["dtype", "ours ms / step", "Wan ms / step", "Wan / ours", "target"])
+    default = auto_dtype()
+    for dtype in bench_dtypes():
+        ours = make_dit("tiny", dtype)
+        x, t, text, mask, pooled = dit_inputs(dtype=dtype)
+        fns = {"ours": lambda: ours(x, t, text, mask, pooled)}
+        # In low precision Wan runs two ways: all cast (like ours), or as diffusers loads it (norms etc. fp32).
+        for keep in (False, True) if dtype != torch.float32 else (False,):
+            wan = make_wan(dtype, keep)
+            fns["Wan, fp32 modules kept" if keep else "Wan"] = (
+                lambda wan=wan: wan(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False))
+        times = median_times(fns, settings.warmup, settings.repeats)
+        ours_s = times.pop("ours")
+        best = min(times, key=times.get)  # the faster Wan variant is the one to beat
+        ratio = times[best] / ours_s
+        mark = ""
+        if dtype == default:
+            mark = s.target(f"faster than diffusers' Wan >= {DIFFUSERS_SPEEDUP_TARGET}x ({dtype_name(dtype)})",
+                            f"{ratio:.2f}x", ratio >= DIFFUSERS_SPEEDUP_TARGET)
+        for variant, wan_s in times.items():
+            label = dtype_name(dtype) + (" (fp32 modules kept)" if "kept" in variant else "")
+            s.rows.append([label, fmt(ours_s * 1e3), fmt(wan_s * 1e3), f"{wan_s / ours_s:.2f}x",
+                           mark if variant == best else ""])
+        s.data[dtype_name(dtype)] = {"ours_ms": ours_s * 1e3, "wan_ms": {k: v * 1e3 for k, v in times.items()},
+                                     "ratio": ratio, "ratio_against": best}
+    params = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in wan.parameters())
+    s.data["params"] = {"ours": params[0], "wan": params[1]}
+    s.notes.append("Wan's block is the same shape as ours: self-attention + cross-attention to text + MLP, with "
+                   "adaLN-style shift/scale/gate modulation from the timestep; width 256, 8 layers, 4 heads, "
+                   f"patch (1,2,2), MLP 1024, {num_tokens(ours, x.shape[-3:])} tokens, text length {TEXT_LEN}. "
+                   f"Parameters: ours {params[0] / 1e6:.2f} M, Wan {params[1] / 1e6:.2f} M. Timed interleaved; the "
+                   f"target compares with the faster Wan variant.")
+    return s
+
+
+# ---- 4. e2e --------------------------------------------------------------------------------------
+
+def soragen_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "soragen", *args]
+
+
+def section_e2e(settings: Settings) -> Section:
+    s = Section("e2e", f'soragen generate "{PROMPT}" (fresh process, default settings)',
+                ["measure", "value", "target"])
+    help_runs = []
+    for _ in range(3):
+        r = run_child(soragen_argv("--help"))
+        if r["rc"] != 0:
+            raise child_error(r, "soragen --help")
+        help_runs.append(r["wall"])
+    help_s = statistics.median(help_runs)
+    s.rows.append(["soragen --help (median of 3)", f"{help_s:.2f} s",
+                   s.target(f"--help < {HELP_TARGET_S:g} s", f"{help_s:.2f} s", help_s < HELP_TARGET_S)])
+    s.data["help_s"] = help_s
+    if settings.model_dir is None:
+        s.notes.append(f"generate skipped: {settings.model_note}")
+        return s
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="soragen-bench-") as tmp:
+        model_args = ["--model", str(settings.model_dir)]
+        for i in range(1 if settings.quick else 4):  # full: one warm-up run, then three measured
+            timings = Path(tmp) / f"timings-{i}.json"
+            r = run_child(soragen_argv("generate", PROMPT, "--out", str(Path(tmp) / f"video-{i}.mp4"), *model_args),
+                          env={"SORAGEN_TIMINGS": str(timings)})
+            if r["rc"] != 0:
+                raise child_error(r, "soragen generate")
+            r["split"] = json.loads(timings.read_text())
+            runs.append(r)
+    measured = runs if settings.quick else runs[1:]  # the first full run warms the disk cache
+    wall = statistics.median(r["wall"] for r in measured)
+    peak = max(r["maxrss_mb"] for r in measured)
+    s.rows.append([f"generate wall time (median of {len(measured)})", f"{wall:.2f} s",
+                   s.target(f"generate <= {GENERATE_TARGET_S:g} s", f"{wall:.2f} s", wall <= GENERATE_TARGET_S)])
+    split = {k: statistics.median(r["split"][k] for r in measured if k in r["split"])
+             for k in measured[0]["split"]}
+    for stage in ("imports", "load", "encode", "denoise", "decode", "write", "total"):
+        if stage in split:
+            s.rows.append([f"  {stage} (SORAGEN_TIMINGS)", f"{split[stage]:.2f} s ({split[stage] / wall:.0%})", ""])
+    s.rows.append(["  process start and exit (wall - total)", f"{wall - split.get('total', wall):.2f} s", ""])
+    s.rows.append(["generate peak RSS", f"{peak:,.0f} MB", ""])
+    s.data.update(generate_s=wall, split=split, peak_rss_mb=peak, model=str(settings.model_dir))
+    s.notes.append(f"model: {settings.model_dir} ({settings.model_note})")
+    return s
+
+
+# ---- 5. scaling ----------------------------------------------------------------------------------
+
+def latent_frames(frames: int, temporal_factor: int = 4) -> int:
+    return 1 + math.ceil((frames - 1) / temporal_factor)
+
+
+def decode_child(frames: int, model_dir: str | None) -> None:
+    """Runs in a fresh process (bench/run.py --decode-child FRAMES): decode a 16x16 latent of
+    `frames` frames and print the peak RSS it added, in MB."""
+    import gc
+    if model_dir:
+        from soragen.vae import load_vae
+        vae = load_vae(Path(model_dir) / "vae")
+    else:
+        from soragen.config import vae_preset_config
+        from soragen.vae import new_vae
+        vae = new_vae(vae_preset_config("tiny"))
+    latent = torch.randn(1, vae.latent_channels, vae.latent_frames(frames), 16, 16,
+                         generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    try:  # reset the RSS high-water mark, so ru_maxrss below is the peak while decoding
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    before = resource_rss_mb()
+    start = time.perf_counter()
+    video = vae.decode_uint8(latent, frames)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"frames": frames, "shape": list(video.shape), "before_mb": before, "peak_mb": peak,
+                      "added_mb": peak - before, "seconds": seconds, "hwm_reset": reset}))
+
+
+def resource_rss_mb() -> float:
+    """Current resident set size of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def section_scaling(settings: Settings) -> Section:
+    s = Section("scaling", "How a DiT step and VAE decode scale with frames and resolution",
+                ["case", "latent T,H,W", "tokens", "DiT ms / step", "vs 16f 64px", "decode s", "decode +MB", "target"])
+    frame_counts = (8, 16) if settings.quick else (8, 16, 32, 64)
+    dtype = auto_dtype()
+    model = make_dit("tiny", dtype)
+    cases = [(f, 16) for f in frame_counts] + [(16, 32)]  # (frames, latent side): 64x64 and 128x128 pixels
+    dit_ms = {}
+    for frames, side in cases:
+        latent = (model.config.in_channels, latent_frames(frames), side, side)
+        inputs = dit_inputs(latent, dtype)
+        dit_ms[(frames, side)] = median_times({"dit": lambda: model(*inputs)}, settings.warmup,
+                                              settings.repeats)["dit"] * 1e3
+
+    decode = {}
+    for frames in frame_counts:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--decode-child", str(frames)]
+        if settings.model_dir is not None:
+            argv += ["--model", str(settings.model_dir)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise RuntimeError(f"decode child ({frames} frames) failed: {out.stderr.strip()[-500:]}")
+        decode[frames] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    reference = dit_ms[(16, 16)]
+    for frames, side in cases:
+        d = decode.get(frames) if side == 16 else None
+        tokens = num_tokens(model, (latent_frames(frames), side, side))
+        s.rows.append([f"{frames} frames, {side * 4}x{side * 4}", f"{latent_frames(frames)},{side},{side}",
+                       str(tokens), fmt(dit_ms[(frames, side)]), f"{dit_ms[(frames, side)] / reference:.2f}x",
+                       f"{d['seconds']:.2f}" if d else "", fmt(d["added_mb"]) if d else "", ""])
+        s.data[f"{frames}f_{side * 4}px"] = {"tokens": tokens, "dit_ms": dit_ms[(frames, side)], "decode": d}
+    if 64 in decode:
+        ratio = decode[64]["added_mb"] / max(decode[16]["added_mb"], 1e-9)
+        mark = s.target(f"decode memory 64f / 16f <= {DECODE_MEMORY_RATIO_TARGET}", f"{ratio:.2f}x",
+                        ratio <= DECODE_MEMORY_RATIO_TARGET)
+        s.rows.append(["decode memory 64 / 16 frames", "", "", "", "", "", f"{ratio:.2f}x", mark])
+        s.data["decode_memory_ratio_64_16"] = ratio
+    else:
+        s.notes.append("--quick stops at 16 frames: the decode memory target (64 / 16 frames) needs a full run.")
+    vae_from = f"the VAE of {settings.model_dir}" if settings.model_dir else "a fresh new_vae(tiny) (no model)"
+    s.notes.append(f"DiT: tiny preset in {dtype_name(dtype)}, batch {BATCH}, text {TEXT_LEN}. Decode: "
+                   f"VideoVAE.decode_uint8 with {vae_from}, each in a fresh process; 'added' is its peak RSS "
+                   f"minus its RSS right before decoding.")
+    return s
+
+
+# ---- 6. samplers ---------------------------------------------------------------------------------
+
+def section_samplers(settings: Settings) -> Section:
+    s = Section("samplers", "Sampler settings on the eval prompt set, against DDIM 50 steps",
+                ["sampler", "steps", "seconds", "vs DDIM-50", "background", "color", "shape", "direction", "all",
+                 "target"])
+    if settings.model_dir is None:
+        s.notes.append(f"skipped: {settings.model_note}")
+        return s
+    from soragen.evaluate import evaluate_pipeline
+    from soragen.pipeline import Pipeline
+    from soragen.shapes import load_prompt_set
+
+    n = 6 if settings.quick else 20
+    rows = load_prompt_set("eval")[:n]
+    pipe = Pipeline.load(settings.model_dir, device="cpu")
+    guidance = pipe.model.sampling.guidance
+    step_counts = (10, 20) if settings.quick else (10, 15, 20)
+    runs = [("ddim", 50)] + [(name, k) for name in ("dpm++", "unipc") for k in step_counts]
+    pipe.generate(rows[0]["prompt"], steps=2, guidance=guidance)  # warm-up: first-call costs out of the timings
+    results = {}
+    for sampler, steps in runs:
+        results[(sampler, steps)] = evaluate_pipeline(pipe, rows, {"sampler": sampler, "steps": steps,
+                                                                   "guidance": guidance}, seed=0)
+    ref = results[("ddim", 50)]
+    attrs = ("background", "color", "shape", "direction", "all")
+    for (sampler, steps), r in results.items():
+        fraction = r["seconds"] / ref["seconds"]
+        mark = ""
+        if sampler != "ddim":
+            reaches = r["scores"]["all"] >= ref["scores"]["all"] - 1 / n - 1e-9  # within one prompt
+            mark = ("REACHES" if fraction <= SAMPLER_TIME_FRACTION else "scores, too slow") if reaches else ""
+        s.rows.append([sampler, str(steps), fmt(r["seconds"]), f"{fraction:.2f}x",
+                       *(f"{r['scores'][a]:.2f}" for a in attrs), mark])
+        s.data[f"{sampler}/{steps}"] = {"seconds": r["seconds"], "scores": r["scores"], "vs_ddim50": fraction}
+    winners = [f"{row[0]} {row[1]}" for row in s.rows if row[-1] == "REACHES"]
+    s.rows.append(["any setting", "", "", "", "", "", "", "", "",
+                   s.target("a sampler setting reaches DDIM-50's 'all' (within one prompt) in <= 1/3 of its time",
+                            ", ".join(winners) or "none", bool(winners))])
+    s.notes.append(f"{n} prompts of the eval set, seeds 0..{n - 1} for every setting, guidance {guidance:g}, "
+                   f"dtype {dtype_name(pipe.dtype)}; model {settings.model_dir}.")
+    return s
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+SECTION_FUNCTIONS = {"limit": section_limit, "dit": section_dit, "diffusers": section_diffusers,
+                     "e2e": section_e2e, "scaling": section_scaling, "samplers": section_samplers}
+
+
+def markdown(machine: str, sections: list[Section], settings: Settings) -> str:
+    lines = [machine, "",
+             f"`python bench/run.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f": medians of {settings.repeats} "
+             f"repeats (matmuls {2 * settings.repeats}) after {settings.warmup} warm-up(s).", ""]
+    for s in sections:
+        lines += [f"## {s.name}: {s.title}", ""]
+        if s.rows:
+            lines.append("| " + " | ".join(s.columns) + " |")
+            lines.append("|" + "|".join(" --- " for _ in s.columns) + "|")
+            lines += ["| " + " | ".join(cell or " " for cell in row) + " |" for row in s.rows]
+            lines.append("")
+        lines += [f"{note}\n" for note in s.notes]
+    targets = [t for s in sections for t in s.targets]
+    if targets:
+        lines += ["## Targets", "", "| target | value | result |", "| --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['value']} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_section(console, s: Section) -> None:
+    from rich.table import Table
+    table = Table(title=f"{s.name}: {s.title}", title_justify="left")
+    for col in s.columns:
+        table.add_column(col, justify="left" if col in (s.columns[0], "target") else "right")
+    for row in s.rows:
+        table.add_row(*(f"[green]{c}[/]" if c in ("PASS", "REACHES") else f"[red]{c}[/]" if c == "FAIL" else c
+                        for c in row))
+    if s.rows:
+        console.print(table)
+    else:
+        console.print(f"[bold]{s.name}: {s.title}[/]")
+    for note in s.notes:
+        console.print(f"  {note}", style="dim", highlight=False)
+    console.print()
+
+
+def find_model(arg: str | None) -> tuple[Path | None, str]:
+    from soragen.model_io import default_model_dir, resolve_model_dir
+    if arg:
+        return resolve_model_dir(arg), "--model"
+    default = default_model_dir()
+    if default is None:
+        return None, ("this install has no default model (src/soragen/weights/default is missing); "
+                      "pass --model DIR")
+    return default, "the packaged default model"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, frames, steps and prompts")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (tables go to stderr)")
+    p.add_argument("--model", help="model folder or training run (default: the packaged default model)")
+    p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md", help="the markdown report")
+    p.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)  # internal: one VAE decode measurement
+    args = p.parse_args(argv)
+    args.sections = list(SECTIONS)
+    if args.only:
+        args.sections = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in args.sections if name not in SECTIONS]
+        if unknown:
+            p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+    if args.decode_child is not None:
+        decode_child(args.decode_child, args.model)
+        return 0
+
+    from rich.console import Console
+    console = Console(stderr=args.json)
+    if not console.is_terminal:
+        console.width = max(console.width, 140)  # redirected output: don't wrap the tables at 80 columns
+    model_dir, note = find_model(args.model)
+    settings = Settings(args.quick, model_dir, note)
+    machine = machine_line()
+    console.print(machine, highlight=False)
+    console.print()
+
+    sections, failed = [], False
+    for name in args.sections:
+        try:
+            with console.status(f"running {name}..."):
+                section = SECTION_FUNCTIONS[name](settings)
+        except Exception as err:  # one broken section should not lose the others' figures
+            console.print(traceback.format_exc(), style="red", highlight=False)
+            section = Section(name, "error", notes=[f"error: {type(err).__name__}: {err}"])
+            section.data["error"] = f"{type(err).__name__}: {err}"
+            failed = True
+        sections.append(section)
+        print_section(console, section)
+
+    targets = [t for s in sections for t in s.targets]
+    if targets:
+        print_section(console, Section("targets", "summary", ["target", "value", "result"],
+                                       [[t["target"], t["value"], "PASS" if t["pass"] else "FAIL"] for t in targets]))
+    args.out.write_text(markdown(machine, sections, settings))
+    console.print(f"wrote {args.out}", highlight=False)
+    if args.json:
+        print(json.dumps({"machine": machine, "quick": args.quick, "model": str(model_dir) if model_dir else None,
+                          "sections": {s.name: {**s.data, "notes": s.notes} for s in sections},
+                          "targets": targets}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
