@@ -531,18 +531,44 @@ def resolve_vae(source: str) -> VideoVAE:
     return load_vae(source)
 
 
-def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
-              init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
-              sample_prompts: list[str], progress: Progress | None) -> dict:
-    from soragen.dit import VideoDiT
-    from soragen.text import TextEncoder
-
+def start_run(out: Path, resume: bool, cfg: TrainConfig, device: str, progress: Progress | None):
+    """Join the process group, pick the checkpoint to resume (rank 0 decides, the others follow),
+    and on resume take the run's stored settings (only --max-steps may change)."""
     dist = init_distributed(device)
     progress = progress if dist.main else None
     resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
     dist.barrier()
     if resume_from is not None:
         cfg = dataclasses.replace(stored_config(resume_from), max_steps=cfg.max_steps)
+    return dist, progress, resume_from, cfg
+
+
+def check_size(cfg: TrainConfig, multiple: int) -> None:
+    for name, value in (("height", cfg.height), ("width", cfg.width)):
+        if value % multiple:
+            raise UsageError(f"--{name} must be a multiple of {multiple}; nearest valid value: "
+                             f"{max(multiple, round(value / multiple) * multiple)}")
+
+
+def scan(cfg: TrainConfig, progress: Progress | None):
+    report = scan_clips(Path(cfg.data), cfg.frames, cfg.fps,
+                        progress=(lambda d, n: progress("scan", (d, n))) if progress else None)
+    require_clips(report, cfg.data)
+    if progress:
+        progress("message", report.summary())
+        for line in report.skipped_details():
+            progress("message", "  skipped " + line)
+    return report
+
+
+def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
+              init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
+              sample_prompts: list[str], progress: Progress | None) -> dict:
+    from soragen.dit import VideoDiT
+    from soragen.text import TextEncoder
+
+    dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
+    if resume_from is not None:
         model = load_model(resume_from)
         vae, text_spec, dit_config = model.vae, model.text_spec, model.dit.config
     else:
@@ -558,10 +584,7 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     text_encoder = TextEncoder(text_spec)
     if resume_from is None and not init:
         dit_config = dit_preset(preset, in_channels=vae.latent_channels, text_dim=text_encoder.dim)
-    f = vae.spatial_factor * dit_config.patch_size[1]
-    for name, value in (("height", cfg.height), ("width", cfg.width)):
-        if value % f:
-            raise UsageError(f"--{name} must be a multiple of {f}; nearest valid value: {max(f, round(value / f) * f)}")
+    check_size(cfg, vae.spatial_factor * dit_config.patch_size[1])
     torch.manual_seed(cfg.seed)  # the initial weights
     dit = VideoDiT(dit_config)
     if init and resume_from is None:
@@ -569,13 +592,7 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train().requires_grad_(True)
 
-    report = scan_clips(Path(cfg.data), cfg.frames, cfg.fps,
-                        progress=(lambda d, n: progress("scan", (d, n))) if progress else None)
-    require_clips(report, cfg.data)
-    if progress:
-        progress("message", report.summary())
-        for line in report.skipped_details():
-            progress("message", "  skipped " + line)
+    report = scan(cfg, progress)
     if dist.main:
         samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, progress)
     dist.barrier()
@@ -619,25 +636,14 @@ def _finish(out: Path, progress: Progress | None) -> None:
 
 def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
                   progress: Progress | None) -> dict:
-    dist = init_distributed(device)
-    progress = progress if dist.main else None
-    resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
-    dist.barrier()
+    dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     if resume_from is not None:
-        cfg = dataclasses.replace(stored_config(resume_from), max_steps=cfg.max_steps)
         vae = load_vae(resume_from / "vae")
     else:
         torch.manual_seed(cfg.seed)
         vae = new_vae(vae_preset_config(preset))
-    f = vae.spatial_factor
-    for name, value in (("height", cfg.height), ("width", cfg.width)):
-        if value % f:
-            raise UsageError(f"--{name} must be a multiple of {f}; nearest valid value: {max(f, round(value / f) * f)}")
-    report = scan_clips(Path(cfg.data), cfg.frames, cfg.fps,
-                        progress=(lambda d, n: progress("scan", (d, n))) if progress else None)
-    require_clips(report, cfg.data)
-    if progress:
-        progress("message", report.summary())
+    check_size(cfg, vae.spatial_factor)
+    report = scan(cfg, progress)
     task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight)
     if dist.main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
