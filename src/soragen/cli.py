@@ -397,8 +397,11 @@ def train_vae(
     data: Data = Path("clips"),
     out: Out = Path("runs/vae"),
     preset: Annotated[str, typer.Option(help="VAE size: test, tiny, small.")] = "tiny",
+    init: Annotated[Optional[str], typer.Option(help="Start from this VAE's weights (a train-vae run, model or "
+                                                "VAE folder) instead of random ones.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")] = False,
-    frames: Annotated[int, typer.Option(help="Frames per training clip (1 + 4k suits the causal VAE).")] = 5,
+    frames: Annotated[int, typer.Option(help="Frames per training clip. Train on as many as you will generate: "
+                                        "the causal cache only learns the chunks it sees.")] = 16,
     height: Annotated[int, typer.Option(help="Training height.")] = 64,
     width: Annotated[int, typer.Option(help="Training width.")] = 64,
     fps: Annotated[float, typer.Option(help="Clips are resampled to this frame rate.")] = 8.0,
@@ -429,7 +432,7 @@ def train_vae(
                         save_every, 0, keep_last, False, mixed_precision, ema_decay)
     progress, bars = _train_progress(max_steps)
     try:
-        result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress)
+        result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress, init)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -34,7 +34,7 @@ from soragen.config import (DiTConfig, TextEncoderSpec, TrainConfig, VideoDefaul
 from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import CHECKPOINT_RE, latest_checkpoint, save_model, load_model
-from soragen.vae import VideoVAE, load_vae, new_vae, save_vae, uint8_to_frames
+from soragen.vae import VideoVAE, load_vae, new_vae, pad_frames, save_vae, uint8_to_frames
 from soragen.weights import assert_finite, read_safetensors
 
 MAX_BAD_STEPS_IN_A_ROW = 20
@@ -169,10 +169,10 @@ class VAEWithLoss(torch.nn.Module):
         self.vae, self.kl_weight = model, kl_weight
 
     def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
-        posterior = self.vae.encode(video).latent_dist
+        posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
         eps = torch.randn(posterior.mean.shape, generator=noise_generator).to(video.device)
         z = posterior.mean + posterior.std * eps
-        recon = self.vae.decode(z).sample.float()
+        recon = self.vae.decode(z).sample.float()[:, :, : video.shape[2]]
         reconstruction = F.l1_loss(recon, video) + F.mse_loss(recon, video)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
         return reconstruction + self.kl_weight * kl
@@ -635,10 +635,12 @@ def _finish(out: Path, progress: Progress | None) -> None:
 
 
 def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
-                  progress: Progress | None) -> dict:
+                  progress: Progress | None, init: str | None = None) -> dict:
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     if resume_from is not None:
         vae = load_vae(resume_from / "vae")
+    elif init:  # fine-tune an existing VAE (e.g. on longer clips) with a fresh optimizer
+        vae = resolve_vae(init)
     else:
         torch.manual_seed(cfg.seed)
         vae = new_vae(vae_preset_config(preset))

@@ -23,6 +23,15 @@ from soragen.weights import load_into
 ENCODER_CHUNK = 4
 
 
+def pad_frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, 1 + 4k, H, W): repeat the last frame up to the encoder's chunking."""
+    T = video.shape[2]
+    target = 1 + ENCODER_CHUNK * math.ceil((T - 1) / ENCODER_CHUNK)
+    if target == T:
+        return video
+    return torch.cat([video, video[:, :, -1:].expand(-1, -1, target - T, -1, -1)], dim=2)
+
+
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
     video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -76,11 +85,8 @@ class VideoVAE:
         """(B, 3, T, H, W) in [-1, 1] -> normalised latent (B, C, 1 + ceil((T-1)/s), H/f, W/f).
         Frames are padded at the end by repeating the last one up to the next 1 + 4k."""
         T = video.shape[2]
-        target = 1 + ENCODER_CHUNK * math.ceil((T - 1) / ENCODER_CHUNK)
-        if target > T:
-            video = torch.cat([video, video[:, :, -1:].expand(-1, -1, target - T, -1, -1)], dim=2)
         with torch.set_grad_enabled(grad):
-            dist = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+            dist = self.model.encode(pad_frames(video).to(self.device, self.dtype)).latent_dist
             z = dist.sample(generator) if sample else dist.mode()
         z = z[:, :, : self.latent_frames(T)]
         return (z.float() - self.mean.to(z.device)) / self.std.to(z.device)
