@@ -415,6 +415,10 @@ def train_vae(
     keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
     kl_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1e-4,
+    detail_weight: Annotated[float, typer.Option(help="Extra loss weight of pixels far from their frame's median "
+                                                 "colour, so small objects are not averaged away.")] = 10.0,
+    sample_posterior: Annotated[bool, typer.Option(help="Decode a sample of the posterior instead of its mean "
+                                                   "(slower to learn fine detail; the DiT sees means anyway).")] = False,
     mixed_precision: Annotated[str, typer.Option(help="no, or bf16 (its gradients overflow in the Wan VAE's "
                                                  "norms: NaN steps get skipped).")] = "no",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -432,7 +436,8 @@ def train_vae(
                         save_every, 0, keep_last, False, mixed_precision, ema_decay)
     progress, bars = _train_progress(max_steps)
     try:
-        result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress, init)
+        result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress, init, sample_posterior,
+                               detail_weight)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -164,16 +164,24 @@ class VAEWithLoss(torch.nn.Module):
     """The VAE's training objective as one module, so DDP can wrap it: reconstruction (L1 + MSE)
     of the sampled latent, plus a KL term towards N(0, I)."""
 
-    def __init__(self, model, kl_weight: float):
+    def __init__(self, model, kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0):
         super().__init__()
-        self.vae, self.kl_weight = model, kl_weight
+        self.vae, self.kl_weight, self.sample_posterior = model, kl_weight, sample_posterior
+        self.detail_weight = detail_weight
 
     def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
         posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
-        eps = torch.randn(posterior.mean.shape, generator=noise_generator).to(video.device)
-        z = posterior.mean + posterior.std * eps
+        z = posterior.mean
+        if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
+            z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
         recon = self.vae.decode(z).sample.float()[:, :, : video.shape[2]]
-        reconstruction = F.l1_loss(recon, video) + F.mse_loss(recon, video)
+        # Pixels far from their frame's median colour (small objects on a plain background) weigh
+        # more: with a plain mean they are a few percent of the loss and the VAE learns to drop them.
+        median = video.flatten(3).median(dim=3).values[..., None, None]  # (B, C, T, 1, 1)
+        detail = ((video - median).abs().amax(dim=1, keepdim=True) > 0.2).float()
+        weight = 1.0 + self.detail_weight * detail
+        error = (recon - video).abs() + (recon - video) ** 2
+        reconstruction = (weight * error).mean() / weight.mean()
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
         return reconstruction + self.kl_weight * kl
 
@@ -182,8 +190,8 @@ class VAETask(Task):
     kind = "vae"
 
     def __init__(self, vae: VideoVAE, clips: list[Clip], frames: int, fps: float, height: int, width: int,
-                 kl_weight: float):
-        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight)
+                 kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0):
+        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight, sample_posterior, detail_weight)
         self.clips, self.frames, self.fps, self.height, self.width = clips, frames, fps, height, width
         self._frames: dict[Path, np.ndarray] = {}
         self._bytes, self.memory_budget = 0, 4 << 30
@@ -635,8 +643,13 @@ def _finish(out: Path, progress: Progress | None) -> None:
 
 
 def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
-                  progress: Progress | None, init: str | None = None) -> dict:
+                  progress: Progress | None, init: str | None = None, sample_posterior: bool = False,
+                  detail_weight: float = 0.0) -> dict:
+    cfg = dataclasses.replace(cfg, extra={"kl_weight": kl_weight, "sample_posterior": sample_posterior,
+                                          "detail_weight": detail_weight})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
+    kl_weight, sample_posterior = cfg.extra["kl_weight"], cfg.extra["sample_posterior"]  # a resumed run's own
+    detail_weight = cfg.extra.get("detail_weight", 0.0)
     if resume_from is not None:
         vae = load_vae(resume_from / "vae")
     elif init:  # fine-tune an existing VAE (e.g. on longer clips) with a fresh optimizer
@@ -646,7 +659,8 @@ def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device
         vae = new_vae(vae_preset_config(preset))
     check_size(cfg, vae.spatial_factor)
     report = scan(cfg, progress)
-    task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight)
+    task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight, sample_posterior,
+                   detail_weight)
     if dist.main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     result = train_loop(task, cfg, out, dist, resume_from, progress)
