@@ -143,12 +143,17 @@ def test_two_gloo_processes_train_with_ddp(clips, model_for_vae, tmp_path):
 
 
 def test_train_vae_lowers_its_loss_and_feeds_train(clips, tmp_path):
+    import shutil
+    one = tmp_path / "one"  # a single clip: the loss must fall within a few steps
+    one.mkdir()
+    for f in clips.glob("clip_00000.*"):
+        shutil.copy(f, one)
     out = tmp_path / "vae"
-    assert run(["train-vae", "--data", str(clips), "--out", str(out), "--preset", "test", "--frames", "5",
+    assert run(["train-vae", "--data", str(one), "--out", str(out), "--preset", "test", "--frames", "5",
                 "--height", "32", "--width", "32", "--batch-size", "2", "--max-steps", "30", "--save-every", "30",
-                "--lr", "3e-3", "--warmup", "1"]) == 0
+                "--lr", "1e-3", "--warmup", "1"]) == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     vae_config = json.loads((out / "checkpoint-30" / "vae" / "config.json").read_text())
     assert vae_config["latents_std"] != [1.0] * 4  # measured latent statistics were stored
     run_dir = tmp_path / "dit"
