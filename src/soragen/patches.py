@@ -93,7 +93,8 @@ def draw_patches(picture: dict, report: dict, out: Path, max_frames: int = 8, zo
         draw.text((x0 + 2, text_h + 2), f"frame {t} -> token row {latent_t // picture['patch_t']}",
                   fill=(255, 255, 255))
     y0 = text_h + h + pad
-    draw.text((pad, y0), f"latent channels (columns) x latent frames (rows), {C} x {T}", fill=(0, 0, 0))
+    draw.text((pad, y0), f"latent channels (columns) x latent frames (rows): {C} x {T}, first {rows_t} shown",
+              fill=(0, 0, 0))
     y0 += text_h
     for t in range(rows_t):
         for c in range(C):
