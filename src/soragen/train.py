@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soragen.config import (DiTConfig, TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
+from soragen.config import (TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
                             from_dict, vae_preset_config)
 from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
 from soragen.errors import SoragenError, UsageError
@@ -624,7 +624,6 @@ def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str]):
             return
         from soragen.pipeline import Pipeline
         from soragen.video_io import write_video
-        from soragen.model_io import load_model
         model = load_model(checkpoint)
         pipe = Pipeline(model, text_encoder, torch.device("cpu"), torch.float32)
         folder = out / "samples" / f"step-{step:06d}"
