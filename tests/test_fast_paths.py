@@ -63,3 +63,17 @@ def test_pipeline_in_bf16_stays_close_to_float32(tiny_model):
     a = fast.generate("a red ball", steps=4, seed=1).astype(np.int16)
     b = plain.generate("a red ball", steps=4, seed=1).astype(np.int16)
     assert np.abs(a - b).mean() < 4.0  # mean error in 0..255 pixel units
+
+
+def test_vae_decode_in_bf16_stays_within_a_few_levels_of_float32():
+    from soragen.config import vae_preset_config
+    from soragen.vae import new_vae
+
+    torch.manual_seed(0)
+    vae = new_vae(vae_preset_config("test"))
+    latent = torch.randn(1, *vae.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(3))
+    plain = vae.decode_uint8(latent, 9).astype(np.int16)
+    torch.nn.Module.to(vae.model, torch.bfloat16)
+    fast = vae.decode_uint8(latent, 9).astype(np.int16)
+    assert fast.shape == plain.shape == (1, 9, 32, 32, 3)
+    assert np.abs(fast - plain).mean() < 1.0 and np.abs(fast - plain).max() <= 8
