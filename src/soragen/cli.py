@@ -82,9 +82,12 @@ class StageProgress:
 
     def __init__(self, label: str = ""):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from soragen.pipeline import StageTimes
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                              TimeElapsedColumn(), TimeRemainingColumn(), console=_stderr(), transient=True)
-        self.label, self.tasks, self.times = label, {}, {}
+        self.label, self.tasks = label, {}
+        self.times = StageTimes(self._show)
 
     def __enter__(self):
         self.bars.__enter__()
@@ -94,12 +97,12 @@ class StageProgress:
         self.bars.__exit__(*exc)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        self.times(stage, done, total)
+
+    def _show(self, stage: str, done: int, total: int) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.bars.add_task(f"{self.label}{stage}", total=total)
-            self.times[stage] = time.perf_counter()
         self.bars.update(self.tasks[stage], completed=done, total=total)
-        if done >= total:
-            self.times[stage] = time.perf_counter() - self.times[stage]
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -196,7 +199,7 @@ def generate(
                                   progress=bars, **settings)
         write_start = time.perf_counter()
         result = write_video(path, video, defaults.fps if fps is None else fps)
-        for stage, seconds in bars.times.items():
+        for stage, seconds in bars.times.seconds.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - write_start
         if result.note:
@@ -544,7 +547,9 @@ def evaluate(
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"shapes-world eval: {results['prompts']} prompts, {results['seconds']:.0f}s")
+    denoise = results["stage_seconds"].get("denoise", 0.0)
+    table = Table(title=f"shapes-world eval: {results['prompts']} prompts, {results['seconds']:.0f}s "
+                        f"({denoise:.0f}s denoising)")
     table.add_column("attribute")
     table.add_column("accuracy", justify="right")
     for key, value in results["scores"].items():

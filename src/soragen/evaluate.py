@@ -3,13 +3,14 @@ pixels show (background, colour, shape, direction of motion) against what the pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 from soragen.errors import UsageError
-from soragen.pipeline import Pipeline
+from soragen.pipeline import Pipeline, StageTimes
 from soragen.shapes import judge_video, load_prompt_set, parse_prompt_set, score
 
 
@@ -26,14 +27,13 @@ def evaluate_pipeline(pipe: Pipeline, rows: list[dict], settings: dict, seed: in
     """Generate, judge and score; with `out`, keep each video and a results.jsonl."""
     from soragen.video_io import write_video
     judgements, records = [], []
+    stages = StageTimes()
     start = time.perf_counter()
     for i, row in enumerate(rows):
         bars = progress_factory(f"[{i + 1}/{len(rows)}] ") if progress_factory else None
-        if bars:
-            with bars:
-                video = pipe.generate(row["prompt"], seed=seed + i, progress=bars, **settings)
-        else:
-            video = pipe.generate(row["prompt"], seed=seed + i, **settings)
+        stages.forward = bars
+        with bars or contextlib.nullcontext():
+            video = pipe.generate(row["prompt"], seed=seed + i, progress=stages, **settings)
         judgement = judge_video(video)
         judgements.append(judgement)
         record = {**row, "seed": seed + i, "judged": dataclasses.asdict(judgement)}
@@ -45,7 +45,8 @@ def evaluate_pipeline(pipe: Pipeline, rows: list[dict], settings: dict, seed: in
     seconds = time.perf_counter() - start
     if out is not None:
         (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"prompts": len(rows), "seconds": seconds, "settings": settings, "scores": score(judgements, rows)}
+    return {"prompts": len(rows), "seconds": seconds, "stage_seconds": stages.seconds, "settings": settings,
+            "scores": score(judgements, rows)}
 
 
 def run_eval(model_dir: Path, prompts: Path | None, prompt_set: str, out: Path | None, limit: int | None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+class StageTimes:
+    """A progress callback that adds up the seconds spent in each stage (from its `done == 0` call
+    to its `done == total` call) and passes every call on to `forward`."""
+
+    def __init__(self, forward: Progress | None = None):
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        self.forward = forward
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == 0:
+            self._started[stage] = now
+        elif done >= total and stage in self._started:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._started.pop(stage)
+        if self.forward is not None:
+            self.forward(stage, done, total)
 
 
 def _nearest_multiple(value: int, multiple: int) -> int:
