@@ -159,3 +159,17 @@ def test_train_vae_lowers_its_loss_and_feeds_train(clips, tmp_path):
     run_dir = tmp_path / "dit"
     assert run(train_args(clips, run_dir, out, tmp_path / "cache", 2)) == 0
     assert load_model(run_dir).vae.latent_channels == 4
+
+
+def test_detail_mask_marks_a_small_object_on_a_sky_gradient_and_nothing_else():
+    from soragen.train import detail_mask
+
+    T, H, W = 3, 32, 32
+    rows = torch.linspace(-0.3, 0.6, H)  # a vertical gradient: constant along each row
+    video = rows.view(1, 1, 1, H, 1).expand(1, 3, T, H, W).clone()
+    video[:, 0, :, 10:16, 4:10] = 0.9  # a 6x6 red-ish square
+    video[:, 1:, :, 10:16, 4:10] = -0.7
+    mask = detail_mask(video)
+    assert mask.shape == (1, 1, T, H, W)
+    assert mask[..., 10:16, 4:10].all()
+    assert mask.sum() == T * 36  # the gradient itself is not detail

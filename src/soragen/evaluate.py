@@ -23,7 +23,7 @@ def read_prompts(path: Path | None, name: str) -> list[dict]:
 
 
 def evaluate_pipeline(pipe: Pipeline, rows: list[dict], settings: dict, seed: int = 0, out: Path | None = None,
-                      progress_factory=None) -> dict:
+                      progress_factory=None, compile: bool = False) -> dict:
     """Generate, judge and score; with `out`, keep each video and a results.jsonl."""
     from soragen.video_io import write_video
     judgements, records = [], []
@@ -51,13 +51,13 @@ def evaluate_pipeline(pipe: Pipeline, rows: list[dict], settings: dict, seed: in
 
 def run_eval(model_dir: Path, prompts: Path | None, prompt_set: str, out: Path | None, limit: int | None,
              steps: int | None, sampler: str | None, guidance: float | None, seed: int, device: str, dtype: str,
-             progress_factory=None) -> dict:
+             progress_factory=None, compile: bool = False) -> dict:
     rows = read_prompts(prompts, prompt_set)
     if limit is not None:
         if limit < 1:
             raise UsageError("--limit must be at least 1")
         rows = rows[:limit]
-    pipe = Pipeline.load(model_dir, device=device, dtype=dtype)
+    pipe = Pipeline.load(model_dir, device=device, dtype=dtype, compile=compile)
     settings = pipe.sampler_settings(sampler, steps, guidance)
     results = evaluate_pipeline(pipe, rows, settings, seed, out, progress_factory)
     results["model"] = str(pipe.model.path)

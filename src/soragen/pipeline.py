@@ -91,9 +91,17 @@ class Pipeline:
     text_encoder: TextEncoder
     device: torch.device
     dtype: torch.dtype
+    compiled: bool = False
+
+    def __post_init__(self):
+        # torch.compile fuses the DiT's norms, modulation and gates: each step runs ~1.3x faster on
+        # this CPU, after a compile of about a minute (cached on disk by torch for the next process).
+        # Dynamic shapes: one compile serves every prompt length and frame count.
+        self.dit_forward = torch.compile(self.model.dit, dynamic=True) if self.compiled else self.model.dit
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> "Pipeline":
+    def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+             compile: bool = False) -> "Pipeline":
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model = load_model(model_dir)
@@ -106,7 +114,7 @@ class Pipeline:
         # run ~5x faster, within 2 levels of 255 of float32 (bench/run.py, tests/test_fast_paths.py).
         # torch's own .to(): diffusers' override warns about modules to keep in float32 (Wan has none).
         torch.nn.Module.to(model.vae.model, dev, dt if dt == torch.bfloat16 else torch.float32)
-        return cls(model, text_encoder, dev, dt)
+        return cls(model, text_encoder, dev, dt, compile)
 
     # ---- what sizes work -------------------------------------------------------------------------
     @property
@@ -137,7 +145,7 @@ class Pipeline:
 
     # ---- generation ------------------------------------------------------------------------------
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-        return self.model.dit(x.to(self.dtype), t.to(self.device), text.tokens, text.mask, text.pooled)
+        return self.dit_forward(x.to(self.dtype), t.to(self.device), text.tokens, text.mask, text.pooled)
 
     @torch.no_grad()
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,

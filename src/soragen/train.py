@@ -160,6 +160,17 @@ class DiTTask(Task):
             self.sample_hook(folder, ema, step)
 
 
+def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """(B, C, T, H, W) in [-1, 1] -> (B, 1, T, H, W), 1 where a pixel stands out from both its row's
+    and its column's median colour: small objects on a plain or gradient background (a sky is
+    constant along its rows). With a plain mean they are a few percent of the loss, and the VAE
+    learns to drop them; a frame-wide median would also flag the ends of a gradient."""
+    rows = video.median(dim=4, keepdim=True).values
+    cols = video.median(dim=3, keepdim=True).values
+    off = torch.minimum((video - rows).abs(), (video - cols).abs())
+    return (off.amax(dim=1, keepdim=True) > threshold).float()
+
+
 class VAEWithLoss(torch.nn.Module):
     """The VAE's training objective as one module, so DDP can wrap it: reconstruction (L1 + MSE)
     of the sampled latent, plus a KL term towards N(0, I)."""
@@ -175,11 +186,7 @@ class VAEWithLoss(torch.nn.Module):
         if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
             z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
         recon = self.vae.decode(z).sample.float()[:, :, : video.shape[2]]
-        # Pixels far from their frame's median colour (small objects on a plain background) weigh
-        # more: with a plain mean they are a few percent of the loss and the VAE learns to drop them.
-        median = video.flatten(3).median(dim=3).values[..., None, None]  # (B, C, T, 1, 1)
-        detail = ((video - median).abs().amax(dim=1, keepdim=True) > 0.2).float()
-        weight = 1.0 + self.detail_weight * detail
+        weight = 1.0 + self.detail_weight * detail_mask(video)
         error = (recon - video).abs() + (recon - video) ** 2
         reconstruction = (weight * error).mean() / weight.mean()
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
