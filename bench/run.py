@@ -255,8 +255,28 @@ def section_dit(settings: Settings) -> Section:
                            fmt(achieved), fmt(limit), f"{mfu:.1%}", mark])
             s.data[f"{preset}/{dtype_name(dtype)}"] = {"tokens": tokens, "flops": flops, "ms": seconds * 1e3,
                                                        "gflops": achieved, "limit_gflops": limit, "mfu": mfu}
+    # The --compile path: torch.compile (dynamic shapes, as the pipeline does); its first call pays the compile.
+    model = make_dit("tiny", default)
+    inputs = dit_inputs(dtype=default, text_dim=model.config.text_dim)
+    compiled = torch.compile(model, dynamic=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(*inputs)
+    compile_s = time.perf_counter() - start
+    times = median_times({"eager": lambda: model(*inputs), "compiled": lambda: compiled(*inputs)},
+                         settings.warmup, settings.repeats)
+    tokens = num_tokens(model, inputs[0].shape[-3:])
+    flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH)
+    achieved, limit = flops / times["compiled"] / 1e9, machine_limit(default, settings)
+    s.rows.append(["tiny, compiled", dtype_name(default), str(tokens), fmt(flops / 1e9, 2),
+                   fmt(times["compiled"] * 1e3), fmt(achieved), fmt(limit), f"{achieved / limit:.1%}", ""])
+    s.data[f"tiny/{dtype_name(default)}/compiled"] = {"ms": times["compiled"] * 1e3, "eager_ms": times["eager"] * 1e3,
+                                                     "compile_s": compile_s, "mfu": achieved / limit}
     s.notes.append("FLOPs from VideoDiT.flops_per_forward (matmuls only); MFU = achieved / limit of the same "
                    "dtype (section limit).")
+    s.notes.append(f"torch.compile (`--compile`): first call {compile_s:.0f} s (torch's on-disk cache may have "
+                   f"shortened it); then {times['eager'] / times['compiled']:.2f}x the eager step, timed "
+                   f"interleaved ({times['eager'] * 1e3:.1f} vs {times['compiled'] * 1e3:.1f} ms).")
     return s
 
 
