@@ -95,7 +95,7 @@ class Pipeline:
 
     def __post_init__(self):
         # torch.compile fuses the DiT's norms, modulation and gates: each step runs ~1.3x faster on
-        # this CPU, after a compile of about a minute (cached on disk by torch for the next process).
+        # this CPU, after one to two minutes of compiling (partly cached on disk by torch).
         # Dynamic shapes: one compile serves every prompt length and frame count.
         self.dit_forward = torch.compile(self.model.dit, dynamic=True) if self.compiled else self.model.dit
 
