@@ -233,6 +233,20 @@ def make_dit(preset: str, dtype: torch.dtype):
     return VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
 
 
+def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Settings) -> dict:
+    """Tokens, FLOPs, achieved GFLOP/s and MFU of one DiT forward that took `seconds`."""
+    tokens = num_tokens(model, inputs[0].shape[-3:])
+    flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH)
+    achieved, limit = flops / seconds / 1e9, machine_limit(dtype, settings)
+    return {"tokens": tokens, "flops": flops, "ms": seconds * 1e3, "gflops": achieved, "limit_gflops": limit,
+            "mfu": achieved / limit}
+
+
+def figure_cells(f: dict) -> list[str]:
+    return [str(f["tokens"]), fmt(f["flops"] / 1e9, 2), fmt(f["ms"]), fmt(f["gflops"]), fmt(f["limit_gflops"]),
+            f"{f['mfu']:.1%}"]
+
+
 def section_dit(settings: Settings) -> Section:
     s = Section("dit", f"One denoising forward of VideoDiT (batch {BATCH}, latent {LATENT}, text {TEXT_LEN})",
                 ["preset", "dtype", "tokens", "GFLOP", "ms / step", "GFLOP/s", "limit GFLOP/s", "MFU", "target"])
@@ -242,19 +256,13 @@ def section_dit(settings: Settings) -> Section:
             model = make_dit(preset, dtype)
             inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
             seconds = median_times({"dit": lambda: model(*inputs)}, settings.warmup, settings.repeats)["dit"]
-            tokens = num_tokens(model, inputs[0].shape[-3:])
-            flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH)
-            achieved = flops / seconds / 1e9
-            limit = machine_limit(dtype, settings)
-            mfu = achieved / limit
+            f = step_figures(model, inputs, dtype, seconds, settings)
             mark = ""
             if preset == "tiny" and dtype == default:
-                mark = s.target(f"MFU >= {MFU_TARGET:.0%} (tiny, {dtype_name(dtype)})", f"{mfu:.1%}",
-                                mfu >= MFU_TARGET)
-            s.rows.append([preset, dtype_name(dtype), str(tokens), fmt(flops / 1e9, 2), fmt(seconds * 1e3),
-                           fmt(achieved), fmt(limit), f"{mfu:.1%}", mark])
-            s.data[f"{preset}/{dtype_name(dtype)}"] = {"tokens": tokens, "flops": flops, "ms": seconds * 1e3,
-                                                       "gflops": achieved, "limit_gflops": limit, "mfu": mfu}
+                mark = s.target(f"MFU >= {MFU_TARGET:.0%} (tiny, {dtype_name(dtype)})", f"{f['mfu']:.1%}",
+                                f["mfu"] >= MFU_TARGET)
+            s.rows.append([preset, dtype_name(dtype), *figure_cells(f), mark])
+            s.data[f"{preset}/{dtype_name(dtype)}"] = f
     # The --compile path: torch.compile (dynamic shapes, as the pipeline does); its first call pays the compile.
     model = make_dit("tiny", default)
     inputs = dit_inputs(dtype=default, text_dim=model.config.text_dim)
@@ -265,13 +273,9 @@ def section_dit(settings: Settings) -> Section:
     compile_s = time.perf_counter() - start
     times = median_times({"eager": lambda: model(*inputs), "compiled": lambda: compiled(*inputs)},
                          settings.warmup, settings.repeats)
-    tokens = num_tokens(model, inputs[0].shape[-3:])
-    flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH)
-    achieved, limit = flops / times["compiled"] / 1e9, machine_limit(default, settings)
-    s.rows.append(["tiny, compiled", dtype_name(default), str(tokens), fmt(flops / 1e9, 2),
-                   fmt(times["compiled"] * 1e3), fmt(achieved), fmt(limit), f"{achieved / limit:.1%}", ""])
-    s.data[f"tiny/{dtype_name(default)}/compiled"] = {"ms": times["compiled"] * 1e3, "eager_ms": times["eager"] * 1e3,
-                                                     "compile_s": compile_s, "mfu": achieved / limit}
+    f = step_figures(model, inputs, default, times["compiled"], settings)
+    s.rows.append(["tiny, compiled", dtype_name(default), *figure_cells(f), ""])
+    s.data[f"tiny/{dtype_name(default)}/compiled"] = {**f, "eager_ms": times["eager"] * 1e3, "compile_s": compile_s}
     s.notes.append("FLOPs from VideoDiT.flops_per_forward (matmuls only); MFU = achieved / limit of the same "
                    "dtype (section limit).")
     s.notes.append(f"torch.compile (`--compile`): first call {compile_s:.0f} s (torch's on-disk cache may have "

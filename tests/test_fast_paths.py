@@ -73,7 +73,7 @@ def test_vae_decode_in_bf16_stays_within_a_few_levels_of_float32():
     vae = new_vae(vae_preset_config("test"))
     latent = torch.randn(1, *vae.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(3))
     plain = vae.decode_uint8(latent, 9).astype(np.int16)
-    torch.nn.Module.to(vae.model, torch.bfloat16)
+    vae.to(dtype=torch.bfloat16)
     fast = vae.decode_uint8(latent, 9).astype(np.int16)
     assert fast.shape == plain.shape == (1, 9, 32, 32, 3)
     assert np.abs(fast - plain).mean() < 1.0 and np.abs(fast - plain).max() <= 8

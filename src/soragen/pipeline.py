@@ -112,8 +112,7 @@ class Pipeline:
         model.dit.to(dev, dt)
         # The VAE decodes in the DiT's dtype too: in bf16 on a CPU with bf16 matmuls its convolutions
         # run ~5x faster, within 2 levels of 255 of float32 (bench/run.py, tests/test_fast_paths.py).
-        # torch's own .to(): diffusers' override warns about modules to keep in float32 (Wan has none).
-        torch.nn.Module.to(model.vae.model, dev, dt if dt == torch.bfloat16 else torch.float32)
+        model.vae.to(dev, dt if dt == torch.bfloat16 else torch.float32)
         return cls(model, text_encoder, dev, dt, compile)
 
     # ---- what sizes work -------------------------------------------------------------------------

@@ -71,6 +71,12 @@ class VideoVAE:
         f = self.spatial_factor
         return (self.latent_channels, self.latent_frames(frames), height // f, width // f)
 
+    def to(self, device=None, dtype=None) -> "VideoVAE":
+        """Move or cast the VAE. torch's own Module.to: diffusers' override warns about modules to
+        keep in float32, and the Wan VAE has none."""
+        torch.nn.Module.to(self.model, device, dtype)
+        return self
+
     @property
     def device(self):
         return next(self.model.parameters()).device
