@@ -21,18 +21,21 @@ def test_ddim_with_the_true_noise_recovers_the_clean_latent():
         assert torch.allclose(out.pred_original_sample, x0, atol=1e-4)
 
 
-def test_a_full_ddim_run_with_an_oracle_lands_on_the_clean_latent():
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_a_full_run_with_an_oracle_lands_on_the_clean_latent(prediction):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(1, 4, 2, 4, 4, generator=g)
     alphas = training_scheduler().alphas_cumprod
 
-    def oracle(x, t, text):  # the noise that explains x_t given x0
+    def oracle(x, t, text):  # the noise (or velocity) that explains x_t given x0
         a = alphas[t.long()].view(-1, 1, 1, 1, 1)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        noise = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
     empty = TextEmbedding(torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 2))
+    config = {"prediction_type": prediction}
     for name in ("ddim", "dpm++", "unipc"):
-        out = denoise(oracle, torch.randn(x0.shape, generator=g), empty, empty, make_scheduler(name), 8, 1.0)
+        out = denoise(oracle, torch.randn(x0.shape, generator=g), empty, empty, make_scheduler(name, config), 8, 1.0)
         assert torch.allclose(out, x0, atol=1e-3), name
 
 

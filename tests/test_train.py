@@ -49,8 +49,9 @@ def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, 
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["loss"] > 0 for m in metrics)
     assert (out / "loss.png").stat().st_size > 0
     assert len(list((out / "samples" / "step-000004").glob("*.mp4"))) == 1
-    # The run folder stands for its latest checkpoint.
+    # The run folder stands for its latest checkpoint, whose samplers know what the DiT predicts.
     assert load_model(out).path.name == "checkpoint-4"
+    assert load_model(out).scheduler_config["prediction_type"] == "v_prediction"
     video = tmp_path / "v.mp4"
     assert run(["generate", "a red ball", "--model", str(out), "--steps", "2", "--out", str(video)]) == 0
     from soragen.video_io import probe_video

@@ -349,6 +349,8 @@ def train(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default ~/.cache/soragen).")] = None,
     windows: Annotated[int, typer.Option(help="Temporal crops cached per clip.")] = 4,
     samples: Annotated[Optional[Path], typer.Option(help="Prompts for sample videos, one per line.")] = None,
+    prediction: Annotated[str, typer.Option(help="What the DiT learns to output: v_prediction (the velocity) "
+                                            "or epsilon (the noise).")] = "v_prediction",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Train the DiT on a folder of captioned clips (VAE and text encoder frozen).
@@ -375,7 +377,7 @@ def train(
     cache_folder = None if not cache else (cache_dir or _default_cache())
     try:
         result = run_train(cfg, out, preset, text_encoder, vae, str(init) if init else None, resume,
-                           cache_folder, windows, device, sample_prompts, progress)
+                           cache_folder, windows, device, sample_prompts, progress, prediction)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

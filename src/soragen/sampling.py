@@ -9,8 +9,10 @@ import torch
 from soragen.errors import UsageError
 
 SAMPLERS = ("ddim", "dpm++", "unipc")
+PREDICTIONS = ("epsilon", "v_prediction")  # what the DiT outputs: the noise, or the velocity
 
-# The training noise schedule: DiT's linear betas over 1000 steps, epsilon prediction.
+# The noise schedule: DiT's linear betas over 1000 steps. A model's own scheduler config overrides
+# this (`soragen train` writes v_prediction; models trained before then predict epsilon).
 # "trailing" spacing makes few-step sampling start from pure noise.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -49,8 +51,9 @@ def denoise(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncon
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run the sampler from `noise` (B, C, T, H, W) to a clean latent.
 
-    `model(x, t, text)` predicts noise; `cond` and `uncond` are TextEmbeddings for the batch.
-    With guidance != 1 both passes run as one batch of 2B: eps = eps_u + g * (eps_c - eps_u)."""
+    `model(x, t, text)` predicts what the scheduler's prediction_type says (noise or velocity;
+    `scheduler.step` converts); `cond` and `uncond` are TextEmbeddings for the batch. With
+    guidance != 1 both passes run as one batch of 2B: out = out_u + g * (out_c - out_u)."""
     scheduler.set_timesteps(steps)
     guided = guidance != 1.0
     text = cond.cat(uncond) if guided else cond
@@ -59,11 +62,11 @@ def denoise(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncon
     for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         t_batch = torch.full((model_in.shape[0],), float(t), device=x.device)
-        eps = model(model_in, t_batch, text).float()
+        out = model(model_in, t_batch, text).float()
         if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            out_cond, out_uncond = out.chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if progress:
             progress(i + 1, steps)
     return x

@@ -34,6 +34,7 @@ from soragen.config import (TextEncoderSpec, TrainConfig, VideoDefaults, dit_pre
 from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import CHECKPOINT_RE, latest_checkpoint, save_model, load_model
+from soragen.sampling import PREDICTIONS
 from soragen.vae import VideoVAE, load_vae, new_vae, pad_frames, save_vae, uint8_to_frames
 from soragen.weights import assert_finite, read_safetensors
 
@@ -150,7 +151,14 @@ class DiTTask(Task):
         noisy = self.scheduler.add_noise(latents, noise, t.to(device))
         text = text.to(device, torch.float32)
         pred = module(noisy, t.to(device), text.tokens, text.mask, text.pooled)
-        return F.mse_loss(pred.float(), noise)
+        # Measured in x0 terms, the epsilon loss weighs a timestep by its SNR and the velocity loss
+        # by SNR + 1. At high noise (SNR < 0.1 from t = 500 on here), where a video's layout and
+        # colours are decided, the epsilon loss is close to no signal at all.
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, t.to(device))
+        else:
+            target = noise
+        return F.mse_loss(pred.float(), target)
 
     def write_model(self, folder, ema):
         save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config)
@@ -578,11 +586,15 @@ def scan(cfg: TrainConfig, progress: Progress | None):
 
 def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
               init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
-              sample_prompts: list[str], progress: Progress | None) -> dict:
+              sample_prompts: list[str], progress: Progress | None, prediction: str = "v_prediction") -> dict:
     from soragen.dit import VideoDiT
     from soragen.text import TextEncoder
 
+    if prediction not in PREDICTIONS:
+        raise UsageError(f"--prediction must be one of {', '.join(PREDICTIONS)}")
+    cfg = dataclasses.replace(cfg, extra={"prediction": prediction})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
+    prediction = cfg.extra.get("prediction", "epsilon")  # a resumed run keeps its own (older runs: epsilon)
     if resume_from is not None:
         model = load_model(resume_from)
         vae, text_spec, dit_config = model.vae, model.text_spec, model.dit.config
@@ -614,7 +626,7 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     if not dist.main:  # the cache is complete now: read it back
         samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, None)
     video = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {})
+    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {"prediction_type": prediction})
     if sample_prompts:
         task.sample_hook = _sample_hook(out, text_encoder, cfg, sample_prompts)
     if dist.main:
