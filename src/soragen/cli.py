@@ -535,6 +535,8 @@ def evaluate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT: one to two minutes of compiling "
                                           "(cached by torch), then faster steps; pays off over many videos.")] = False,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Judge the VAE's round trip of each prompt's "
+                                              "rendered clip instead of generating: the ceiling for the DiT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.")] = False,
 ) -> None:
     """Score a model on the shapes world: generate a video per prompt and read back background, colour,
@@ -545,18 +547,21 @@ def evaluate(
       soragen eval
 
       soragen eval --set heldout --out eval-heldout/ --json
+
+      soragen eval --reconstruct
     """
     from soragen.evaluate import run_eval
     results = run_eval(_model_dir(model), prompts, prompt_set, out, limit, steps, sampler, guidance, seed,
-                       device, dtype, progress_factory=StageProgress, compile=compile)
+                       device, dtype, progress_factory=StageProgress, compile=compile, reconstruct=reconstruct)
     if as_json:
         typer.echo(json.dumps(results))
         return
     from rich.console import Console
     from rich.table import Table
     denoise = results["stage_seconds"].get("denoise", 0.0)
-    table = Table(title=f"shapes-world eval: {results['prompts']} prompts, {results['seconds']:.0f}s "
-                        f"({denoise:.0f}s denoising)")
+    what = "VAE round trips of rendered clips" if reconstruct else "prompts"
+    table = Table(title=f"shapes-world eval: {results['prompts']} {what}, {results['seconds']:.0f}s"
+                        + ("" if reconstruct else f" ({denoise:.0f}s denoising)"))
     table.add_column("attribute")
     table.add_column("accuracy", justify="right")
     for key, value in results["scores"].items():
