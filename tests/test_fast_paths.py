@@ -49,7 +49,8 @@ def test_batched_guidance_equals_two_separate_passes():
     with torch.no_grad():
         batched = denoise(predict, noise, cond, uncond, make_scheduler("ddim"), 5, guidance=4.0)
         plain = denoise(two_passes, noise, cond, uncond, make_scheduler("ddim"), 5, guidance=4.0)
-    assert torch.allclose(batched, plain, atol=1e-4)
+    # only float rounding apart; a random model's v-prediction DDIM latents reach ~600, so relative
+    assert (batched - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
 def test_auto_dtype_follows_the_hardware():
@@ -87,3 +88,4 @@ def test_compiled_dit_gives_the_eager_video(tiny_model):
         a = fast.generate(prompt, steps=3, seed=2).astype(np.int16)
         b = plain.generate(prompt, steps=3, seed=2).astype(np.int16)
         assert np.abs(a - b).max() <= 1  # float32 throughout: only summation order differs
+
