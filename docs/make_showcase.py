@@ -20,7 +20,7 @@ PROMPTS = [
     "a yellow triangle falling over green grass",
     "sora is sky",
 ]
-ZOOM, LABEL_H = 2, 28
+ZOOM, LABEL_H = 2, 40
 
 
 def tile(videos: list[np.ndarray], prompts: list[str]) -> list[Image.Image]:
@@ -38,7 +38,7 @@ def tile(videos: list[np.ndarray], prompts: list[str]) -> list[Image.Image]:
                 if len(lines[-1]) + len(word) + 1 > W * ZOOM // 6:
                     lines.append("")
                 lines[-1] = (lines[-1] + " " + word).strip()
-            draw.multiline_text((x, H * ZOOM + 6), "\n".join(lines[:2]), fill="black", spacing=1)
+            draw.multiline_text((x, H * ZOOM + 6), "\n".join(lines[:3]), fill="black", spacing=1)
         frames.append(canvas)
     return frames
 
