@@ -162,6 +162,26 @@ def test_train_vae_lowers_its_loss_and_feeds_train(clips, tmp_path):
     assert load_model(run_dir).vae.latent_channels == 4
 
 
+def test_train_vae_decoder_only_keeps_the_latents_and_changes_the_decoder(clips, model_for_vae, tmp_path, capfd):
+    base = model_for_vae / "vae"
+    out = tmp_path / "dec"
+    args = ["train-vae", "--data", str(clips), "--out", str(out), "--frames", "5", "--height", "32", "--width", "32",
+            "--batch-size", "2", "--max-steps", "3", "--save-every", "3", "--lr", "1e-3", "--warmup", "1",
+            "--decoder-only"]
+    assert run(args + ["--init", str(base)]) == 0
+    before = load_file(base / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "checkpoint-3" / "vae" / "diffusion_pytorch_model.safetensors")
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    capfd.readouterr()
+    args[args.index(str(out))] = str(tmp_path / "no-init")
+    assert run(args) == 2  # nothing to fine-tune without --init
+    assert "--decoder-only fine-tunes a trained VAE" in capfd.readouterr().err
+
+
 def test_detail_mask_marks_a_small_object_on_a_sky_gradient_and_nothing_else():
     from soragen.train import detail_mask
 

@@ -427,6 +427,9 @@ def train_vae(
                                                  "away.")] = 10.0,
     sample_posterior: Annotated[bool, typer.Option(help="Decode a sample of the posterior instead of its mean "
                                                    "(slower to learn fine detail; the DiT sees means anyway).")] = False,
+    decoder_only: Annotated[bool, typer.Option("--decoder-only", help="Train only the decoder of the --init VAE: "
+                                               "sharper decoding, same latents, so a DiT trained on them still "
+                                               "works with it.")] = False,
     mixed_precision: Annotated[str, typer.Option(help="no, or bf16 (its gradients overflow in the Wan VAE's "
                                                  "norms: NaN steps get skipped).")] = "no",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -438,6 +441,8 @@ def train_vae(
       soragen train-vae --data clips/ --out runs/vae --max-steps 1000
 
       soragen train --data clips/ --vae runs/vae --out runs/dit
+
+      soragen train-vae --data clips/ --init runs/vae --decoder-only --out runs/vae-dec
     """
     from soragen.train import run_train_vae
     cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
@@ -445,7 +450,7 @@ def train_vae(
     progress, bars = _train_progress(max_steps)
     try:
         result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress, init, sample_posterior,
-                               detail_weight)
+                               detail_weight, decoder_only)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

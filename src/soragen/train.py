@@ -183,13 +183,18 @@ class VAEWithLoss(torch.nn.Module):
     """The VAE's training objective as one module, so DDP can wrap it: reconstruction (L1 + MSE)
     of the sampled latent, plus a KL term towards N(0, I)."""
 
-    def __init__(self, model, kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0):
+    def __init__(self, model, kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0,
+                 decoder_only: bool = False):
         super().__init__()
         self.vae, self.kl_weight, self.sample_posterior = model, kl_weight, sample_posterior
-        self.detail_weight = detail_weight
+        self.detail_weight, self.decoder_only = detail_weight, decoder_only
+        if decoder_only:  # the latents stay exactly what a DiT was trained on; only decoding improves
+            model.encoder.requires_grad_(False)
+            model.quant_conv.requires_grad_(False)
 
     def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
-        posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
         z = posterior.mean
         if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
             z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
@@ -205,8 +210,10 @@ class VAETask(Task):
     kind = "vae"
 
     def __init__(self, vae: VideoVAE, clips: list[Clip], frames: int, fps: float, height: int, width: int,
-                 kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0):
-        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight, sample_posterior, detail_weight)
+                 kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0,
+                 decoder_only: bool = False):
+        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight, sample_posterior, detail_weight,
+                                  decoder_only)
         self.clips, self.frames, self.fps, self.height, self.width = clips, frames, fps, height, width
         self._frames: dict[Path, np.ndarray] = {}
         self._bytes, self.memory_budget = 0, 4 << 30
@@ -662,12 +669,15 @@ def _finish(out: Path, progress: Progress | None) -> None:
 
 def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
                   progress: Progress | None, init: str | None = None, sample_posterior: bool = False,
-                  detail_weight: float = 0.0) -> dict:
+                  detail_weight: float = 0.0, decoder_only: bool = False) -> dict:
+    if decoder_only and not (init or resume):
+        raise UsageError("--decoder-only fine-tunes a trained VAE: give it --init")
     cfg = dataclasses.replace(cfg, extra={"kl_weight": kl_weight, "sample_posterior": sample_posterior,
-                                          "detail_weight": detail_weight})
+                                          "detail_weight": detail_weight, "decoder_only": decoder_only})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     kl_weight, sample_posterior = cfg.extra["kl_weight"], cfg.extra["sample_posterior"]  # a resumed run's own
     detail_weight = cfg.extra.get("detail_weight", 0.0)
+    decoder_only = cfg.extra.get("decoder_only", False)
     if resume_from is not None:
         vae = load_vae(resume_from / "vae")
     elif init:  # fine-tune an existing VAE (e.g. on longer clips) with a fresh optimizer
@@ -678,7 +688,7 @@ def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device
     check_size(cfg, vae.spatial_factor)
     report = scan(cfg, progress)
     task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight, sample_posterior,
-                   detail_weight)
+                   detail_weight, decoder_only)
     if dist.main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     result = train_loop(task, cfg, out, dist, resume_from, progress)
