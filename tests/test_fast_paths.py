@@ -89,3 +89,17 @@ def test_compiled_dit_gives_the_eager_video(tiny_model):
         b = plain.generate(prompt, steps=3, seed=2).astype(np.int16)
         assert np.abs(a - b).max() <= 1  # float32 throughout: only summation order differs
 
+
+def test_written_out_rms_norm_matches_torchs_on_strided_bf16_and_float32():
+    from soragen.dit import RMSNorm
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+    qkv = torch.randn(2, 20, 3, 4, 64) * 3
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # a strided (B, heads, N, head_dim) view, as attention makes
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):  # bf16: one rounding of the result
+        x = q.to(dtype)
+        ref = torch.nn.functional.rms_norm(x.float(), (64,), norm.weight, norm.eps)
+        out = norm(x)
+        assert out.dtype == dtype
+        assert ((out.float() - ref).abs() <= tol * ref.abs() + 1e-6).all()

@@ -88,7 +88,10 @@ def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMS norm whose weight follows the input's dtype, so bf16 autocast keeps the fused kernel."""
+    """RMS norm over the last dim, computed in float32, returned in the input's dtype.
+
+    Written out instead of F.rms_norm: on q and k (strided bf16 views) torch's CPU kernel spent
+    ~14% of a tiny DiT step copying and upcasting; these four ops cost half as much."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -96,7 +99,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
 class Attention(nn.Module):
