@@ -164,6 +164,8 @@ def bench_dtypes() -> list[torch.dtype]:
 # ---- 1. limit ------------------------------------------------------------------------------------
 
 # (m, k, n): the guided batch's 2 x 320 tokens through the DiT's linears, the small preset's, a square.
+# Timed as the DiT runs them, F.linear(x, W) with W stored (n, k): the layout matters on this CPU
+# (640x1024 @ 1024x256 in bf16 ran at a fifth of the speed with the right factor stored (k, n)).
 MATMUL_SHAPES = [(640, 256, 1024), (640, 1024, 256), (640, 256, 768), (640, 384, 1536), (1024, 1024, 1024)]
 _limit_cache: dict[torch.dtype, float] = {}
 
@@ -173,13 +175,13 @@ def matmul_gflops(settings: Settings) -> dict[tuple, dict[torch.dtype, float]]:
     for m, k, n in MATMUL_SHAPES:
         results[(m, k, n)] = {}
         for dtype in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            once = median_times({"mm": lambda: a @ b}, 1, 1)["mm"]
+            a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+            once = median_times({"mm": lambda: torch.nn.functional.linear(a, w)}, 1, 1)["mm"]
             loops = max(1, math.ceil(0.02 / once))  # a sample of >= ~20 ms: sub-ms calls time noisily
 
             def matmuls():
                 for _ in range(loops):
-                    a @ b
+                    torch.nn.functional.linear(a, w)
             seconds = median_times({"mm": matmuls}, settings.warmup, settings.repeats * 2)["mm"] / loops
             results[(m, k, n)][dtype] = 2 * m * k * n / seconds / 1e9
     for dtype in (torch.float32, torch.bfloat16):
@@ -195,7 +197,7 @@ def machine_limit(dtype: torch.dtype, settings: Settings) -> float:
 
 
 def section_limit(settings: Settings) -> Section:
-    s = Section("limit", "Matmul throughput at DiT-like shapes (the machine's limit)",
+    s = Section("limit", "Matmul throughput at DiT-like shapes, as F.linear (the machine's limit)",
                 ["matmul (m x k) @ (k x n)", "float32 GFLOP/s", "bfloat16 GFLOP/s", "bf16 / fp32"])
     results = matmul_gflops(settings)
     for (m, k, n), r in results.items():
@@ -242,6 +244,18 @@ def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Se
             "mfu": achieved / limit}
 
 
+def linear_calls(model, inputs) -> list[tuple]:
+    """(input, weight, bias) of every nn.Linear call in one forward, to replay them on their own."""
+    calls: list[tuple] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((args[0], mod.weight, mod.bias)))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode():
+        model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
 def figure_cells(f: dict) -> list[str]:
     return [str(f["tokens"]), fmt(f["flops"] / 1e9, 2), fmt(f["ms"]), fmt(f["gflops"]), fmt(f["limit_gflops"]),
             f"{f['mfu']:.1%}"]
@@ -263,6 +277,8 @@ def section_dit(settings: Settings) -> Section:
                                 f["mfu"] >= MFU_TARGET)
             s.rows.append([preset, dtype_name(dtype), *figure_cells(f), mark])
             s.data[f"{preset}/{dtype_name(dtype)}"] = f
+            if preset == "tiny" and dtype == default:
+                linears_row(s, model, inputs, seconds, dtype, settings)
     # The --compile path: torch.compile (dynamic shapes, as the pipeline does); its first call pays the compile.
     model = make_dit("tiny", default)
     inputs = dit_inputs(dtype=default, text_dim=model.config.text_dim)
@@ -282,6 +298,28 @@ def section_dit(settings: Settings) -> Section:
                    f"shortened it); then {times['eager'] / times['compiled']:.2f}x the eager step, timed "
                    f"interleaved ({times['eager'] * 1e3:.1f} vs {times['compiled'] * 1e3:.1f} ms).")
     return s
+
+
+def linears_row(s: Section, model, inputs, step_seconds: float, dtype: torch.dtype, settings: Settings) -> None:
+    """The step's nn.Linear calls replayed back to back with nothing between them: the most an
+    eager step of this size could reach, whatever the rest of the block costs."""
+    calls = linear_calls(model, inputs)
+    flops = sum(2 * x.numel() // x.shape[-1] * w.numel() for x, w, _ in calls)
+
+    def linears():
+        for x, w, b in calls:
+            torch.nn.functional.linear(x, w, b)
+    seconds = median_times({"linears": linears}, settings.warmup, settings.repeats)["linears"]
+    limit = machine_limit(dtype, settings)
+    f = {"flops": flops, "ms": seconds * 1e3, "gflops": flops / seconds / 1e9, "limit_gflops": limit,
+         "mfu": flops / seconds / 1e9 / limit, "calls": len(calls)}
+    s.rows.append(["tiny, its linears alone", dtype_name(dtype), "", fmt(flops / 1e9, 2), fmt(f["ms"]),
+                   fmt(f["gflops"]), fmt(limit), f"{f['mfu']:.1%}", ""])
+    s.data[f"tiny/{dtype_name(dtype)}/linears"] = f
+    s.notes.append(f"'its linears alone': the {len(calls)} nn.Linear calls of one tiny step, replayed back to back "
+                   f"on the same tensors: {f['ms']:.1f} ms of the step's {step_seconds * 1e3:.1f} ms, "
+                   f"{f['mfu']:.0%} of the limit. A step that spent nothing on attention, norms and "
+                   "element-wise work would still be bounded by this.")
 
 
 # ---- 3. diffusers --------------------------------------------------------------------------------
