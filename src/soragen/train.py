@@ -187,14 +187,13 @@ class VAEWithLoss(torch.nn.Module):
                  decoder_only: bool = False):
         super().__init__()
         self.vae, self.kl_weight, self.sample_posterior = model, kl_weight, sample_posterior
-        self.detail_weight, self.decoder_only = detail_weight, decoder_only
-        if decoder_only:  # the latents stay exactly what a DiT was trained on; only decoding improves
-            model.encoder.requires_grad_(False)
+        self.detail_weight = detail_weight
+        if decoder_only:  # the latents stay exactly what a DiT was trained on; with no trainable input,
+            model.encoder.requires_grad_(False)  # encoding builds no autograd graph either
             model.quant_conv.requires_grad_(False)
 
     def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
-            posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
+        posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
         z = posterior.mean
         if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
             z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
