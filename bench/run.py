@@ -238,7 +238,10 @@ def make_dit(preset: str, dtype: torch.dtype):
 def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Settings) -> dict:
     """Tokens, FLOPs, achieved GFLOP/s and MFU of one DiT forward that took `seconds`."""
     tokens = num_tokens(model, inputs[0].shape[-3:])
-    flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH)
+    return throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), seconds, dtype, settings)
+
+
+def throughput(tokens: int, flops: int, seconds: float, dtype: torch.dtype, settings: Settings) -> dict:
     achieved, limit = flops / seconds / 1e9, machine_limit(dtype, settings)
     return {"tokens": tokens, "flops": flops, "ms": seconds * 1e3, "gflops": achieved, "limit_gflops": limit,
             "mfu": achieved / limit}
@@ -310,11 +313,8 @@ def linears_row(s: Section, model, inputs, step_seconds: float, dtype: torch.dty
         for x, w, b in calls:
             torch.nn.functional.linear(x, w, b)
     seconds = median_times({"linears": linears}, settings.warmup, settings.repeats)["linears"]
-    limit = machine_limit(dtype, settings)
-    f = {"flops": flops, "ms": seconds * 1e3, "gflops": flops / seconds / 1e9, "limit_gflops": limit,
-         "mfu": flops / seconds / 1e9 / limit, "calls": len(calls)}
-    s.rows.append(["tiny, its linears alone", dtype_name(dtype), "", fmt(flops / 1e9, 2), fmt(f["ms"]),
-                   fmt(f["gflops"]), fmt(limit), f"{f['mfu']:.1%}", ""])
+    f = {**throughput(num_tokens(model, inputs[0].shape[-3:]), flops, seconds, dtype, settings), "calls": len(calls)}
+    s.rows.append(["tiny, its linears alone", dtype_name(dtype), *figure_cells(f), ""])
     s.data[f"tiny/{dtype_name(dtype)}/linears"] = f
     s.notes.append(f"'its linears alone': the {len(calls)} nn.Linear calls of one tiny step, replayed back to back "
                    f"on the same tensors: {f['ms']:.1f} ms of the step's {step_seconds * 1e3:.1f} ms, "
