@@ -397,11 +397,15 @@ class Judgement:
 _PALETTE_NAMES = tuple(COLORS)
 _PALETTE = np.asarray([COLORS[c] for c in _PALETTE_NAMES], np.float32)
 
-# Shape prototypes in (mass / (tallest column * widest row), skewness of the vertical mass
-# distribution).  Both are computed on a soft alpha map and barely move under blur or chroma
-# subsampling: blurring along a column keeps its sum, and a square's neighbouring columns are equal.
-_SHAPE_PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 0.0), "triangle": (0.55, -0.55)}
-_SHAPE_SCALE = (0.1, 0.2)
+# The shape judge fits each shape to the object's soft mask in every frame: a template of the
+# shape with the object's mass and centroid (both kept by blur), drawn at a few sizes and blurred
+# by a few widths.  The shape whose best templates are nearest over the clip wins, so a blurred
+# triangle is compared with a blurred triangle, not with a crisp one.
+_SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box side^2
+_SHAPE_CENTROID = {"circle": 0.5, "square": 0.5, "triangle": 2.0 / 3.0}  # centroid depth / side
+_TEMPLATE_SCALES = (0.9, 1.0, 1.1)
+_TEMPLATE_BLURS = (0.0, 0.75, 1.5, 2.25, 3.0)  # Gaussian sigma, pixels
+_SUPERSAMPLE = 4
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -471,16 +475,44 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def _shape_features(alpha: np.ndarray) -> tuple[float, float]:
-    """(mass / (tallest column * widest row), skewness of the vertical mass) of a soft mask."""
-    mass = float(alpha.sum())
-    cols, rows = alpha.sum(axis=0), alpha.sum(axis=1)
-    fill = mass / max(float(cols.max()) * float(rows.max()), 1e-6)
-    y = np.arange(len(rows), dtype=np.float64)
-    mean = float((rows * y).sum()) / mass
-    var = float((rows * (y - mean) ** 2).sum()) / mass
-    skew = float((rows * (y - mean) ** 3).sum()) / mass / max(var, 1e-6) ** 1.5
-    return fill, skew
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix that blurs a length-n signal with a Gaussian, renormalised at the ends."""
+    if sigma <= 0:
+        return np.eye(n)
+    i = np.arange(n, dtype=np.float64)
+    k = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+    return k / k.sum(axis=1, keepdims=True)
+
+
+def _coverage(shape: str, x: float, y: float, s: float, subpixels: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Fraction of each pixel that the crisp shape covers, from a grid of sub-pixel centres."""
+    n = _SUPERSAMPLE
+    h, w = subpixels[0].shape[0] // n, subpixels[0].shape[1] // n
+    return _shape_mask(shape, x, y, s, subpixels).reshape(h, n, w, n).mean(axis=(1, 3))
+
+
+def _shape_errors(alpha: np.ndarray, window: np.ndarray) -> dict[str, float]:
+    """Squared error of the best-fitting template of each shape to ``alpha`` inside ``window``."""
+    ys, xs = np.nonzero(window)
+    top, left = int(ys.min()), int(xs.min())
+    h, w = int(ys.max()) + 1 - top, int(xs.max()) + 1 - left
+    win = window[top : top + h, left : left + w].astype(np.float64)
+    a = alpha[top : top + h, left : left + w] * win
+    mass = float(a.sum())
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    cy, cx = float((a * gy).sum()) / mass + top, float((a * gx).sum()) / mass + left
+    n = _SUPERSAMPLE
+    sy, sx = np.mgrid[0 : h * n, 0 : w * n].astype(np.float64)
+    subpixels = (top + (sy + 0.5) / n, left + (sx + 0.5) / n)
+    blur_y = np.stack([_blur_matrix(h, b) for b in _TEMPLATE_BLURS])  # (blurs, h, h)
+    blur_x_t = np.stack([_blur_matrix(w, b).T for b in _TEMPLATE_BLURS])  # (blurs, w, w)
+    errors = {}
+    for shape, area in _SHAPE_AREA.items():
+        sides = [scale * np.sqrt(mass / area) for scale in _TEMPLATE_SCALES]
+        crisp = np.stack([_coverage(shape, cx - d / 2, cy - _SHAPE_CENTROID[shape] * d, d, subpixels) for d in sides])
+        templates = blur_y[None] @ crisp[:, None] @ blur_x_t[None]  # (scales, blurs, h, w)
+        errors[shape] = float((((templates * win - a) ** 2).sum(axis=(2, 3))).min())
+    return errors
 
 
 def judge_video(frames: np.ndarray) -> Judgement:
@@ -523,7 +555,8 @@ def judge_video(frames: np.ndarray) -> Judgement:
     fine = (proj > 0.5) & (dist > 20.0)
     alpha_all = np.clip(proj, 0.0, 1.0)
 
-    tracks, fills, skews = [], [], []
+    tracks = []
+    errors = dict.fromkeys(_SHAPE_AREA, 0.0)
     for t in range(t_count):
         m = _largest_component(fine[t])
         area = int(m.sum())
@@ -531,18 +564,13 @@ def judge_video(frames: np.ndarray) -> Judgement:
             continue
         ys, xs = np.nonzero(m)
         tracks.append((t, float(xs.mean()) + 0.5, float(ys.mean()) + 0.5))
-        fill, skew = _shape_features(alpha_all[t] * _dilate(m, 2))
-        fills.append(fill)
-        skews.append(skew)
+        for shape, err in _shape_errors(alpha_all[t], _dilate(m, 4)).items():
+            errors[shape] += err
     presence = len(tracks) / t_count
     if not tracks:
         return Judgement(background, color, None, None, presence)
 
-    feat = np.array([np.median(fills), np.median(skews)])
-    shape = min(
-        _SHAPE_PROTOTYPES,
-        key=lambda k: float(np.sum(((feat - np.array(_SHAPE_PROTOTYPES[k])) / np.array(_SHAPE_SCALE)) ** 2)),
-    )
+    shape = min(errors, key=errors.get)
 
     direction = None
     if len(tracks) >= 2:
