@@ -182,6 +182,27 @@ def test_train_vae_decoder_only_keeps_the_latents_and_changes_the_decoder(clips,
     assert "--decoder-only fine-tunes a trained VAE" in capfd.readouterr().err
 
 
+def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model_for_vae, tmp_path, capfd):
+    from soragen.config import vae_preset_config
+    from soragen.vae import new_vae, save_vae
+    other = make_tiny_model(tmp_path / "other", seed=1)  # same sizes, other weights
+    out = tmp_path / "moved"
+    assert run(train_args(clips, out, other / "vae", tmp_path / "cache", 2, "--init", str(model_for_vae))) == 0
+    moved, init, donor = load_model(out), load_model(model_for_vae), load_model(other)
+    assert all(torch.equal(v, donor.vae.model.state_dict()[k]) for k, v in moved.vae.model.state_dict().items())
+    assert not all(torch.equal(v, init.vae.model.state_dict()[k]) for k, v in moved.vae.model.state_dict().items())
+    # the DiT starts from --init's weights (two steps, EMA 0.999: still close), not from fresh ones
+    near = [(v.float() - init.dit.state_dict()[k].float()).abs().max() < 1e-3 for k, v in moved.dit.state_dict().items()]
+    same = [torch.equal(v, donor.dit.state_dict()[k]) for k, v in moved.dit.state_dict().items()]
+    assert all(near) and not all(same)
+
+    wide = tmp_path / "wide"  # 8-channel latents for a DiT that takes 4
+    save_vae(new_vae(dict(vae_preset_config("test"), z_dim=8, latents_mean=[0.0] * 8, latents_std=[1.0] * 8)), wide)
+    capfd.readouterr()
+    assert run(train_args(clips, tmp_path / "bad", wide, tmp_path / "cache", 2, "--init", str(model_for_vae))) == 2
+    assert "makes 8-channel latents; the --init DiT takes 4" in capfd.readouterr().err
+
+
 def test_detail_mask_marks_a_small_object_on_a_sky_gradient_and_nothing_else():
     from soragen.train import detail_mask
 

@@ -322,7 +322,8 @@ def train(
     data: Data = Path("clips"),
     out: Out = Path("runs/dit"),
     vae: Annotated[Optional[str], typer.Option(help="The frozen VAE: a train-vae run, a model folder, a VAE "
-                                               "folder or hub id (default: the built-in model's).")] = None,
+                                               "folder or hub id (default: the built-in model's, or with --init "
+                                               "that model's).")] = None,
     text_encoder: Annotated[str, typer.Option(help="The frozen text encoder: 'default' (all-MiniLM-L6-v2), "
                                               "a hub id or a folder.")] = "default",
     preset: Annotated[str, typer.Option(help="DiT size: test, tiny, small, base, large.")] = "tiny",
@@ -362,6 +363,8 @@ def train(
       torchrun --nproc_per_node=2 -m soragen train --data clips/ --out runs/dit
 
       soragen train --data clips/ --out runs/dit --resume --max-steps 4000
+
+      soragen train --data clips/ --init runs/dit --vae runs/vae2 --out runs/dit2
     """
     from soragen.train import run_train
     cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,

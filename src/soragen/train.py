@@ -609,6 +609,11 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
         if init:
             base = load_model(init)
             vae, text_spec, dit_config = base.vae, base.text_spec, base.dit.config
+            if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
+                vae = resolve_vae(vae_source)
+                if vae.latent_channels != dit_config.in_channels:
+                    raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
+                                     f"DiT takes {dit_config.in_channels}")
         else:
             vae = resolve_vae(vae_source) if vae_source else None
             if vae is None:
