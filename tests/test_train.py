@@ -215,3 +215,32 @@ def test_detail_mask_marks_a_small_object_on_a_sky_gradient_and_nothing_else():
     assert mask.shape == (1, 1, T, H, W)
     assert mask[..., 10:16, 4:10].all()
     assert mask.sum() == T * 36  # the gradient itself is not detail
+
+
+def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_for_vae, tmp_path, capfd):
+    from soragen.data import scan_clips
+    from soragen.train import VAETask
+    from soragen.vae import load_vae
+
+    found = scan_clips(clips, 5, 8.0).clips
+    vae = load_vae(model_for_vae / "vae")
+    whole = VAETask(vae, found, 5, 8.0, 32, 32, kl_weight=0.0)
+    cropped = VAETask(vae, found, 5, 8.0, 32, 32, kl_weight=0.0, crop=16)
+    offsets = set()
+    for step in range(6):
+        full = whole._clip(step % len(found), torch.Generator().manual_seed(step))
+        part = cropped._clip(step % len(found), torch.Generator().manual_seed(step))
+        assert part.shape == (5, 16, 16, 3)
+        # the same frames, not resized: the crop is a window of the whole frame
+        hits = [(y, x) for y in range(17) for x in range(17) if (full[:, y:y + 16, x:x + 16] == part).all()]
+        assert hits
+        offsets.add(hits[0])
+    assert len(offsets) > 1  # the window moves
+
+    args = ["train-vae", "--data", str(clips), "--out", str(tmp_path / "run"), "--init", str(model_for_vae / "vae"),
+            "--frames", "5", "--height", "32", "--width", "32", "--batch-size", "2", "--max-steps", "1",
+            "--save-every", "1"]
+    assert run(args + ["--crop", "16"]) == 0
+    capfd.readouterr()
+    assert run(args[:4] + [str(tmp_path / "bad")] + args[5:] + ["--crop", "15"]) == 2
+    assert "--crop must be a multiple of" in capfd.readouterr().err

@@ -433,6 +433,10 @@ def train_vae(
     decoder_only: Annotated[bool, typer.Option("--decoder-only", help="Train only the decoder of the --init VAE: "
                                                "sharper decoding, same latents, so a DiT trained on them still "
                                                "works with it.")] = False,
+    crop: Annotated[int, typer.Option(help="Train on random CROP x CROP squares of each --height x --width "
+                                      "frame, at full scale (0: whole frames). Steps cost the fraction of "
+                                      "pixels kept; the VAE is convolutional, so it still decodes whole "
+                                      "frames.")] = 0,
     mixed_precision: Annotated[str, typer.Option(help="no, or bf16 (its gradients overflow in the Wan VAE's "
                                                  "norms: NaN steps get skipped).")] = "no",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -453,7 +457,7 @@ def train_vae(
     progress, bars = _train_progress(max_steps)
     try:
         result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress, init, sample_posterior,
-                               detail_weight, decoder_only)
+                               detail_weight, decoder_only, crop)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

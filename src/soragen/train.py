@@ -210,10 +210,11 @@ class VAETask(Task):
 
     def __init__(self, vae: VideoVAE, clips: list[Clip], frames: int, fps: float, height: int, width: int,
                  kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0,
-                 decoder_only: bool = False):
+                 decoder_only: bool = False, crop: int = 0):
         self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight, sample_posterior, detail_weight,
                                   decoder_only)
         self.clips, self.frames, self.fps, self.height, self.width = clips, frames, fps, height, width
+        self.crop = crop
         self._frames: dict[Path, np.ndarray] = {}
         self._bytes, self.memory_budget = 0, 4 << 30
 
@@ -233,8 +234,13 @@ class VAETask(Task):
         else:
             frames = self._frames[clip.path]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        indices = sample_frame_indices(len(frames), clip.info.fps, self.frames, self.fps, random.Random(seed))
-        return resize_and_crop(frames[indices], self.height, self.width)
+        rng = random.Random(seed)
+        indices = sample_frame_indices(len(frames), clip.info.fps, self.frames, self.fps, rng)
+        window = resize_and_crop(frames[indices], self.height, self.width)
+        if self.crop:  # a random square at full scale: 1/4 of the pixels for a half-side crop, same detail
+            top, left = rng.randint(0, self.height - self.crop), rng.randint(0, self.width - self.crop)
+            window = window[:, top:top + self.crop, left:left + self.crop]
+        return window
 
     def loss(self, module, items, generator):
         video = uint8_to_frames(np.stack([self._clip(i, generator) for i in items]))
@@ -673,15 +679,17 @@ def _finish(out: Path, progress: Progress | None) -> None:
 
 def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
                   progress: Progress | None, init: str | None = None, sample_posterior: bool = False,
-                  detail_weight: float = 0.0, decoder_only: bool = False) -> dict:
+                  detail_weight: float = 0.0, decoder_only: bool = False, crop: int = 0) -> dict:
     if decoder_only and not (init or resume):
         raise UsageError("--decoder-only fine-tunes a trained VAE: give it --init")
     cfg = dataclasses.replace(cfg, extra={"kl_weight": kl_weight, "sample_posterior": sample_posterior,
-                                          "detail_weight": detail_weight, "decoder_only": decoder_only})
+                                          "detail_weight": detail_weight, "decoder_only": decoder_only,
+                                          "crop": crop})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     kl_weight, sample_posterior = cfg.extra["kl_weight"], cfg.extra["sample_posterior"]  # a resumed run's own
     detail_weight = cfg.extra.get("detail_weight", 0.0)
     decoder_only = cfg.extra.get("decoder_only", False)
+    crop = cfg.extra.get("crop", 0)
     if resume_from is not None:
         vae = load_vae(resume_from / "vae")
     elif init:  # fine-tune an existing VAE (e.g. on longer clips) with a fresh optimizer
@@ -690,9 +698,12 @@ def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device
         torch.manual_seed(cfg.seed)
         vae = new_vae(vae_preset_config(preset))
     check_size(cfg, vae.spatial_factor)
+    if crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width)):
+        raise UsageError(f"--crop must be a multiple of {vae.spatial_factor} no larger than "
+                         f"{min(cfg.height, cfg.width)}, not {crop}")
     report = scan(cfg, progress)
     task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight, sample_posterior,
-                   detail_weight, decoder_only)
+                   detail_weight, decoder_only, crop)
     if dist.main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     result = train_loop(task, cfg, out, dist, resume_from, progress)
