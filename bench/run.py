@@ -14,6 +14,7 @@ Run it on an idle machine: anything else running skews every number.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -477,6 +478,26 @@ def resource_rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def decode_kernels_row(s: Section, settings: Settings) -> None:
+    """A 16-frame decode with our oneDNN route for Conv3d (vae.use_onednn_conv3d) against torch's
+    own choice, which at batch 1 is its reference slow_conv3d; timed interleaved, same VAE."""
+    from soragen.vae import load_vae, new_vae
+    from soragen.config import vae_preset_config
+    vae = load_vae(settings.model_dir / "vae") if settings.model_dir else new_vae(vae_preset_config("tiny"))
+    if vae.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return
+    twin = copy.deepcopy(vae)
+    for m in twin.model.modules():  # torch's own Conv3d kernel choice
+        vars(m).pop("_conv_forward", None)
+    latent = torch.randn(1, *vae.latent_shape(16, 64, 64), generator=torch.Generator().manual_seed(0))
+    times = median_times({"ours": lambda: vae.decode_uint8(latent, 16), "torch": lambda: twin.decode_uint8(latent, 16)},
+                         1, max(3, settings.repeats // 2))
+    s.rows.append(["16 frames decode, torch's conv3d choice", "5,16,16", "", "", "", f"{times['torch']:.2f}", "", ""])
+    s.rows.append(["16 frames decode, oneDNN conv3d (ours)", "5,16,16", "", "", "",
+                   f"{times['ours']:.2f} ({times['torch'] / times['ours']:.2f}x)", "", ""])
+    s.data["decode_16f_onednn_s"], s.data["decode_16f_torch_choice_s"] = times["ours"], times["torch"]
+
+
 def section_scaling(settings: Settings) -> Section:
     s = Section("scaling", "How a DiT step and VAE decode scale with frames and resolution",
                 ["case", "latent T,H,W", "tokens", "DiT ms / step", "vs 16f 64px", "decode s", "decode +MB", "target"])
@@ -509,6 +530,7 @@ def section_scaling(settings: Settings) -> Section:
                        str(tokens), fmt(dit_ms[(frames, side)]), f"{dit_ms[(frames, side)] / reference:.2f}x",
                        f"{d['seconds']:.2f}" if d else "", fmt(d["added_mb"]) if d else "", ""])
         s.data[f"{frames}f_{side * 4}px"] = {"tokens": tokens, "dit_ms": dit_ms[(frames, side)], "decode": d}
+    decode_kernels_row(s, settings)
     if 64 in decode:
         ratio = decode[64]["added_mb"] / max(decode[16]["added_mb"], 1e-9)
         mark = s.target(f"decode memory 64f / 16f <= {DECODE_MEMORY_RATIO_TARGET}", f"{ratio:.2f}x",

@@ -103,3 +103,32 @@ def test_written_out_rms_norm_matches_torchs_on_strided_bf16_and_float32():
         out = norm(x)
         assert out.dtype == dtype
         assert ((out.float() - ref).abs() <= tol * ref.abs() + 1e-6).all()
+
+
+def test_onednn_conv3d_matches_torchs_choice_and_leaves_training_alone():
+    from soragen.config import vae_preset_config
+    from soragen.vae import new_vae
+
+    torch.manual_seed(0)
+    vae = new_vae(dict(vae_preset_config("test"), base_dim=16))
+    convs = [m for m in vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
+    if not torch.backends.mkldnn.is_available():
+        assert not any("_conv_forward" in vars(m) for m in convs)
+        return
+    assert convs and all("_conv_forward" in vars(m) for m in convs)
+    latent = torch.randn(1, *vae.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(3))
+    fast = vae.decode_uint8(latent, 9).astype(np.int16)
+    for m in convs:  # back to torch's own choice of kernel (its slow reference conv3d at batch 1)
+        del m._conv_forward
+    plain = vae.decode_uint8(latent, 9).astype(np.int16)
+    assert np.abs(fast - plain).max() <= 1  # float32 both: summation order only
+
+    conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 3, 8, 8, requires_grad=True)
+    ref = conv(x)
+    from soragen.vae import use_onednn_conv3d
+    use_onednn_conv3d(conv)
+    out = conv(x)  # with gradients: torch's own path, so training is untouched
+    assert torch.allclose(out, ref, atol=1e-5) and out.grad_fn is not None
+    with torch.no_grad():
+        assert torch.allclose(conv(x), ref, atol=1e-5)
