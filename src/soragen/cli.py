@@ -586,8 +586,8 @@ def evaluate(
 def main() -> None:
     code = run(sys.argv[1:])
     # Leaving: move every object into the permanent generation, so that the interpreter's last
-    # garbage collection skips the millions that torch, transformers and diffusers create. With them
-    # loaded, that collection took 0.9 s of a generate's wall time on a 2-core CPU; now 0.2 s.
+    # garbage collection skips the millions that torch, transformers and diffusers create. On a
+    # 2-core AMD EPYC, a generate's process exit went from 1.5 s to 0.4 s (bench/README.md).
     # Atexit handlers and module teardown still run as usual.
     import gc
     gc.freeze()

@@ -698,7 +698,7 @@ def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device
         torch.manual_seed(cfg.seed)
         vae = new_vae(vae_preset_config(preset))
     check_size(cfg, vae.spatial_factor)
-    if crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width)):
+    if crop < 0 or crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width)):
         raise UsageError(f"--crop must be a multiple of {vae.spatial_factor} no larger than "
                          f"{min(cfg.height, cfg.width)}, not {crop}")
     report = scan(cfg, progress)
