@@ -442,17 +442,19 @@ def latent_frames(frames: int, temporal_factor: int = 4) -> int:
     return 1 + math.ceil((frames - 1) / temporal_factor)
 
 
+def bench_vae(model_dir: str | Path | None):
+    """The model's VAE, or a fresh `tiny` one where there is no model (speed and memory do not
+    depend on the weights)."""
+    from soragen.config import vae_preset_config
+    from soragen.vae import load_vae, new_vae
+    return load_vae(Path(model_dir) / "vae") if model_dir else new_vae(vae_preset_config("tiny"))
+
+
 def decode_child(frames: int, model_dir: str | None) -> None:
     """Runs in a fresh process (bench/run.py --decode-child FRAMES): decode a 16x16 latent of
     `frames` frames and print the peak RSS it added, in MB."""
     import gc
-    if model_dir:
-        from soragen.vae import load_vae
-        vae = load_vae(Path(model_dir) / "vae")
-    else:
-        from soragen.config import vae_preset_config
-        from soragen.vae import new_vae
-        vae = new_vae(vae_preset_config("tiny"))
+    vae = bench_vae(model_dir)
     latent = torch.randn(1, vae.latent_channels, vae.latent_frames(frames), 16, 16,
                          generator=torch.Generator().manual_seed(0))
     gc.collect()
@@ -481,14 +483,12 @@ def resource_rss_mb() -> float:
 def decode_kernels_row(s: Section, settings: Settings) -> None:
     """A 16-frame decode with our oneDNN route for Conv3d (vae.use_onednn_conv3d) against torch's
     own choice, which at batch 1 is its reference slow_conv3d; timed interleaved, same VAE."""
-    from soragen.vae import load_vae, new_vae
-    from soragen.config import vae_preset_config
-    vae = load_vae(settings.model_dir / "vae") if settings.model_dir else new_vae(vae_preset_config("tiny"))
+    from soragen.vae import use_onednn_conv3d
+    vae = bench_vae(settings.model_dir)
     if vae.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return
     twin = copy.deepcopy(vae)
-    for m in twin.model.modules():  # torch's own Conv3d kernel choice
-        vars(m).pop("_conv_forward", None)
+    use_onednn_conv3d(twin.model, enabled=False)
     latent = torch.randn(1, *vae.latent_shape(16, 64, 64), generator=torch.Generator().manual_seed(0))
     times = median_times({"ours": lambda: vae.decode_uint8(latent, 16), "torch": lambda: twin.decode_uint8(latent, 16)},
                          1, max(3, settings.repeats // 2))

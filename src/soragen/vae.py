@@ -57,13 +57,17 @@ def _onednn_conv3d(self: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor,
     return torch.nn.Conv3d._conv_forward(self, x, weight, bias)
 
 
-def use_onednn_conv3d(model: torch.nn.Module) -> None:
-    """Route the model's plain Conv3d layers (Wan's causal convs are Conv3d) through `_onednn_conv3d`."""
-    if not torch.backends.mkldnn.is_available():
+def use_onednn_conv3d(model: torch.nn.Module, enabled: bool = True) -> None:
+    """Route the model's plain Conv3d layers (Wan's causal convs are Conv3d) through `_onednn_conv3d`;
+    `enabled=False` gives them back torch's own kernel choice."""
+    if enabled and not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d) and type(module)._conv_forward is torch.nn.Conv3d._conv_forward:
-            module._conv_forward = _onednn_conv3d.__get__(module)
+            if enabled:
+                module._conv_forward = _onednn_conv3d.__get__(module)
+            else:
+                vars(module).pop("_conv_forward", None)
 
 
 class VideoVAE:
