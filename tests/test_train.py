@@ -244,3 +244,35 @@ def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_f
     capfd.readouterr()
     assert run(args[:4] + [str(tmp_path / "bad")] + args[5:] + ["--crop", "15"]) == 2
     assert "--crop must be a multiple of" in capfd.readouterr().err
+
+
+def test_object_weighted_mse_weighs_an_objects_cells_and_reduces_to_the_mse():
+    from soragen.train import object_weighted_mse
+
+    latents = torch.zeros(1, 4, 2, 8, 8)
+    latents[:, :, :, 2:4, 2:4] = 2.0  # an object of 2x2 cells on a flat background
+    target = torch.zeros_like(latents)
+    on_object, off_object = target.clone(), target.clone()
+    on_object[:, :, :, 2:4, 2:4] = 1.0  # the same error, once on the object's cells, once on four others
+    off_object[:, :, :, 5:7, 5:7] = 1.0
+    ratio = object_weighted_mse(on_object, target, latents, 4.0) / object_weighted_mse(off_object, target, latents, 4.0)
+    assert torch.isclose(ratio, torch.tensor(5.0))
+    assert object_weighted_mse(on_object, target, latents, 0.0) == torch.nn.functional.mse_loss(on_object, target)
+    # a uniform error costs the same however the cells are weighted: the weights are normalised
+    assert torch.isclose(object_weighted_mse(target + 1, target, latents, 4.0), torch.tensor(1.0))
+
+
+def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, model_for_vae, tmp_path, capfd):
+    from soragen.model_io import default_model_dir
+    vae = default_model_dir() / "vae"  # a trained VAE: a random one's latents show no objects to weigh
+    cache = tmp_path / "cache"
+    plain, weighted = tmp_path / "plain", tmp_path / "weighted"
+    assert run(train_args(clips, plain, vae, cache, 2)) == 0
+    assert run(train_args(clips, weighted, vae, cache, 2, "--object-weight", "4")) == 0
+    first = [json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"] for run_dir in (plain, weighted)]
+    assert first[0] != first[1]  # same weights, batch, noise and steps: only the weighting differs
+    assert run(train_args(clips, weighted, vae, cache, 4, "--resume")) == 0
+    assert json.loads((weighted / "train_config.json").read_text())["extra"]["object_weight"] == 4.0
+    capfd.readouterr()
+    assert run(train_args(clips, tmp_path / "bad", vae, cache, 2, "--object-weight", "-1")) == 2
+    assert "--object-weight must be 0 or more" in capfd.readouterr().err

@@ -352,6 +352,9 @@ def train(
     samples: Annotated[Optional[Path], typer.Option(help="Prompts for sample videos, one per line.")] = None,
     prediction: Annotated[str, typer.Option(help="What the DiT learns to output: v_prediction (the velocity) "
                                             "or epsilon (the noise).")] = "v_prediction",
+    object_weight: Annotated[float, typer.Option(help="Extra loss weight of latent cells that stand out from "
+                                               "their row's and column's median (small objects), so the DiT "
+                                               "cannot ignore what tells one shape from another.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Train the DiT on a folder of captioned clips (VAE and text encoder frozen).
@@ -380,7 +383,8 @@ def train(
     cache_folder = None if not cache else (cache_dir or _default_cache())
     try:
         result = run_train(cfg, out, preset, text_encoder, vae, str(init) if init else None, resume,
-                           cache_folder, windows, device, sample_prompts, progress, prediction)
+                           cache_folder, windows, device, sample_prompts, progress, prediction,
+                           object_weight)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

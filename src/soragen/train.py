@@ -131,10 +131,12 @@ class DiTTask(Task):
     kind = "dit"
 
     def __init__(self, dit, vae: VideoVAE, text_spec: TextEncoderSpec, video: VideoDefaults,
-                 samples: "LatentSamples", caption_dropout: float, scheduler_config: dict):
+                 samples: "LatentSamples", caption_dropout: float, scheduler_config: dict,
+                 object_weight: float = 0.0):
         from soragen.sampling import training_scheduler
         self.module, self.vae, self.text_spec, self.video = dit, vae, text_spec, video
         self.samples, self.caption_dropout = samples, caption_dropout
+        self.object_weight = object_weight
         self.scheduler_config = scheduler_config
         self.scheduler = training_scheduler(scheduler_config)
         self.sample_hook: Callable[[Path, torch.nn.Module, int], None] | None = None
@@ -158,7 +160,7 @@ class DiTTask(Task):
             target = self.scheduler.get_velocity(latents, noise, t.to(device))
         else:
             target = noise
-        return F.mse_loss(pred.float(), target)
+        return object_weighted_mse(pred.float(), target, latents, self.object_weight)
 
     def write_model(self, folder, ema):
         save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config)
@@ -166,6 +168,11 @@ class DiTTask(Task):
     def after_save(self, folder, ema, step):
         if self.sample_hook:
             self.sample_hook(folder, ema, step)
+
+
+# A latent cell counts as part of an object when it stands out from its row's and column's median by
+# this much: with the shapes world's VAEs, that finds 80-90% of the cells under an object's pixels.
+LATENT_DETAIL_THRESHOLD = 0.3
 
 
 def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
@@ -177,6 +184,17 @@ def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
     cols = video.median(dim=3, keepdim=True).values
     off = torch.minimum((video - rows).abs(), (video - cols).abs())
     return (off.amax(dim=1, keepdim=True) > threshold).float()
+
+
+def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, latents: torch.Tensor,
+                        object_weight: float) -> torch.Tensor:
+    """MSE with the latent cells of small objects (`detail_mask` of the clean latents) weighted
+    1 + object_weight. An object is a few percent of a video's cells, and what tells a square from a
+    circle is a few of those: under a plain mean the DiT can ignore the shape word at almost no cost."""
+    if not object_weight:
+        return F.mse_loss(pred, target)
+    weight = 1.0 + object_weight * detail_mask(latents, LATENT_DETAIL_THRESHOLD)
+    return (weight * (pred - target) ** 2).mean() / weight.mean()
 
 
 class VAEWithLoss(torch.nn.Module):
@@ -598,15 +616,19 @@ def scan(cfg: TrainConfig, progress: Progress | None):
 
 def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
               init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
-              sample_prompts: list[str], progress: Progress | None, prediction: str = "v_prediction") -> dict:
+              sample_prompts: list[str], progress: Progress | None, prediction: str = "v_prediction",
+              object_weight: float = 0.0) -> dict:
     from soragen.dit import VideoDiT
     from soragen.text import TextEncoder
 
     if prediction not in PREDICTIONS:
         raise UsageError(f"--prediction must be one of {', '.join(PREDICTIONS)}")
-    cfg = dataclasses.replace(cfg, extra={"prediction": prediction})
+    if object_weight < 0:
+        raise UsageError("--object-weight must be 0 or more")
+    cfg = dataclasses.replace(cfg, extra={"prediction": prediction, "object_weight": object_weight})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     prediction = cfg.extra.get("prediction", "epsilon")  # a resumed run keeps its own (older runs: epsilon)
+    object_weight = cfg.extra.get("object_weight", 0.0)
     if resume_from is not None:
         model = load_model(resume_from)
         vae, text_spec, dit_config = model.vae, model.text_spec, model.dit.config
@@ -643,7 +665,8 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     if not dist.main:  # the cache is complete now: read it back
         samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, None)
     video = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {"prediction_type": prediction})
+    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {"prediction_type": prediction},
+                   object_weight)
     if sample_prompts:
         task.sample_hook = _sample_hook(out, text_encoder, cfg, sample_prompts)
     if dist.main:
