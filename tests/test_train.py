@@ -186,9 +186,14 @@ def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model
     from soragen.config import vae_preset_config
     from soragen.vae import new_vae, save_vae
     other = make_tiny_model(tmp_path / "other", seed=1)  # same sizes, other weights
+    base = make_tiny_model(tmp_path / "base")
+    manifest = json.loads((base / "soragen.json").read_text())
+    manifest["sampling"] = {"sampler": "dpm++", "steps": 7, "guidance": 2.0}  # tuned for this model
+    (base / "soragen.json").write_text(json.dumps(manifest))
     out = tmp_path / "moved"
-    assert run(train_args(clips, out, other / "vae", tmp_path / "cache", 2, "--init", str(model_for_vae))) == 0
-    moved, init, donor = load_model(out), load_model(model_for_vae), load_model(other)
+    assert run(train_args(clips, out, other / "vae", tmp_path / "cache", 2, "--init", str(base))) == 0
+    moved, init, donor = load_model(out), load_model(base), load_model(other)
+    assert (moved.sampling.sampler, moved.sampling.steps, moved.sampling.guidance) == ("dpm++", 7, 2.0)
     assert all(torch.equal(v, donor.vae.model.state_dict()[k]) for k, v in moved.vae.model.state_dict().items())
     assert not all(torch.equal(v, init.vae.model.state_dict()[k]) for k, v in moved.vae.model.state_dict().items())
     # the DiT starts from --init's weights (two steps, EMA 0.999: still close), not from fresh ones

@@ -327,7 +327,8 @@ def train(
     text_encoder: Annotated[str, typer.Option(help="The frozen text encoder: 'default' (all-MiniLM-L6-v2), "
                                               "a hub id or a folder.")] = "default",
     preset: Annotated[str, typer.Option(help="DiT size: test, tiny, small, base, large.")] = "tiny",
-    init: Annotated[Optional[Path], typer.Option(help="Start from this model folder's weights.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this model folder's weights; its checkpoints "
+                                                "keep its sampling settings.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")] = False,
     frames: Annotated[int, typer.Option(help="Frames per training clip.")] = 16,
     height: Annotated[int, typer.Option(help="Training height.")] = 64,

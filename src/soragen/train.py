@@ -132,11 +132,12 @@ class DiTTask(Task):
 
     def __init__(self, dit, vae: VideoVAE, text_spec: TextEncoderSpec, video: VideoDefaults,
                  samples: "LatentSamples", caption_dropout: float, scheduler_config: dict,
-                 object_weight: float = 0.0):
+                 object_weight: float = 0.0, sampling=None):
         from soragen.sampling import training_scheduler
         self.module, self.vae, self.text_spec, self.video = dit, vae, text_spec, video
         self.samples, self.caption_dropout = samples, caption_dropout
         self.object_weight = object_weight
+        self.sampling = sampling  # None: the generic defaults; with --init, the tuned ones of that model
         self.scheduler_config = scheduler_config
         self.scheduler = training_scheduler(scheduler_config)
         self.sample_hook: Callable[[Path, torch.nn.Module, int], None] | None = None
@@ -163,7 +164,7 @@ class DiTTask(Task):
         return object_weighted_mse(pred.float(), target, latents, self.object_weight)
 
     def write_model(self, folder, ema):
-        save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config)
+        save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling)
 
     def after_save(self, folder, ema, step):
         if self.sample_hook:
@@ -629,14 +630,15 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     prediction = cfg.extra.get("prediction", "epsilon")  # a resumed run keeps its own (older runs: epsilon)
     object_weight = cfg.extra.get("object_weight", 0.0)
+    sampling = None
     if resume_from is not None:
         model = load_model(resume_from)
-        vae, text_spec, dit_config = model.vae, model.text_spec, model.dit.config
+        vae, text_spec, dit_config, sampling = model.vae, model.text_spec, model.dit.config, model.sampling
     else:
         text_spec = TextEncoderSpec(source=text_source)
         if init:
             base = load_model(init)
-            vae, text_spec, dit_config = base.vae, base.text_spec, base.dit.config
+            vae, text_spec, dit_config, sampling = base.vae, base.text_spec, base.dit.config, base.sampling
             if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
                 vae = resolve_vae(vae_source)
                 if vae.latent_channels != dit_config.in_channels:
@@ -666,7 +668,7 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
         samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, None)
     video = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
     task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {"prediction_type": prediction},
-                   object_weight)
+                   object_weight, sampling)
     if sample_prompts:
         task.sample_hook = _sample_hook(out, text_encoder, cfg, sample_prompts)
     if dist.main:
