@@ -267,7 +267,7 @@ def test_object_weighted_mse_weighs_an_objects_cells_and_reduces_to_the_mse():
     assert torch.isclose(object_weighted_mse(target + 1, target, latents, 4.0), torch.tensor(1.0))
 
 
-def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, model_for_vae, tmp_path, capfd):
+def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, tmp_path, capfd):
     from soragen.model_io import default_model_dir
     vae = default_model_dir() / "vae"  # a trained VAE: a random one's latents show no objects to weigh
     cache = tmp_path / "cache"
