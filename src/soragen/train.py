@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soragen.config import (TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
+from soragen.config import (SamplingDefaults, TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
                             from_dict, vae_preset_config)
 from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
 from soragen.errors import SoragenError, UsageError
@@ -132,7 +132,7 @@ class DiTTask(Task):
 
     def __init__(self, dit, vae: VideoVAE, text_spec: TextEncoderSpec, video: VideoDefaults,
                  samples: "LatentSamples", caption_dropout: float, scheduler_config: dict,
-                 object_weight: float = 0.0, sampling=None):
+                 object_weight: float = 0.0, sampling: SamplingDefaults | None = None):
         from soragen.sampling import training_scheduler
         self.module, self.vae, self.text_spec, self.video = dit, vae, text_spec, video
         self.samples, self.caption_dropout = samples, caption_dropout
@@ -723,7 +723,7 @@ def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device
         torch.manual_seed(cfg.seed)
         vae = new_vae(vae_preset_config(preset))
     check_size(cfg, vae.spatial_factor)
-    if crop < 0 or crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width)):
+    if crop < 0 or (crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width))):
         raise UsageError(f"--crop must be a multiple of {vae.spatial_factor} no larger than "
                          f"{min(cfg.height, cfg.width)}, not {crop}")
     report = scan(cfg, progress)
