@@ -433,6 +433,16 @@ def test_eval_json_scores(tiny_model, capfd):
     assert result["prompts"] == 2
     assert SCORE_KEYS <= set(result["scores"])
     assert all(0.0 <= result["scores"][k] <= 1.0 for k in SCORE_KEYS)
+    for attribute, counts in result["mistakes"].items():  # every miss is listed once
+        assert sum(counts.values()) == round(2 * (1 - result["scores"][attribute]))
+
+
+def test_eval_table_lists_the_mistakes(tiny_model, capfd):
+    assert cli("eval", "--model", tiny_model, "--limit", 2, "--steps", 2) == 0
+    out = capfd.readouterr().out
+    assert "accuracy" in out and "background" in out
+    # An untrained model gets something wrong in two videos; the table names what was asked and seen.
+    assert "mistakes (asked -> judged)" in out and " -> " in out
 
 
 def test_eval_bad_limit(tiny_model, capfd):

@@ -263,6 +263,16 @@ def test_score_can_fail():
         score([j], [])
 
 
+def test_mistakes_counts_each_wrong_reading():
+    asked = truth(ClipSpec("sky", "yellow", "triangle", "left"))
+    seen = [Judgement("sky", "orange", "circle", "left", 1.0), Judgement("sky", "yellow", "circle", "left", 1.0),
+            Judgement("sky", "yellow", "square", None, 0.5)]
+    found = shapes.mistakes(seen + seen[:1], [asked] * 4)
+    assert found == {"background": {}, "color": {"yellow -> orange": 2},
+                     "shape": {"triangle -> circle": 3, "triangle -> square": 1}, "direction": {"left -> none": 1}}
+    assert list(found["shape"]) == ["triangle -> circle", "triangle -> square"]  # most frequent first
+
+
 # --------------------------------------------------------------------------- captions & prompt sets
 
 

@@ -31,6 +31,7 @@ app = typer.Typer(
 )
 
 _debug = False
+MISTAKE_ROWS = 8  # soragen eval lists this many of its most frequent mistakes
 
 
 def _stderr():
@@ -577,13 +578,24 @@ def evaluate(
     from rich.table import Table
     denoise = results["stage_seconds"].get("denoise", 0.0)
     what = "VAE round trips of rendered clips" if reconstruct else "prompts"
-    table = Table(title=f"shapes-world eval: {results['prompts']} {what}, {results['seconds']:.0f}s"
-                        + ("" if reconstruct else f" ({denoise:.0f}s denoising)"))
+    console = Console()
+    # A line of its own: as the table's title it wrapped onto three lines over two narrow columns.
+    console.print(f"shapes-world eval: {results['prompts']} {what}, {results['seconds']:.0f}s"
+                  + ("" if reconstruct else f" ({denoise:.0f}s denoising)"))
+    table = Table()
     table.add_column("attribute")
     table.add_column("accuracy", justify="right")
     for key, value in results["scores"].items():
         table.add_row(key, f"{100 * value:.1f}%")
-    Console().print(table)
+    console.print(table)
+    wrong = [(a, what, n) for a, counts in results["mistakes"].items() for what, n in counts.items()]
+    if wrong:
+        table = Table(title="mistakes (asked -> judged)")
+        for column in ("attribute", "mistake", "videos"):
+            table.add_column(column, justify="right" if column == "videos" else "left")
+        for a, what, n in sorted(wrong, key=lambda w: -w[2])[:MISTAKE_ROWS]:
+            table.add_row(a, what, str(n))
+        console.print(table)
 
 
 # ---- entry point -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from soragen.errors import UsageError
 from soragen.model_io import Model, load_model
 from soragen.pipeline import Pipeline, StageTimes
-from soragen.shapes import judge_video, load_prompt_set, parse_prompt_set, score
+from soragen.shapes import judge_video, load_prompt_set, mistakes, parse_prompt_set, score
 
 
 def read_prompts(path: Path | None, name: str) -> list[dict]:
@@ -49,7 +49,7 @@ def judge_all(rows: list[dict], make_video, fps: float, seed: int = 0, out: Path
     if out is not None:
         (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"prompts": len(rows), "seconds": seconds, "stage_seconds": stages.seconds, "settings": settings or {},
-            "scores": score(judgements, rows)}
+            "scores": score(judgements, rows), "mistakes": mistakes(judgements, rows)}
 
 
 def evaluate_pipeline(pipe: Pipeline, rows: list[dict], settings: dict, seed: int = 0, out: Path | None = None,

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -690,3 +691,15 @@ def score(judgements: list[Judgement], expected: Iterable[dict]) -> dict[str, fl
     result["presence"] = float(np.mean([j.presence for j in judgements]))
     result["all"] = all_right / n
     return result
+
+
+def mistakes(judgements: list[Judgement], expected: Iterable[dict]) -> dict[str, dict[str, int]]:
+    """Per attribute, how often each wrong reading happened: {"shape": {"triangle -> circle": 15}},
+    most frequent first; "none" where the judge could not tell. What to fix next, at a glance."""
+    counts: dict[str, Counter] = {a: Counter() for a in ATTRIBUTES}
+    for j, e in zip(judgements, expected):
+        for a in ATTRIBUTES:
+            got = getattr(j, a)
+            if got != e.get(a):
+                counts[a][f"{e.get(a)} -> {got or 'none'}"] += 1
+    return {a: dict(c.most_common()) for a, c in counts.items()}
