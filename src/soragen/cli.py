@@ -588,13 +588,13 @@ def evaluate(
     for key, value in results["scores"].items():
         table.add_row(key, f"{100 * value:.1f}%")
     console.print(table)
-    wrong = [(a, what, n) for a, counts in results["mistakes"].items() for what, n in counts.items()]
+    wrong = [(a, mistake, n) for a, counts in results["mistakes"].items() for mistake, n in counts.items()]
     if wrong:
         table = Table(title="mistakes (asked -> judged)")
         for column in ("attribute", "mistake", "videos"):
             table.add_column(column, justify="right" if column == "videos" else "left")
-        for a, what, n in sorted(wrong, key=lambda w: -w[2])[:MISTAKE_ROWS]:
-            table.add_row(a, what, str(n))
+        for a, mistake, n in sorted(wrong, key=lambda w: -w[2])[:MISTAKE_ROWS]:
+            table.add_row(a, mistake, str(n))
         console.print(table)
 
 
