@@ -12,6 +12,7 @@ steps, EMA 0.999, caption dropout 0.1, float32; a checkpoint (EMA weights) every
 import argparse, copy, dataclasses, json, time
 from pathlib import Path
 import torch, torch.nn.functional as F
+from soragen.cli import _default_cache
 from soragen.config import TrainConfig
 from soragen.model_io import load_model, default_model_dir, save_model
 from soragen.sampling import training_scheduler
@@ -33,7 +34,7 @@ out.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
 base = load_model(args.init or default_model_dir())
 te = TextEncoder(base.text_spec)
-cache = Path.home() / ".cache" / "soragen"
+cache = _default_cache()  # where soragen train keeps its latent cache
 cfg_a = TrainConfig(data=args.data, frames=16, height=64, width=64, fps=8.0)
 cfg_b = dataclasses.replace(cfg_a, data=args.twins)
 ra, rb = scan(cfg_a, None), scan(cfg_b, None)
