@@ -120,3 +120,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, torch.tensor([3]), text, mask, pooled).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_loaded_dit_holds_exactly_the_files_weights(tmp_path):
+    """load_model builds the DiT without random init (meta device) and takes every weight from
+    the file: float32 on the CPU, equal to the saved values, also when stored in bfloat16."""
+    from safetensors.torch import load_file
+
+    from soragen.config import TextEncoderSpec, VideoDefaults, vae_preset_config
+    from soragen.model_io import load_model, save_model
+    from soragen.vae import new_vae
+
+    torch.manual_seed(0)
+    dit = VideoDiT(dit_preset("test", in_channels=4, text_dim=384))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = save_model(tmp_path / "m", dit, new_vae(vae_preset_config("test")), TextEncoderSpec(),
+                        VideoDefaults(frames=8, height=32, width=32), dit_dtype=torch.bfloat16)
+    saved = load_file(str(folder / "dit" / "model.safetensors"))
+    loaded = load_model(folder).dit
+    state = loaded.state_dict()
+    assert set(state) == set(saved)
+    for name, tensor in state.items():
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.float32, name
+        assert torch.equal(tensor, saved[name].float()), name
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    x = torch.randn(1, 4, 2, 4, 4)
+    out = loaded(x, torch.tensor([500.0]), torch.randn(1, 3, 384), torch.ones(1, 3, dtype=torch.bool),
+                 torch.randn(1, 384))
+    assert out.shape == x.shape and torch.isfinite(out).all()

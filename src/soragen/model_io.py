@@ -91,6 +91,8 @@ def read_manifest(folder: Path) -> dict:
 
 
 def load_model(path: str | Path, load_vae_weights: bool = True) -> Model:
+    import torch
+
     from soragen.dit import VideoDiT
     from soragen.vae import load_vae
     from soragen.weights import load_into
@@ -106,7 +108,8 @@ def load_model(path: str | Path, load_vae_weights: bool = True) -> Model:
         sampling = from_dict(SamplingDefaults, manifest.get("sampling", {}))
     except (TypeError, ValueError) as err:
         raise SoragenError(f"{folder}: bad config: {err}") from err
-    dit = VideoDiT(dit_config)
+    with torch.device("meta"):  # no random init: every weight comes from the file
+        dit = VideoDiT(dit_config)
     load_into(dit, [folder / "dit" / "model.safetensors"], "DiT")
     dit.eval().requires_grad_(False)
     vae = load_vae(folder / "vae")

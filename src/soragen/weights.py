@@ -28,7 +28,9 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def load_into(module: torch.nn.Module, files: list[Path], what: str) -> None:
-    """Load weights into `module` with strict key and shape matching and a finiteness check."""
+    """Load weights into `module` with strict key and shape matching and a finiteness check.
+    A module built on the meta device (so no random init first) is given copies of the loaded
+    tensors, in its own dtypes."""
     state = read_safetensors(files)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -42,7 +44,12 @@ def load_into(module: torch.nn.Module, files: list[Path], what: str) -> None:
                                f"config wants {tuple(expected[name].shape)}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise SoragenError(f"{what} weight {name} holds NaN or infinite values")
-    module.load_state_dict(state, strict=True)
+    if any(t.is_meta for t in expected.values()):
+        # copy=True: a loaded tensor is a private map of the file; a weight must not depend on it
+        state = {name: tensor.to(expected[name].dtype, copy=True) for name, tensor in state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+    else:
+        module.load_state_dict(state, strict=True)
 
 
 def assert_finite(module: torch.nn.Module, what: str) -> None:
