@@ -11,14 +11,8 @@ import argparse
 import re
 
 import torch
-import torch.nn.functional as F
 
-from soragen.cli import _default_cache
-from soragen.config import TrainConfig
-from soragen.model_io import load_model
-from soragen.sampling import training_scheduler
-from soragen.text import TextEncoder
-from soragen.train import build_samples, scan
+from _probe import first_clips, load, velocity_error
 
 # The first synonym found is replaced by a word of another value (training vocabulary).
 SHAPE_SWAPS = [(r"\bround dot\b|\bcircle\b|\bball\b|\bdisc\b", "square"),
@@ -42,13 +36,8 @@ parser.add_argument("--clips", type=int, default=96)
 parser.add_argument("--timesteps", default="200,400,600,800,950")
 args = parser.parse_args()
 
-model = load_model(args.model)
-encoder = TextEncoder(model.text_spec)
-scheduler = training_scheduler(model.scheduler_config)
-dit = model.dit.float().eval()
-cfg = TrainConfig(data=args.data, frames=16, height=64, width=64, fps=8.0)
-clips = sorted(scan(cfg, None).clips, key=lambda c: c.path.name)[:args.clips]
-samples = build_samples(clips, model.vae, encoder, cfg, _default_cache(), 4, None)
+model, encoder, scheduler, dit = load(args.model)
+clips, samples = first_clips(args.data, args.clips, model, encoder)
 captions = [c.caption for c in clips]
 texts = {"right": encoder.encode(captions),
          "shape": encoder.encode([swap(c, SHAPE_SWAPS) for c in captions]),
@@ -65,12 +54,8 @@ for t in map(int, args.timesteps.split(",")):
         total = 0.0
         for i in range(0, len(clips), 8):
             part = slice(i, i + 8)
-            ts = torch.full((latents[part].shape[0],), t)
-            noisy = scheduler.add_noise(latents[part], noise[part], ts)
-            with torch.no_grad():
-                pred = dit(noisy, ts, text.tokens[part], text.mask[part], text.pooled[part]).float()
-            target = scheduler.get_velocity(latents[part], noise[part], ts)
-            total += F.mse_loss(pred, target, reduction="sum").item()
+            total += velocity_error(dit, scheduler, latents[part], noise[part], t,
+                                    text.tokens[part], text.mask[part], text.pooled[part])
         loss[name] = total / latents.numel()
     r = loss["right"]
     print(f"| {t} | {r:.4f} | {loss['shape'] - r:+.4f} | {loss['colour'] - r:+.4f} | {loss['none'] - r:+.4f} |",
