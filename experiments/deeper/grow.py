@@ -7,7 +7,6 @@
 The shipped size limit (40 MB) leaves room for two more blocks in bfloat16.
 """
 import argparse
-import copy
 import dataclasses
 
 import torch
