@@ -14,9 +14,10 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def make_tiny_model(folder, seed: int = 0, perturb: float = 0.0, **dit_overrides):
+def make_tiny_model(folder, seed: int = 0, perturb: float = 0.0, dit_dtype=None, **dit_overrides):
     """A complete model folder with random weights: test-size DiT and VAE, the packaged text encoder.
-    `perturb` adds noise to every weight so the zero-initialised paths do something."""
+    `perturb` adds noise to every weight so the zero-initialised paths do something; `dit_dtype`
+    stores the DiT in another precision, as a shipped model is."""
     from soragen.config import TextEncoderSpec, VideoDefaults, dit_preset, vae_preset_config
     from soragen.dit import VideoDiT
     from soragen.model_io import save_model
@@ -29,7 +30,8 @@ def make_tiny_model(folder, seed: int = 0, perturb: float = 0.0, **dit_overrides
             for p in dit.parameters():
                 p.add_(torch.randn_like(p) * perturb)
     vae = new_vae(vae_preset_config("test"))
-    return save_model(folder, dit, vae, TextEncoderSpec(), VideoDefaults(frames=8, height=32, width=32, fps=8.0))
+    return save_model(folder, dit, vae, TextEncoderSpec(), VideoDefaults(frames=8, height=32, width=32, fps=8.0),
+                      dit_dtype=dit_dtype)
 
 
 @pytest.fixture(scope="session")
