@@ -21,11 +21,13 @@ def test_ddim_with_the_true_noise_recovers_the_clean_latent():
         assert torch.allclose(out.pred_original_sample, x0, atol=1e-4)
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_a_full_run_with_an_oracle_lands_on_the_clean_latent(prediction):
+@pytest.mark.parametrize("prediction, zero_snr", [("epsilon", False), ("v_prediction", False), ("v_prediction", True)])
+def test_a_full_run_with_an_oracle_lands_on_the_clean_latent(prediction, zero_snr):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(1, 4, 2, 4, 4, generator=g)
-    alphas = training_scheduler().alphas_cumprod
+    config = {"prediction_type": prediction, **({"rescale_betas_zero_snr": True} if zero_snr else {})}
+    alphas = training_scheduler(config).alphas_cumprod
+    assert (alphas[-1] == 0) == zero_snr  # rescaled: the last training step is pure noise, as sampling starts
 
     def oracle(x, t, text):  # the noise (or velocity) that explains x_t given x0
         a = alphas[t.long()].view(-1, 1, 1, 1, 1)
@@ -33,7 +35,6 @@ def test_a_full_run_with_an_oracle_lands_on_the_clean_latent(prediction):
         return noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
     empty = TextEmbedding(torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 2))
-    config = {"prediction_type": prediction}
     for name in ("ddim", "dpm++", "unipc"):
         out = denoise(oracle, torch.randn(x0.shape, generator=g), empty, empty, make_scheduler(name, config), 8, 1.0)
         assert torch.allclose(out, x0, atol=1e-3), name

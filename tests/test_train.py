@@ -59,6 +59,23 @@ def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, 
     assert (info.frames, info.height, info.width) == (9, 32, 32)
 
 
+def test_a_zero_terminal_snr_run_keeps_its_schedule_in_the_model(clips, model_for_vae, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(clips, out, model_for_vae, tmp_path / "cache", 2, "--zero-terminal-snr")
+    assert run(args) == 0
+    config = load_model(out).scheduler_config
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
+    from soragen.sampling import training_scheduler
+    assert training_scheduler(config).alphas_cumprod[-1] == 0
+    assert run(["generate", "a red ball", "--model", str(out), "--steps", "2", "--out", str(tmp_path / "v.mp4")]) == 0
+    # Resumed, the run keeps the schedule it started with.
+    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 4, "--resume")) == 0
+    assert load_model(out).scheduler_config["rescale_betas_zero_snr"] is True
+    # With the noise as the target, a pure-noise input would make the target the input itself.
+    assert run(train_args(clips, tmp_path / "eps", model_for_vae, tmp_path / "cache", 2, "--zero-terminal-snr",
+                          "--prediction", "epsilon")) == 2
+
+
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(clips, model_for_vae, tmp_path):
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -357,6 +357,8 @@ def train(
     object_weight: Annotated[float, typer.Option(help="Extra loss weight of latent cells that stand out from "
                                                "their row's and column's median (small objects), so the DiT "
                                                "cannot ignore what tells one shape from another.")] = 0.0,
+    zero_terminal_snr: Annotated[bool, typer.Option(help="Rescale the noise schedule so its last step is pure "
+                                                    "noise, as sampling starts (needs v_prediction).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Train the DiT on a folder of captioned clips (VAE and text encoder frozen).
@@ -386,7 +388,7 @@ def train(
     try:
         result = run_train(cfg, out, preset, text_encoder, vae, str(init) if init else None, resume,
                            cache_folder, windows, device, sample_prompts, progress, prediction,
-                           object_weight)
+                           object_weight, zero_terminal_snr)
     finally:
         bars.stop()
     if int(os.environ.get("RANK", "0")) == 0:

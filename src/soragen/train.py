@@ -618,7 +618,7 @@ def scan(cfg: TrainConfig, progress: Progress | None):
 def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
               init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
               sample_prompts: list[str], progress: Progress | None, prediction: str = "v_prediction",
-              object_weight: float = 0.0) -> dict:
+              object_weight: float = 0.0, zero_terminal_snr: bool = False) -> dict:
     from soragen.dit import VideoDiT
     from soragen.text import TextEncoder
 
@@ -626,10 +626,16 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
         raise UsageError(f"--prediction must be one of {', '.join(PREDICTIONS)}")
     if object_weight < 0:
         raise UsageError("--object-weight must be 0 or more")
-    cfg = dataclasses.replace(cfg, extra={"prediction": prediction, "object_weight": object_weight})
+    if zero_terminal_snr and prediction != "v_prediction":
+        raise UsageError("--zero-terminal-snr needs --prediction v_prediction: at pure noise the noise is the input")
+    cfg = dataclasses.replace(cfg, extra={"prediction": prediction, "object_weight": object_weight,
+                                          "zero_terminal_snr": zero_terminal_snr})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
     prediction = cfg.extra.get("prediction", "epsilon")  # a resumed run keeps its own (older runs: epsilon)
     object_weight = cfg.extra.get("object_weight", 0.0)
+    schedule = {"prediction_type": prediction}
+    if cfg.extra.get("zero_terminal_snr", False):
+        schedule["rescale_betas_zero_snr"] = True
     sampling = None
     if resume_from is not None:
         model = load_model(resume_from)
@@ -667,8 +673,7 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     if not dist.main:  # the cache is complete now: read it back
         samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, None)
     video = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, {"prediction_type": prediction},
-                   object_weight, sampling)
+    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, schedule, object_weight, sampling)
     if sample_prompts:
         task.sample_hook = _sample_hook(out, text_encoder, cfg, sample_prompts)
     if dist.main:
