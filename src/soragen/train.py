@@ -627,7 +627,8 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
     if object_weight < 0:
         raise UsageError("--object-weight must be 0 or more")
     if zero_terminal_snr and prediction != "v_prediction":
-        raise UsageError("--zero-terminal-snr needs --prediction v_prediction: at pure noise the noise is the input")
+        raise UsageError("--zero-terminal-snr needs --prediction v_prediction: at its last step the input is "
+                         "all noise, so predicting the noise says nothing about the clip")
     cfg = dataclasses.replace(cfg, extra={"prediction": prediction, "object_weight": object_weight,
                                           "zero_terminal_snr": zero_terminal_snr})
     dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
