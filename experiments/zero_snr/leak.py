@@ -45,7 +45,8 @@ def main() -> None:
         x0_pred = keep * x_t - (1 - keep ** 2).sqrt() * v  # from the velocity
         a, b = (x0_pred - x0_pred.mean(0)).flatten(1), (x0 - x0.mean(0)).flatten(1)
         corr = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean()
-        colours = sum(judge_video(v).color == s.color for v, s in zip(model.vae.decode_uint8(x0_pred, 16), specs))
+        videos = model.vae.decode_uint8(x0_pred, 16)
+        colours = sum(judge_video(video).color == spec.color for video, spec in zip(videos, specs))
         print(f"t = {t}: sqrt(alpha_bar) {keep:.4f}, correlation {corr:+.3f}, "
               f"colour of the clip read back {colours} / {len(specs)} (1 in 5 by chance)", flush=True)
 
