@@ -131,3 +131,39 @@ def test_onednn_conv3d_matches_torchs_choice_and_leaves_training_alone():
     assert torch.allclose(out, ref, atol=1e-5) and out.grad_fn is not None
     with torch.no_grad():
         assert torch.allclose(conv(x), ref, atol=1e-5)
+
+
+def test_onednn_linear_with_fused_gelu_matches_the_plain_layers():
+    from soragen.dit import linear
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 10, 64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        layer_d, x_d = layer.to(dtype), x.to(dtype)
+        plain = torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()))
+        with torch.no_grad():
+            fast = linear(x_d, layer_d, "gelu").float()
+            fast_plain = linear(x_d, layer_d).float()
+        scale = plain.abs().max()
+        assert (fast - plain).abs().max() <= tol * scale
+        assert (fast_plain - torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+                ).abs().max() <= tol * scale
+    layer = layer.float()
+    out = linear(x.requires_grad_(True), layer, "gelu")  # with autograd: the plain layers, so it can train
+    out.sum().backward()
+    assert x.grad is not None and out.grad_fn is not None
+
+
+def test_matmul_attention_matches_sdpa_with_a_padding_mask():
+    from soragen.dit import attend
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))
+    ctx_k, ctx_v = torch.randn(2, 4, 6, 16, generator=g), torch.randn(2, 4, 6, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # the unconditional prompt is shorter: its padding must not be attended to
+    scale = 16 ** -0.5
+    for keys, values, m in ((k, v, None), (ctx_k, ctx_v, mask)):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+            out = attend((q * scale).to(dtype), keys.to(dtype), values.to(dtype), m).float()
+            assert (out - ref).abs().max() <= tol * ref.abs().max()

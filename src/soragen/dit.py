@@ -84,7 +84,46 @@ class Modulation:
 
 
 def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
-    return x * (1 + m.scale) + m.shift
+    return torch.addcmul(m.shift, x, 1 + m.scale)  # x * (1 + scale) + shift in one pass
+
+
+def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where `linear` may take oneDNN's fused kernel: no autograd (it has no backward), no
+    autocast (it would not cast), not under torch.compile (which fuses on its own), a CPU tensor in
+    the weight's float dtype."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch.Tensor:
+    """layer(x), followed by exact GELU if `activation` is "gelu". At inference on a CPU it is one
+    oneDNN call with bias and GELU applied to the output tile while it is still in cache: in bf16 a
+    separate GELU over the MLP's (2 x 320) x 1024 activations cost more than the matmul before it."""
+    if _onednn_inference(x, layer.weight):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [],
+                                                  "none" if activation == "gelu" else "")
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if activation == "gelu" else y
+
+
+# Above this many attention scores (batch x heads x queries x keys) attention goes through SDPA's
+# flash kernel, which never holds them all; below it, on a CPU, through two batched matmuls.
+MAX_MATERIALISED_SCORES = 1 << 24
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T) v over (B, heads, N, d) tensors, q already scaled by 1/sqrt(d); mask (B, 1, 1, L),
+    True for keys to attend to. On a CPU at DiT sizes, matmul + softmax + matmul runs 2.5x faster in
+    bf16 than SDPA's flash kernel (320 tokens: 0.57 vs 1.41 ms), which works through its tiles one
+    query block at a time."""
+    B, H, N, _ = q.shape
+    if q.device.type != "cpu" or B * H * N * k.shape[2] > MAX_MATERIALISED_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v)
 
 
 class RMSNorm(nn.Module):
@@ -98,9 +137,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """`gain` multiplies the result for free (attention folds its 1/sqrt(d) in here)."""
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        weight = self.weight.float() * gain if gain != 1.0 else self.weight.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -114,20 +155,25 @@ class Attention(nn.Module):
             self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
+        self.qk_norm = qk_norm
         self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.scale = head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.cross:
-            q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
-            k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+            q = rearrange(linear(x, self.q), "b n (h d) -> b h n d", h=self.num_heads)
+            k, v = rearrange(linear(context, self.kv), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
         else:
-            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+            q, k, v = rearrange(linear(x, self.qkv), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q, gain=self.scale), self.k_norm(k)
+        else:
+            q = q * self.scale
+        out = attend(q, k, v, mask)  # (B, heads, N, head_dim)
+        return linear(rearrange(out, "b h n d -> b n (h d)"), self.proj)
 
 
 class DiTBlock(nn.Module):
@@ -151,11 +197,11 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, text, text_mask):
         attn_mod, mlp_mod = (Modulation(*m.chunk(3, dim=-1)) for m in self.adaLN_modulation(c)[:, None].chunk(2, -1))
-        x = x + attn_mod.gate * self.attn(modulate(self.norm1(x), attn_mod))
+        x = torch.addcmul(x, attn_mod.gate, self.attn(modulate(self.norm1(x), attn_mod)))  # x + gate * attn
         if self.cross_attention:
             x = x + self.cross(self.norm_cross(x), text, text_mask)
-        x = x + mlp_mod.gate * self.mlp(modulate(self.norm2(x), mlp_mod))
-        return x
+        hidden = linear(modulate(self.norm2(x), mlp_mod), self.mlp[0], "gelu")  # self.mlp, GELU fused
+        return torch.addcmul(x, mlp_mod.gate, linear(hidden, self.mlp[2]))
 
 
 class FinalLayer(nn.Module):
@@ -168,7 +214,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
-        return self.linear(self.norm(x) * (1 + scale) + shift)
+        return linear(torch.addcmul(shift, self.norm(x), 1 + scale), self.linear)
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -232,7 +278,7 @@ class VideoDiT(nn.Module):
         padded = tuple(g * p for g, p in zip(grid, ps))
         if padded != (T, H, W):  # a partial patch at an edge: pad with zeros, crop after
             x = F.pad(x, (0, padded[2] - W, 0, padded[1] - H, 0, padded[0] - T))
-        tokens = self.patch_embed(patchify(x, ps))  # (B, N, D)
+        tokens = linear(patchify(x, ps), self.patch_embed)  # (B, N, D)
         tokens = tokens + self.positions(grid, x.device, tokens.dtype)
         c = self.condition(t, pooled)  # (B, D)
         context, mask = None, None
