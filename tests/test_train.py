@@ -298,3 +298,17 @@ def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, tmp_p
     capfd.readouterr()
     assert run(train_args(clips, tmp_path / "bad", vae, cache, 2, "--object-weight", "-1")) == 2
     assert "--object-weight must be 0 or more" in capfd.readouterr().err
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_max_steps():
+    from soragen.config import TrainConfig
+    from soragen.train import learning_rate
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60) == pytest.approx(0.5e-3)  # half way down
+    assert learning_rate(cfg, 110) == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(cfg, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    constant = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110)
+    assert learning_rate(constant, 100) == 1e-3

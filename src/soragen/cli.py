@@ -296,7 +296,8 @@ def _train_progress(total_steps: int):
 
 
 def _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
-                  save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay):
+                  save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay,
+                  lr_schedule="constant"):
     from soragen.config import TrainConfig
     for name, value, low in (("frames", frames, 1), ("batch-size", batch_size, 1), ("grad-accum", grad_accum, 1),
                              ("max-steps", max_steps, 1), ("save-every", save_every, 1), ("height", height, 8),
@@ -305,13 +306,16 @@ def _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, 
             raise UsageError(f"--{name} must be at least {low}; nearest valid value: {low}")
     if lr <= 0 or fps <= 0:
         raise UsageError("--lr and --fps must be positive")
+    from soragen.train import LR_SCHEDULES
+    if lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"--lr-schedule must be {' or '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if mixed_precision not in ("auto", "no", "bf16"):
         raise UsageError(f"--mixed-precision must be auto, no or bf16, not {mixed_precision!r}")
     return TrainConfig(data=str(data), frames=frames, height=height, width=width, fps=fps, batch_size=batch_size,
                        grad_accum=grad_accum, lr=lr, warmup_steps=warmup, max_steps=max_steps, seed=seed,
                        save_every=save_every, sample_every=sample_every, keep_last=keep_last,
                        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-                       ema_decay=ema_decay)
+                       ema_decay=ema_decay, lr_schedule=lr_schedule)
 
 
 Data = Annotated[Path, typer.Option(help="Folder of clips (mp4, mov, mkv, avi, webm, gif) with captions.")]
@@ -339,6 +343,8 @@ def train(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate after warm-up.")] = 3e-4,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    lr_schedule: Annotated[str, typer.Option(help="After warm-up: constant, or cosine (down to 0 at "
+                                             "--max-steps).")] = "constant",
     max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
@@ -375,7 +381,8 @@ def train(
     """
     from soragen.train import run_train
     cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
-                        save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay)
+                        save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay,
+                        lr_schedule)
     if vae is None and init is None and not resume:
         from soragen.model_io import default_model_dir
         default = default_model_dir()

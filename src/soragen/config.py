@@ -129,6 +129,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine down to 0 at max_steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999

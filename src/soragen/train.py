@@ -94,6 +94,20 @@ def sample_indices(num_items: int, seed: int, start: int, count: int) -> list[in
     return out
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step `step` (0-based): linear warm-up, then constant or a cosine to 0 at
+    max_steps. A function of the step alone, so resuming keeps it (a cosine run resumed with a larger
+    --max-steps stretches what is left of its curve)."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr * warm
+
+
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     from soragen.pipeline import cpu_has_fast_bf16
     if mode == "no":
@@ -495,7 +509,7 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
     while step < cfg.max_steps:
         generator = step_generator(cfg.seed, dist.rank, step)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+            group["lr"] = learning_rate(cfg, step)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
