@@ -209,7 +209,8 @@ def machine_limit(dtype: torch.dtype, settings: Settings) -> float:
 
 
 def section_limit(settings: Settings) -> Section:
-    s = Section("limit", "Matmul throughput at DiT-like shapes, the faster of F.linear and oneDNN (the machine's limit)",
+    s = Section("limit", "Matmul throughput at DiT-like shapes, the faster of F.linear and oneDNN "
+                "(the machine's limit)",
                 ["matmul (m x k) @ (k x n)", "float32 GFLOP/s", "bfloat16 GFLOP/s", "bf16 / fp32"])
     results = matmul_gflops(settings)
     for (m, k, n), r in results.items():

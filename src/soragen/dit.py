@@ -145,7 +145,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with fused QKV (self) or Q + fused KV (cross), via SDPA."""
+    """Multi-head attention with fused QKV (self) or Q + fused KV (cross); the scores go through `attend`."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, cross: bool = False):
         super().__init__()
