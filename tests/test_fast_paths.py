@@ -84,10 +84,31 @@ def test_compiled_dit_gives_the_eager_video(tiny_model):
     plain = Pipeline.load(tiny_model, device="cpu", dtype="float32")
     fast = Pipeline.load(tiny_model, device="cpu", dtype="float32", compile=True)
     assert fast.dit_forward is not fast.model.dit
+    torch._dynamo.utils.counters.clear()
     for prompt in ("a red ball", "a yellow box falling at night"):  # two text lengths, one compile
         a = fast.generate(prompt, steps=3, seed=2).astype(np.int16)
         b = plain.generate(prompt, steps=3, seed=2).astype(np.int16)
         assert np.abs(a - b).max() <= 1  # float32 throughout: only summation order differs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_dit_compiles_as_one_graph():
+    # A graph break splits the model into pieces compiled apart, which ran slower than eager here.
+    model, *inputs = model_and_inputs()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(*inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_padded_text_gives_the_same_prediction():
+    model, x, t, text, mask, pooled = model_and_inputs()
+    padded = TextEmbedding(text, mask, pooled).pad_to(11)
+    assert padded.tokens.shape == (2, 11, 16) and not padded.mask[:, 6:].any()
+    with torch.no_grad():
+        ref = model(x, t, text, mask, pooled)
+        out = model(x, t, padded.tokens, padded.mask, padded.pooled)
+    assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_written_out_rms_norm_matches_torchs_on_strided_bf16_and_float32():

@@ -51,15 +51,18 @@ class TextEmbedding:
     def to(self, device, dtype) -> "TextEmbedding":
         return TextEmbedding(self.tokens.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype))
 
+    def pad_to(self, length: int) -> "TextEmbedding":
+        """The same embedding with `length` tokens: zeros with mask False appended, which attention ignores."""
+        extra = length - self.tokens.shape[1]
+        return TextEmbedding(torch.nn.functional.pad(self.tokens, (0, 0, 0, extra)),
+                             torch.nn.functional.pad(self.mask, (0, extra), value=False), self.pooled)
+
     def cat(self, other: "TextEmbedding") -> "TextEmbedding":
-        """Stack two batches, padding the shorter token sequence (mask False on the padding)."""
+        """Stack two batches, padding the shorter token sequence."""
         length = max(self.tokens.shape[1], other.tokens.shape[1])
-        tokens, masks = [], []
-        for e in (self, other):
-            extra = length - e.tokens.shape[1]
-            tokens.append(torch.nn.functional.pad(e.tokens, (0, 0, 0, extra)))
-            masks.append(torch.nn.functional.pad(e.mask, (0, extra), value=False))
-        return TextEmbedding(torch.cat(tokens), torch.cat(masks), torch.cat([self.pooled, other.pooled]))
+        a, b = self.pad_to(length), other.pad_to(length)
+        return TextEmbedding(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]),
+                             torch.cat([a.pooled, b.pooled]))
 
     def repeat(self, n: int) -> "TextEmbedding":
         return TextEmbedding(self.tokens.repeat(n, 1, 1), self.mask.repeat(n, 1), self.pooled.repeat(n, 1))
