@@ -304,6 +304,7 @@ def section_dit(settings: Settings) -> Section:
                 linears_row(s, model, inputs, seconds, dtype, settings)
     for dtype in bench_dtypes():
         compiled_row(s, dtype, settings, mark=dtype == default)
+    malloc_row(s, settings)
     s.notes.append("FLOPs from VideoDiT.flops_per_forward (matmuls only); MFU = achieved / limit of the same "
                    "dtype (section limit).")
     return s
@@ -332,6 +333,36 @@ def compiled_row(s: Section, dtype: torch.dtype, settings: Settings, mark: bool)
     s.notes.append(f"--compile in {dtype_name(dtype)}: first call {compile_s:.0f} s (torch's on-disk cache may have "
                    f"shortened it); then {times['eager'] / times['compiled']:.2f}x the eager step, timed "
                    f"interleaved ({times['eager'] * 1e3:.1f} vs {times['compiled'] * 1e3:.1f} ms).")
+
+
+def step_child(settings: Settings) -> None:
+    """Runs in a fresh process (bench/run.py --step-child): the tiny eager step in the default dtype, ms."""
+    dtype = auto_dtype()
+    model = make_dit("tiny", dtype)
+    inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
+    print(json.dumps({"ms": median_times({"dit": lambda: model(*inputs)}, settings.warmup, settings.repeats)["dit"]
+                      * 1e3}))
+
+
+def malloc_row(s: Section, settings: Settings) -> None:
+    """The tiny eager step in new processes with glibc's default malloc and with the settings of
+    soragen.runtime.keep_freed_memory, alternating; a step's speed depends on its process's
+    allocation history, so each setting gets several processes."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--step-child"] + (["--quick"] if settings.quick else [])
+    runs: dict[str, list[float]] = {"default": [], "kept": []}
+    for _ in range(2 if settings.quick else 4):
+        for name in runs:
+            r = run_child(argv, env={"SORAGEN_MALLOC": name})
+            if r["rc"] != 0:
+                raise child_error(r, "bench/run.py --step-child")
+            runs[name].append(json.loads(r["stdout"].strip().splitlines()[-1])["ms"])
+    default, kept = (statistics.median(runs[n]) for n in ("default", "kept"))
+    s.data["malloc"] = {name: ms for name, ms in runs.items()}
+    s.notes.append(f"glibc malloc (soragen.runtime.keep_freed_memory, which the CLI and this script apply): the tiny "
+                   f"eager {dtype_name(auto_dtype())} step in {len(runs['kept'])} new processes each, median "
+                   f"{kept:.1f} ms with freed memory kept against {default:.1f} ms with glibc's defaults "
+                   f"({default / kept:.2f}x); per process: kept {', '.join(f'{x:.1f}' for x in runs['kept'])}; "
+                   f"default {', '.join(f'{x:.1f}' for x in runs['default'])}.")
 
 
 def linears_row(s: Section, model, inputs, step_seconds: float, dtype: torch.dtype, settings: Settings) -> None:
@@ -708,6 +739,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md", help="the markdown report")
     p.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)  # internal: one VAE decode measurement
+    p.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)  # internal: one eager tiny step
     args = p.parse_args(argv)
     args.sections = list(SECTIONS)
     if args.only:
@@ -720,10 +752,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from soragen.runtime import keep_freed_memory
+    keep_freed_memory()  # as the soragen command does
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
     if args.decode_child is not None:
         decode_child(args.decode_child, args.model)
+        return 0
+    if args.step_child:
+        step_child(Settings(args.quick, None, ""))
         return 0
 
     from rich.console import Console

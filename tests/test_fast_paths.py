@@ -1,6 +1,7 @@
 """Every fast path gives the plain path's result within a stated tolerance."""
 
 import numpy as np
+import pytest
 import torch
 
 from soragen.config import dit_preset
@@ -188,3 +189,12 @@ def test_matmul_attention_matches_sdpa_with_a_padding_mask():
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
             out = attend((q * scale).to(dtype), keys.to(dtype), values.to(dtype), m).float()
             assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):
+    from soragen import runtime
+    if not runtime._glibc():
+        pytest.skip("glibc's mallopt only")
+    assert runtime.keep_freed_memory()  # mallopt accepted both settings
+    monkeypatch.setenv("SORAGEN_MALLOC", "default")
+    assert not runtime.keep_freed_memory()

@@ -612,6 +612,8 @@ def evaluate(
 # ---- entry point -------------------------------------------------------------------------------
 
 def main() -> None:
+    from soragen.runtime import keep_freed_memory
+    keep_freed_memory()  # glibc: a DiT step up to 1.5x faster (soragen.runtime)
     code = run(sys.argv[1:])
     # Leaving: move every object into the permanent generation, so that the interpreter's last
     # garbage collection skips the millions that torch, transformers and diffusers create. On a
