@@ -87,17 +87,15 @@ def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
     return torch.addcmul(m.shift, x, 1 + m.scale)  # x * (1 + scale) + shift in one pass
 
 
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()  # a constant: torch.compile cannot trace the call
-
-
 def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `linear` may take oneDNN's fused kernel: no autograd (it has no backward), no
     autocast (it would not cast), not under torch.compile (which fuses on its own), a CPU tensor in
     the weight's float dtype."""
-    if torch.compiler.is_compiling():  # inductor picks its own kernels (and needs no graph breaks)
+    if torch.compiler.is_compiling():  # first: torch.compile cannot trace the checks below (graph breaks)
         return False
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN and not torch.is_autocast_enabled("cpu"))
+            and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch.Tensor:
