@@ -201,6 +201,22 @@ def matmul_gflops(settings: Settings) -> dict[tuple, dict[torch.dtype, float]]:
     return results
 
 
+def limit_beside(steps: dict[str, Callable], dtype: torch.dtype, settings: Settings) -> tuple[dict, float]:
+    """Median seconds of each step, timed interleaved with the limit's matmuls (each shape, each
+    kernel, looped to ~20 ms); returns them and the best matmul GFLOP/s of that same window."""
+    fns, flops = dict(steps), {}
+    for m, k, n in MATMUL_SHAPES:
+        a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        for i, kernel in enumerate(matmul_kernels()):
+            once = median_times({"mm": lambda: kernel(a, w)}, 1, 1)["mm"]
+            loops = max(1, math.ceil(0.02 / once))
+            name = f"mm {m}x{k}x{n} #{i}"
+            fns[name] = lambda kernel=kernel, a=a, w=w, loops=loops: [kernel(a, w) for _ in range(loops)]
+            flops[name] = 2 * m * k * n * loops
+    times = median_times(fns, settings.warmup, settings.repeats)
+    return {name: times[name] for name in steps}, max(flops[name] / times[name] / 1e9 for name in flops)
+
+
 def machine_limit(dtype: torch.dtype, settings: Settings) -> float:
     """GFLOP/s: the best matmul throughput at DiT-like shapes (measured once per run)."""
     if dtype not in _limit_cache:
@@ -254,8 +270,9 @@ def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Se
     return throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), seconds, dtype, settings)
 
 
-def throughput(tokens: int, flops: int, seconds: float, dtype: torch.dtype, settings: Settings) -> dict:
-    achieved, limit = flops / seconds / 1e9, machine_limit(dtype, settings)
+def throughput(tokens: int, flops: int, seconds: float, dtype: torch.dtype, settings: Settings,
+               limit: float | None = None) -> dict:
+    achieved, limit = flops / seconds / 1e9, limit or machine_limit(dtype, settings)
     return {"tokens": tokens, "flops": flops, "ms": seconds * 1e3, "gflops": achieved, "limit_gflops": limit,
             "mfu": achieved / limit}
 
@@ -306,7 +323,7 @@ def section_dit(settings: Settings) -> Section:
         compiled_row(s, dtype, settings, mark=dtype == default)
     malloc_row(s, settings)
     s.notes.append("FLOPs from VideoDiT.flops_per_forward (matmuls only); MFU = achieved / limit of the same "
-                   "dtype (section limit).")
+                   "dtype (section limit; the --compile rows: see their notes).")
     return s
 
 
@@ -321,18 +338,25 @@ def compiled_row(s: Section, dtype: torch.dtype, settings: Settings, mark: bool)
     with torch.inference_mode():
         compiled(*inputs)
     compile_s = time.perf_counter() - start
-    times = median_times({"eager": lambda: model(*inputs), "compiled": lambda: compiled(*inputs)},
-                         settings.warmup, settings.repeats)
-    f = step_figures(model, inputs, dtype, times["compiled"], settings)
+    steps = {"eager": lambda: model(*inputs), "compiled": lambda: compiled(*inputs)}
+    times, beside = limit_beside(steps, dtype, settings)
+    # This machine's speed drifted by up to 1.2x between sections of one run: the limit counts as the
+    # higher of section limit's and the one timed between these steps' repeats.
+    limit = max(machine_limit(dtype, settings), beside)
+    tokens = num_tokens(model, inputs[0].shape[-3:])
+    f = throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), times["compiled"], dtype, settings, limit)
     target = ""
     if mark:
         target = s.target(f"MFU >= {MFU_TARGET:.0%} (tiny, {dtype_name(dtype)}, --compile)", f"{f['mfu']:.1%}",
                           f["mfu"] >= MFU_TARGET)
     s.rows.append(["tiny, --compile", dtype_name(dtype), *figure_cells(f), target])
-    s.data[f"tiny/{dtype_name(dtype)}/compiled"] = {**f, "eager_ms": times["eager"] * 1e3, "compile_s": compile_s}
+    s.data[f"tiny/{dtype_name(dtype)}/compiled"] = {**f, "eager_ms": times["eager"] * 1e3, "compile_s": compile_s,
+                                                     "limit_beside_gflops": beside}
     s.notes.append(f"--compile in {dtype_name(dtype)}: first call {compile_s:.0f} s (torch's on-disk cache may have "
                    f"shortened it); then {times['eager'] / times['compiled']:.2f}x the eager step, timed "
-                   f"interleaved ({times['eager'] * 1e3:.1f} vs {times['compiled'] * 1e3:.1f} ms).")
+                   f"interleaved ({times['eager'] * 1e3:.1f} vs {times['compiled'] * 1e3:.1f} ms), and with the "
+                   f"limit's matmuls between them: {beside:.1f} GFLOP/s (section limit: "
+                   f"{machine_limit(dtype, settings):.1f}); the row's limit is the higher.")
 
 
 def step_child(settings: Settings) -> None:
