@@ -180,22 +180,29 @@ def matmul_kernels() -> list[Callable]:
     return kernels
 
 
+def looped_matmul(kernel: Callable, a: torch.Tensor, w: torch.Tensor) -> tuple[Callable[[], None], int]:
+    """kernel(a, w) repeated to a sample of >= ~20 ms (sub-ms calls time noisily), and its FLOPs."""
+    once = median_times({"mm": lambda: kernel(a, w)}, 1, 1)["mm"]
+    loops = max(1, math.ceil(0.02 / once))
+
+    def matmuls():
+        for _ in range(loops):
+            kernel(a, w)
+    return matmuls, 2 * a.shape[0] * a.shape[1] * w.shape[0] * loops
+
+
 def matmul_gflops(settings: Settings) -> dict[tuple, dict[torch.dtype, float]]:
     results: dict[tuple, dict[torch.dtype, float]] = {}
     for m, k, n in MATMUL_SHAPES:
         results[(m, k, n)] = {}
         for dtype in (torch.float32, torch.bfloat16):
             a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-            best = math.inf
+            best = 0.0
             for kernel in matmul_kernels():
-                once = median_times({"mm": lambda: kernel(a, w)}, 1, 1)["mm"]
-                loops = max(1, math.ceil(0.02 / once))  # a sample of >= ~20 ms: sub-ms calls time noisily
-
-                def matmuls():
-                    for _ in range(loops):
-                        kernel(a, w)
-                best = min(best, median_times({"mm": matmuls}, settings.warmup, settings.repeats * 2)["mm"] / loops)
-            results[(m, k, n)][dtype] = 2 * m * k * n / best / 1e9
+                matmuls, flops = looped_matmul(kernel, a, w)
+                seconds = median_times({"mm": matmuls}, settings.warmup, settings.repeats * 2)["mm"]
+                best = max(best, flops / seconds / 1e9)
+            results[(m, k, n)][dtype] = best
     for dtype in (torch.float32, torch.bfloat16):
         _limit_cache[dtype] = max(r[dtype] for r in results.values())
     return results
@@ -208,11 +215,8 @@ def limit_beside(steps: dict[str, Callable], dtype: torch.dtype, settings: Setti
     for m, k, n in MATMUL_SHAPES:
         a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         for i, kernel in enumerate(matmul_kernels()):
-            once = median_times({"mm": lambda: kernel(a, w)}, 1, 1)["mm"]
-            loops = max(1, math.ceil(0.02 / once))
             name = f"mm {m}x{k}x{n} #{i}"
-            fns[name] = lambda kernel=kernel, a=a, w=w, loops=loops: [kernel(a, w) for _ in range(loops)]
-            flops[name] = 2 * m * k * n * loops
+            fns[name], flops[name] = looped_matmul(kernel, a, w)
     times = median_times(fns, settings.warmup, settings.repeats)
     return {name: times[name] for name in steps}, max(flops[name] / times[name] / 1e9 for name in flops)
 
@@ -264,10 +268,11 @@ def make_dit(preset: str, dtype: torch.dtype):
     return VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
 
 
-def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Settings) -> dict:
+def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Settings,
+                 limit: float | None = None) -> dict:
     """Tokens, FLOPs, achieved GFLOP/s and MFU of one DiT forward that took `seconds`."""
     tokens = num_tokens(model, inputs[0].shape[-3:])
-    return throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), seconds, dtype, settings)
+    return throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), seconds, dtype, settings, limit)
 
 
 def throughput(tokens: int, flops: int, seconds: float, dtype: torch.dtype, settings: Settings,
@@ -342,9 +347,7 @@ def compiled_row(s: Section, dtype: torch.dtype, settings: Settings, mark: bool)
     times, beside = limit_beside(steps, dtype, settings)
     # This machine's speed drifted by up to 1.2x between sections of one run: the limit counts as the
     # higher of section limit's and the one timed between these steps' repeats.
-    limit = max(machine_limit(dtype, settings), beside)
-    tokens = num_tokens(model, inputs[0].shape[-3:])
-    f = throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), times["compiled"], dtype, settings, limit)
+    f = step_figures(model, inputs, dtype, times["compiled"], settings, max(machine_limit(dtype, settings), beside))
     target = ""
     if mark:
         target = s.target(f"MFU >= {MFU_TARGET:.0%} (tiny, {dtype_name(dtype)}, --compile)", f"{f['mfu']:.1%}",

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 
 _debug = False
+COMPILE_HELP = ("torch.compile the DiT: about 25 s of compiling per video size the first time, 5 s once torch "
+                "has cached it, then faster steps; pays off over many videos.")
 MISTAKE_ROWS = 8  # soragen eval lists this many of its most frequent mistakes
 
 
@@ -131,9 +133,7 @@ def generate(
     model: Annotated[Optional[Path], typer.Option(help="Model folder or training run (default: the built-in model).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT: about 25 s of compiling per "
-                                          "video size the first time, 5 s once torch has cached it, then faster "
-                                          "steps; pays off over many videos.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     """Generate a video from a text prompt.
 
@@ -561,9 +561,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the first video; video i uses seed + i.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT: about 25 s of compiling per "
-                                          "video size the first time, 5 s once torch has cached it, then faster "
-                                          "steps; pays off over many videos.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Judge the VAE's round trip of each prompt's "
                                               "rendered clip instead of generating: the ceiling for the DiT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.")] = False,
