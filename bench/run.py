@@ -255,6 +255,15 @@ def dit_inputs(latent=LATENT, dtype=torch.float32, text_dim=384, batch=BATCH, te
             torch.randn(batch, text_dim, generator=g).to(dtype))
 
 
+def step_inputs(model, inputs) -> tuple:
+    """model.denoise's inputs for a forward's `inputs` (x, t, text, mask, pooled): a denoising step
+    as the pipeline's Denoiser runs it, the text's keys/values and the adaLN modulations made
+    before the loop (once per video, all steps' modulations in one batch)."""
+    x, t, text, mask, pooled = inputs
+    with torch.inference_mode():
+        return (x, *model.modulation(t, pooled), *model.text_context(text, mask))
+
+
 def num_tokens(model, latent_thw) -> int:
     """Tokens the DiT makes of a latent of (T, H, W) cells."""
     from soragen.dit import token_grid
@@ -269,10 +278,12 @@ def make_dit(preset: str, dtype: torch.dtype):
 
 
 def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Settings,
-                 limit: float | None = None) -> dict:
-    """Tokens, FLOPs, achieved GFLOP/s and MFU of one DiT forward that took `seconds`."""
+                 limit: float | None = None, whole: bool = False) -> dict:
+    """Tokens, FLOPs, achieved GFLOP/s and MFU of one denoising step (`whole`: a whole forward, with
+    the text's keys/values) that took `seconds`."""
     tokens = num_tokens(model, inputs[0].shape[-3:])
-    return throughput(tokens, model.flops_per_forward(tokens, TEXT_LEN, BATCH), seconds, dtype, settings, limit)
+    flops = model.flops_per_forward(tokens, TEXT_LEN, BATCH, text_kv=whole)
+    return throughput(tokens, flops, seconds, dtype, settings, limit)
 
 
 def throughput(tokens: int, flops: int, seconds: float, dtype: torch.dtype, settings: Settings,
@@ -282,9 +293,9 @@ def throughput(tokens: int, flops: int, seconds: float, dtype: torch.dtype, sett
             "mfu": achieved / limit}
 
 
-def linear_calls(model, inputs) -> list[tuple]:
-    """(input, layer) of every nn.Linear applied in one forward, to replay them on their own: those
-    called as modules, and those the DiT's blocks apply through `soragen.dit.linear`."""
+def linear_calls(model, step: Callable[[], object]) -> list[tuple]:
+    """(input, layer) of every nn.Linear applied in one call of `step`, to replay them on their own:
+    those called as modules, and those the DiT's blocks apply through `soragen.dit.linear`."""
     from soragen import dit
     calls: list[tuple] = []
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((args[0], mod)))
@@ -297,7 +308,7 @@ def linear_calls(model, inputs) -> list[tuple]:
     dit.linear = recording
     try:
         with torch.inference_mode():
-            model(*inputs)
+            step()
     finally:
         dit.linear = plain
         for hook in hooks:
@@ -311,19 +322,28 @@ def figure_cells(f: dict) -> list[str]:
 
 
 def section_dit(settings: Settings) -> Section:
-    s = Section("dit", f"One denoising forward of VideoDiT (batch {BATCH}, latent {LATENT}, text {TEXT_LEN})",
+    s = Section("dit", f"One denoising step of VideoDiT (batch {BATCH}, latent {LATENT}, text {TEXT_LEN})",
                 ["preset", "dtype", "tokens", "GFLOP", "ms / step", "GFLOP/s", "limit GFLOP/s", "MFU", "target"])
     default = auto_dtype()
     for preset in ("tiny", "small"):
         for dtype in bench_dtypes():
             model = make_dit(preset, dtype)
             inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
-            seconds = median_times({"dit": lambda: model(*inputs)}, settings.warmup, settings.repeats)["dit"]
-            f = step_figures(model, inputs, dtype, seconds, settings)
+            prepared = step_inputs(model, inputs)
+            fns = {"step": lambda: model.denoise(*prepared), "whole": lambda: model(*inputs)}
+            times = median_times(fns, settings.warmup, settings.repeats)
+            f = step_figures(model, inputs, dtype, times["step"], settings)
             s.rows.append([preset, dtype_name(dtype), *figure_cells(f), ""])
             s.data[f"{preset}/{dtype_name(dtype)}"] = f
             if preset == "tiny" and dtype == default:
-                linears_row(s, model, inputs, seconds, dtype, settings)
+                whole = step_figures(model, inputs, dtype, times["whole"], settings, whole=True)
+                s.rows.append(["tiny, whole forward", dtype_name(dtype), *figure_cells(whole), ""])
+                s.data[f"tiny/{dtype_name(dtype)}/whole"] = whole
+                s.notes.append(f"'whole forward': model(x, t, text, ...), which also projects the text to every "
+                               f"block's keys/values and regresses the adaLN modulation at each call: "
+                               f"{whole['ms']:.1f} ms against the step's {f['ms']:.1f} ms. The pipeline does that "
+                               "work once per video (soragen.pipeline.Denoiser); the step rows time model.denoise.")
+                linears_row(s, model, lambda: model.denoise(*prepared), f["ms"] / 1e3, dtype, settings)
     for dtype in bench_dtypes():
         compiled_row(s, dtype, settings, mark=dtype == default)
     malloc_row(s, settings)
@@ -338,12 +358,13 @@ def compiled_row(s: Section, dtype: torch.dtype, settings: Settings, mark: bool)
     from soragen.dit import compile_for_sampling
     model = make_dit("tiny", dtype)
     inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
+    prepared = step_inputs(model, inputs)
     compiled = compile_for_sampling(model)
     start = time.perf_counter()
     with torch.inference_mode():
-        compiled(*inputs)
+        compiled(*prepared)
     compile_s = time.perf_counter() - start
-    steps = {"eager": lambda: model(*inputs), "compiled": lambda: compiled(*inputs)}
+    steps = {"eager": lambda: model.denoise(*prepared), "compiled": lambda: compiled(*prepared)}
     times, beside = limit_beside(steps, dtype, settings)
     # This machine's speed drifted by up to 1.2x between sections of one run: the limit counts as the
     # higher of section limit's and the one timed between these steps' repeats.
@@ -366,9 +387,9 @@ def step_child(settings: Settings) -> None:
     """Runs in a fresh process (bench/run.py --step-child): the tiny eager step in the default dtype, ms."""
     dtype = auto_dtype()
     model = make_dit("tiny", dtype)
-    inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
-    print(json.dumps({"ms": median_times({"dit": lambda: model(*inputs)}, settings.warmup, settings.repeats)["dit"]
-                      * 1e3}))
+    prepared = step_inputs(model, dit_inputs(dtype=dtype, text_dim=model.config.text_dim))
+    print(json.dumps({"ms": median_times({"dit": lambda: model.denoise(*prepared)}, settings.warmup,
+                                         settings.repeats)["dit"] * 1e3}))
 
 
 def malloc_row(s: Section, settings: Settings) -> None:
@@ -392,18 +413,19 @@ def malloc_row(s: Section, settings: Settings) -> None:
                    f"default {', '.join(f'{x:.1f}' for x in runs['default'])}.")
 
 
-def linears_row(s: Section, model, inputs, step_seconds: float, dtype: torch.dtype, settings: Settings) -> None:
+def linears_row(s: Section, model, step: Callable[[], object], step_seconds: float, dtype: torch.dtype,
+                settings: Settings) -> None:
     """The step's nn.Linear calls replayed back to back with nothing between them: the most an
     eager step of this size could reach, whatever the rest of the block costs."""
     from soragen.dit import linear
-    calls = linear_calls(model, inputs)
+    calls = linear_calls(model, step)
     flops = sum(2 * x.numel() // x.shape[-1] * layer.weight.numel() for x, layer in calls)
 
     def linears():  # as the step runs them (oneDNN's kernel at inference on a CPU), without the GELU
         for x, layer in calls:
             linear(x, layer)
     seconds = median_times({"linears": linears}, settings.warmup, settings.repeats)["linears"]
-    f = {**throughput(num_tokens(model, inputs[0].shape[-3:]), flops, seconds, dtype, settings), "calls": len(calls)}
+    f = {**throughput(num_tokens(model, LATENT[-3:]), flops, seconds, dtype, settings), "calls": len(calls)}
     s.rows.append(["tiny, its linears alone", dtype_name(dtype), *figure_cells(f), ""])
     s.data[f"tiny/{dtype_name(dtype)}/linears"] = f
     s.notes.append(f"'its linears alone': the {len(calls)} linear-layer calls of one tiny step, replayed back to back "
@@ -466,7 +488,8 @@ def section_diffusers(settings: Settings) -> Section:
                                      "ratio": ratio, "ratio_against": best}
     params = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in wan.parameters())
     s.data["params"] = {"ours": params[0], "wan": params[1]}
-    s.notes.append("Wan's block is the same shape as ours: self-attention + cross-attention to text + MLP, with "
+    s.notes.append("Both sides run a whole forward per step (ours: model(x, t, text, ...), not the pipeline's "
+                   "lighter step of section dit). Wan's block is the same shape as ours: self-attention + cross-attention to text + MLP, with "
                    "adaLN-style shift/scale/gate modulation from the timestep; width 256, 8 layers, 4 heads, "
                    f"patch (1,2,2), MLP 1024, {num_tokens(ours, x.shape[-3:])} tokens, text length {TEXT_LEN}. "
                    f"Parameters: ours {params[0] / 1e6:.2f} M, Wan {params[1] / 1e6:.2f} M. Timed interleaved; the "
@@ -616,8 +639,8 @@ def section_scaling(settings: Settings) -> Section:
     dit_ms = {}
     for frames, side in cases:
         latent = (model.config.in_channels, latent_frames(frames), side, side)
-        inputs = dit_inputs(latent, dtype)
-        dit_ms[(frames, side)] = median_times({"dit": lambda: model(*inputs)}, settings.warmup,
+        prepared = step_inputs(model, dit_inputs(latent, dtype))
+        dit_ms[(frames, side)] = median_times({"dit": lambda: model.denoise(*prepared)}, settings.warmup,
                                               settings.repeats)["dit"] * 1e3
 
     decode = {}

@@ -53,10 +53,11 @@ def test_positions_work_for_any_grid_and_are_distinct():
 def test_blocks_are_the_identity_at_init():
     model = tiny_dit()
     tokens = torch.randn(2, 10, 32)
-    c = torch.randn(2, 32)
-    text, mask, _ = text_inputs(dim=32)
-    for block in model.blocks:
-        assert torch.equal(block(tokens, c, text, mask[:, None, None, :]), tokens)
+    text, mask, pooled = text_inputs()
+    modulation, _ = model.modulation(torch.tensor([10, 500]), pooled)
+    kv, mask = model.text_context(text, mask)
+    for i, block in enumerate(model.blocks):
+        assert torch.equal(block(tokens, modulation[:, i:i + 1], kv[i], mask), tokens)
     # ... so the whole untrained model predicts zero noise, whatever the input.
     x = torch.randn(2, 4, 3, 8, 8)
     text, mask, pooled = text_inputs()

@@ -6,7 +6,7 @@ import torch
 
 from soragen.config import dit_preset
 from soragen.dit import VideoDiT
-from soragen.pipeline import Pipeline, cpu_has_fast_bf16, resolve_dtype
+from soragen.pipeline import Denoiser, Pipeline, cpu_has_fast_bf16, resolve_dtype
 from soragen.sampling import denoise, make_scheduler
 from soragen.text import TextEmbedding
 
@@ -84,7 +84,7 @@ def test_vae_decode_in_bf16_stays_within_a_few_levels_of_float32():
 def test_compiled_dit_gives_the_eager_video(tiny_model):
     plain = Pipeline.load(tiny_model, device="cpu", dtype="float32")
     fast = Pipeline.load(tiny_model, device="cpu", dtype="float32", compile=True)
-    assert fast.dit_forward is not fast.model.dit
+    assert fast.dit_denoise != fast.model.dit.denoise
     torch._dynamo.utils.counters.clear()
     for prompt in ("a red ball", "a yellow box falling at night"):  # two text lengths, one compile
         a = fast.generate(prompt, steps=3, seed=2).astype(np.int16)
@@ -95,11 +95,37 @@ def test_compiled_dit_gives_the_eager_video(tiny_model):
 
 def test_the_dit_compiles_as_one_graph():
     # A graph break splits the model into pieces compiled apart, which ran slower than eager here.
-    model, *inputs = model_and_inputs()
+    model, x, t, text, mask, pooled = model_and_inputs()
     with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(*inputs)
+        inputs = (x, *model.modulation(t, pooled), *model.text_context(text, mask))
+        explanation = torch._dynamo.explain(model.denoise)(*inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_compiled_denoise_with_onednn_gelu_matches_eager():
+    model, x, t, text, mask, pooled = model_and_inputs()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        model = model.to(dtype)
+        with torch.no_grad():
+            inputs = (x.to(dtype), *model.modulation(t, pooled.to(dtype)), *model.text_context(text.to(dtype), mask))
+            ref = model.denoise(*inputs).float()
+            torch._dynamo.reset()
+            out = torch.compile(model.denoise, dynamic=False)(*inputs).float()
+        assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_denoiser_tables_give_the_plain_forward(monkeypatch):
+    """Text keys/values once per video and the modulations of all steps in batches change nothing."""
+    monkeypatch.setattr(Denoiser, "TABLE_STEPS", 2)  # so the table is refilled on the way
+    model, x, _, text, mask, pooled = model_and_inputs()
+    embedding = TextEmbedding(text, mask, pooled)
+    timesteps = torch.tensor([900, 600, 300, 0])
+    denoiser = Denoiser(model, model.denoise, timesteps, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for step in [*timesteps.tolist(), 450]:  # 450: off the table, computed on its own
+            t = torch.full((2,), float(step))
+            assert torch.allclose(denoiser(x, t, embedding), model(x, t, text, mask, pooled), atol=1e-6)
 
 
 def test_padded_text_gives_the_same_prediction():

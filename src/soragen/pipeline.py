@@ -95,7 +95,7 @@ class Pipeline:
     compiled: bool = False
 
     def __post_init__(self):
-        self.dit_forward = compile_for_sampling(self.model.dit) if self.compiled else self.model.dit
+        self.dit_denoise = compile_for_sampling(self.model.dit) if self.compiled else self.model.dit.denoise
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
@@ -141,8 +141,8 @@ class Pipeline:
                 "guidance": d.guidance if guidance is None else guidance}
 
     # ---- generation ------------------------------------------------------------------------------
-    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-        return self.dit_forward(x.to(self.dtype), t.to(self.device), text.tokens, text.mask, text.pooled)
+    def denoiser(self, timesteps: torch.Tensor) -> "Denoiser":
+        return Denoiser(self.model.dit, self.dit_denoise, timesteps, self.device, self.dtype)
 
     @torch.no_grad()
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
@@ -169,11 +169,50 @@ class Pipeline:
         shape = (1, *self.model.vae.latent_shape(frames, height, width))
         noise = torch.randn(shape, generator=generator).to(self.device)
         scheduler = make_scheduler(sampler, self.model.scheduler_config)
+        scheduler.set_timesteps(steps)
         report("denoise", 0, steps)
-        latent = denoise(self.predict_noise, noise, cond, uncond, scheduler, steps, guidance, eta=eta,
-                         generator=generator, progress=lambda i, n: report("denoise", i, n))
+        latent = denoise(self.denoiser(scheduler.timesteps), noise, cond, uncond, scheduler, steps, guidance,
+                         eta=eta, generator=generator, progress=lambda i, n: report("denoise", i, n))
 
         report("decode", 0, 1)
         out = self.model.vae.decode_uint8(latent, frames)[0]
         report("decode", 1, 1)
         return out
+
+
+class Denoiser:
+    """The DiT as the sampling loop calls it, `(x, t, text) -> prediction`, with the work that is
+    the same at every step done once per video: the text's keys/values for every block (at its
+    first call for a `text`), and the adaLN modulations of the timesteps the sampler will visit,
+    in batched passes of up to TABLE_STEPS steps. Each step then runs only the token path, `step`
+    (eager or compiled)."""
+
+    TABLE_STEPS = 50
+
+    def __init__(self, dit, step: Callable, timesteps: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.dit, self.step, self.device, self.dtype = dit, step, device, dtype
+        self.timesteps = [float(t) for t in timesteps]
+        self.text = None
+
+    def prepare(self, text) -> None:
+        self.text, self.table = text, {}
+        self.context = self.dit.text_context(text.tokens, text.mask)
+
+    def fill_table(self, start: int) -> None:
+        """The modulations of timesteps[start : start + TABLE_STEPS], in place of the table's."""
+        steps = self.timesteps[start:start + self.TABLE_STEPS]
+        batch = self.text.pooled.shape[0]
+        t = torch.tensor(steps, device=self.device).repeat_interleave(batch)  # step-major, as pooled below
+        blocks, final = self.dit.modulation(t, self.text.pooled.repeat(len(steps), 1))
+        self.table = dict(zip(steps, zip(blocks.split(batch), final.split(batch))))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        if text is not self.text:
+            self.prepare(text)
+        step = float(t[0])
+        if step not in self.table and step in self.timesteps:
+            self.fill_table(self.timesteps.index(step))
+        modulation = self.table.get(step)
+        if modulation is None or not bool((t == t[0]).all()):  # a step off the table: computed for it
+            modulation = self.dit.modulation(t.to(self.device), text.pooled)
+        return self.step(x.to(self.dtype), *modulation, *self.context)
