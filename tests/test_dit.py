@@ -55,9 +55,9 @@ def test_blocks_are_the_identity_at_init():
     tokens = torch.randn(2, 10, 32)
     text, mask, pooled = text_inputs()
     modulation, _ = model.modulation(torch.tensor([10, 500]), pooled)
-    kv, mask = model.text_context(text, mask)
+    kv, bias = model.text_context(text, mask)
     for i, block in enumerate(model.blocks):
-        assert torch.equal(block(tokens, modulation[:, i:i + 1], kv[i], mask), tokens)
+        assert torch.equal(block(tokens, modulation[:, i:i + 1], kv[i], bias), tokens)
     # ... so the whole untrained model predicts zero noise, whatever the input.
     x = torch.randn(2, 4, 3, 8, 8)
     text, mask, pooled = text_inputs()

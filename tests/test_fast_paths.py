@@ -203,7 +203,7 @@ def test_onednn_linear_with_fused_gelu_matches_the_plain_layers():
 
 
 def test_matmul_attention_matches_sdpa_with_a_padding_mask():
-    from soragen.dit import attend
+    from soragen.dit import attend, mask_bias
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))
     ctx_k, ctx_v = torch.randn(2, 4, 6, 16, generator=g), torch.randn(2, 4, 6, 16, generator=g)
@@ -213,7 +213,8 @@ def test_matmul_attention_matches_sdpa_with_a_padding_mask():
     for keys, values, m in ((k, v, None), (ctx_k, ctx_v, mask)):
         ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m)
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-            out = attend((q * scale).to(dtype), keys.to(dtype), values.to(dtype), m).float()
+            bias = None if m is None else mask_bias(m[:, 0, 0], dtype)
+            out = attend((q * scale).to(dtype), keys.to(dtype), values.to(dtype), bias).float()
             assert (out - ref).abs().max() <= tol * ref.abs().max()
 
 
