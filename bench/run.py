@@ -257,11 +257,13 @@ def dit_inputs(latent=LATENT, dtype=torch.float32, text_dim=384, batch=BATCH, te
 
 def step_inputs(model, inputs) -> tuple:
     """model.denoise's inputs for a forward's `inputs` (x, t, text, mask, pooled): a denoising step
-    as the pipeline's Denoiser runs it, the text's keys/values and the adaLN modulations made
-    before the loop (once per video, all steps' modulations in one batch)."""
+    as the pipeline's Denoiser runs it, the text's keys/values, the adaLN modulations and the
+    positions made before the loop (once per video, all steps' modulations in one batch)."""
+    from soragen.dit import token_grid
     x, t, text, mask, pooled = inputs
     with torch.inference_mode():
-        return (x, *model.modulation(t, pooled), *model.text_context(text, mask))
+        positions = model.positions(token_grid(tuple(x.shape[-3:]), model.config.patch_size), x.device, x.dtype)
+        return (x, *model.modulation(t, pooled), *model.text_context(text, mask), positions)
 
 
 def num_tokens(model, latent_thw) -> int:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from soragen.dit import compile_for_sampling
+from soragen.dit import compile_for_sampling, token_grid
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import Model, load_model
 from soragen.sampling import SAMPLERS, denoise, make_scheduler
@@ -183,8 +183,8 @@ class Pipeline:
 class Denoiser:
     """The DiT as the sampling loop calls it, `(x, t, text) -> prediction`, with the work that is
     the same at every step done once per video: the text's keys/values for every block (at its
-    first call for a `text`), and the adaLN modulations of the timesteps the sampler will visit,
-    in batched passes of up to TABLE_STEPS steps. Each step then runs only the token path, `step`
+    first call for a `text`), the adaLN modulations of the timesteps the sampler will visit, in
+    batched passes of up to TABLE_STEPS steps, and the tokens' positions. Each step then runs only the token path, `step`
     (eager or compiled)."""
 
     TABLE_STEPS = 50
@@ -215,4 +215,6 @@ class Denoiser:
         modulation = self.table.get(step)
         if modulation is None or not bool((t == t[0]).all()):  # a step off the table: computed for it
             modulation = self.dit.modulation(t.to(self.device), text.pooled)
-        return self.step(x.to(self.dtype), *modulation, *self.context)
+        grid = token_grid(tuple(x.shape[-3:]), self.dit.config.patch_size)
+        positions = self.dit.positions(grid, self.device, self.dtype)  # cached by the DiT
+        return self.step(x.to(self.dtype), *modulation, *self.context, positions)
