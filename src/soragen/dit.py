@@ -89,8 +89,8 @@ def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
 
 def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `linear` may take oneDNN's fused kernel: no autograd (it has no backward), no
-    autocast (it would not cast), not under torch.compile (which fuses on its own), a CPU tensor in
-    the weight's float dtype."""
+    autocast (it would not cast), not under torch.compile (there `linear` takes the custom op), a
+    CPU tensor in the weight's float dtype."""
     if torch.compiler.is_compiling():  # first: torch.compile cannot trace the checks below (graph breaks)
         return False
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
@@ -98,18 +98,24 @@ def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-@torch.library.custom_op("soragen::linear_gelu", mutates_args=())
-def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu(x @ weight.T + bias) as one oneDNN call, opaque to torch.compile. On the MLP's (640, 256)
-    x (256, 1024) bf16 linear here: 412 us, against 378 us for inductor's matmul plus 155 us for its
-    GELU kernel (erf in float32); in the compiled tiny step, 0.3 ms less of ~20."""
-    if torch.backends.mkldnn.is_available() and x.dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-    return F.gelu(F.linear(x, weight, bias))
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
 
 
-@_linear_gelu.register_fake
-def _(x, weight, bias):
+@torch.library.custom_op("soragen::linear", mutates_args=())
+def _compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """`linear` inside a torch.compile graph, opaque to inductor, so that it stays oneDNN's call:
+    inductor's own addmm ran these layers 2x slower in float32 here (the compiled float32 step was
+    slower than eager) and ~5% slower in bf16, and its separate GELU kernel took 155 us on the
+    MLP's (640, 1024) bf16 tile, where oneDNN applies GELU to the tile in cache."""
+    if torch.backends.mkldnn.is_available() and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
+        return _onednn_linear(x, weight, bias, activation)
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
+
+
+@_compiled_linear.register_fake
+def _(x, weight, bias, activation):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -117,13 +123,11 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch
     """layer(x), followed by exact GELU if `activation` is "gelu". At inference on a CPU it is one
     oneDNN call with bias and GELU applied to the output tile while it is still in cache: in bf16 a
     separate GELU over the MLP's (2 x 320) x 1024 activations cost more than the matmul before it.
-    Under torch.compile the GELU linear stays that call (a custom op); the others go to inductor."""
+    Under torch.compile it is the same call, wrapped as a custom op (`_compiled_linear`)."""
     if _onednn_inference(x, layer.weight):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [],
-                                                  "none" if activation == "gelu" else "")
-    if (activation == "gelu" and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.device.type == "cpu" and layer.bias is not None):
-        return _linear_gelu(x, layer.weight, layer.bias)
+        return _onednn_linear(x, layer.weight, layer.bias, activation)
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu":
+        return _compiled_linear(x, layer.weight, layer.bias, activation)
     y = F.linear(x, layer.weight, layer.bias)
     return F.gelu(y) if activation == "gelu" else y
 
