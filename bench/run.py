@@ -274,9 +274,11 @@ def num_tokens(model, latent_thw) -> int:
 
 def make_dit(preset: str, dtype: torch.dtype):
     from soragen.config import dit_preset
-    from soragen.dit import VideoDiT
+    from soragen.dit import VideoDiT, pack_linears
     torch.manual_seed(0)
-    return VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
+    model = VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
+    pack_linears(model)  # as the pipeline does
+    return model
 
 
 def step_figures(model, inputs, dtype: torch.dtype, seconds: float, settings: Settings,

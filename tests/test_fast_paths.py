@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from soragen.config import dit_preset
-from soragen.dit import VideoDiT
+from soragen.dit import VideoDiT, linear, pack_linears
 from soragen.pipeline import Denoiser, Pipeline, cpu_has_fast_bf16, resolve_dtype
 from soragen.sampling import denoise, make_scheduler
 from soragen.text import TextEmbedding
@@ -96,6 +96,7 @@ def test_compiled_dit_gives_the_eager_video(tiny_model):
 def test_the_dit_compiles_as_one_graph():
     # A graph break splits the model into pieces compiled apart, which ran slower than eager here.
     model, x, t, text, mask, pooled = model_and_inputs()
+    pack_linears(model)  # as the pipeline does
     with torch.no_grad():
         inputs = (x, *model.modulation(t, pooled), *model.text_context(text, mask))
         explanation = torch._dynamo.explain(model.denoise)(*inputs)
@@ -103,10 +104,11 @@ def test_the_dit_compiles_as_one_graph():
     assert explanation.graph_count == 1
 
 
-def test_compiled_denoise_with_onednn_gelu_matches_eager():
+def test_compiled_denoise_with_onednn_linears_matches_eager():
     model, x, t, text, mask, pooled = model_and_inputs()
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         model = model.to(dtype)
+        pack_linears(model)
         with torch.no_grad():
             inputs = (x.to(dtype), *model.modulation(t, pooled.to(dtype)), *model.text_context(text.to(dtype), mask))
             ref = model.denoise(*inputs).float()
@@ -182,7 +184,6 @@ def test_onednn_conv3d_matches_torchs_choice_and_leaves_training_alone():
 
 
 def test_onednn_linear_with_fused_gelu_matches_the_plain_layers():
-    from soragen.dit import linear
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 96)
     x = torch.randn(2, 10, 64)
@@ -200,6 +201,24 @@ def test_onednn_linear_with_fused_gelu_matches_the_plain_layers():
     out = linear(x.requires_grad_(True), layer, "gelu")  # with autograd: the plain layers, so it can train
     out.sum().backward()
     assert x.grad is not None and out.grad_fn is not None
+
+
+def test_packed_weights_give_the_same_output_until_the_weight_changes():
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(64, 96), torch.randn(2, 10, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer, xd = layer.to(dtype), x.to(dtype)
+        with torch.no_grad():
+            plain = linear(xd, layer, "gelu")
+            pack_linears(layer)
+            if not hasattr(layer, "onednn_weight"):
+                pytest.skip("this torch has no oneDNN")
+            assert torch.equal(linear(xd, layer, "gelu"), plain)  # the same kernel, the weight laid out ahead
+            layer.weight.mul_(-1.0)  # e.g. a training step: the packed copy is stale now
+            changed = linear(xd, layer)
+        expected = torch.nn.functional.linear(xd.float(), layer.weight.float(), layer.bias.float())
+        assert (changed.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+        del layer.onednn_weight
 
 
 def test_matmul_attention_matches_sdpa_with_a_padding_mask():

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from soragen.dit import compile_for_sampling, token_grid
+from soragen.dit import compile_for_sampling, pack_linears, token_grid
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import Model, load_model
 from soragen.sampling import SAMPLERS, denoise, make_scheduler
@@ -95,6 +95,7 @@ class Pipeline:
     compiled: bool = False
 
     def __post_init__(self):
+        pack_linears(self.model.dit)
         self.dit_denoise = compile_for_sampling(self.model.dit) if self.compiled else self.model.dit.denoise
 
     @classmethod
