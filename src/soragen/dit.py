@@ -264,8 +264,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, modulation, kv, bias):
-        """x (B, N, D); modulation (B, 1, 6D) = adaLN_modulation(c); kv (B, L, 2D) = the text's
-        keys/values for `cross`, and bias (B, 1, 1, L) its padding (`mask_bias`)."""
+        """x (B, N, D); modulation (B, 1, 6D) = adaLN_modulation(c); kv = cross.keys_values(text),
+        and bias (B, 1, 1, L) the text's padding (`mask_bias`)."""
         attn_mod, mlp_mod = (Modulation(*m.chunk(3, dim=-1)) for m in modulation.chunk(2, -1))
         x = torch.addcmul(x, attn_mod.gate, self.attn(modulate(self.norm1(x), attn_mod)))  # x + gate * attn
         if self.cross_attention:

@@ -184,9 +184,9 @@ class Pipeline:
 class Denoiser:
     """The DiT as the sampling loop calls it, `(x, t, text) -> prediction`, with the work that is
     the same at every step done once per video: the text's keys/values for every block (at its
-    first call for a `text`), the adaLN modulations of the timesteps the sampler will visit, in
-    batched passes of up to TABLE_STEPS steps, and the tokens' positions. Each step then runs only the token path, `step`
-    (eager or compiled)."""
+    first call for a `text`), the adaLN modulations of the timesteps the sampler will visit (in
+    batched passes of up to TABLE_STEPS steps) and the tokens' positions. Each step then runs only
+    the token path, `step` (eager or compiled)."""
 
     TABLE_STEPS = 50
 
