@@ -514,8 +514,9 @@ def section_diffusers(settings: Settings) -> Section:
     params = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in wan.parameters())
     s.data["params"] = {"ours": params[0], "wan": params[1]}
     s.notes.append("Both sides run a whole forward per step (ours: model(x, t, text, ...), not the pipeline's "
-                   "lighter step of section dit). Wan's block is the same shape as ours: self-attention + cross-attention to text + MLP, with "
-                   "adaLN-style shift/scale/gate modulation from the timestep; width 256, 8 layers, 4 heads, "
+                   "lighter step of section dit). Wan's block is the same shape as ours: self-attention + "
+                   "cross-attention to text + MLP, with adaLN-style shift/scale/gate modulation from the timestep; "
+                   "width 256, 8 layers, 4 heads, "
                    f"patch (1,2,2), MLP 1024, {num_tokens(ours, x.shape[-3:])} tokens, text length {TEXT_LEN}. "
                    f"Parameters: ours {params[0] / 1e6:.2f} M, Wan {params[1] / 1e6:.2f} M. Timed interleaved; the "
                    f"target compares with the faster Wan variant.")
