@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 _debug = False
-COMPILE_HELP = ("torch.compile the DiT: about 27 s of compiling per video size the first time, 5 s once torch "
+COMPILE_HELP = ("torch.compile the DiT: about 30 s of compiling per video size the first time, 5 s once torch "
                 "has cached it, then faster steps; pays off over many videos.")
 MISTAKE_ROWS = 8  # soragen eval lists this many of its most frequent mistakes
 
