@@ -256,14 +256,15 @@ def dit_inputs(latent=LATENT, dtype=torch.float32, text_dim=384, batch=BATCH, te
 
 
 def step_inputs(model, inputs) -> tuple:
-    """model.denoise's inputs for a forward's `inputs` (x, t, text, mask, pooled): a denoising step
-    as the pipeline's Denoiser runs it, the text's keys/values, the adaLN modulations and the
-    positions made before the loop (once per video, all steps' modulations in one batch)."""
-    from soragen.dit import token_grid
+    """model.denoise's inputs for a forward's `inputs` (x, t, text, mask, pooled), made by the
+    pipeline's Denoiser: the text's keys/values, the adaLN modulations and the positions made before
+    the loop (once per video, all steps' modulations in one batch)."""
+    from soragen.pipeline import Denoiser
+    from soragen.text import TextEmbedding
     x, t, text, mask, pooled = inputs
+    denoiser = Denoiser(model, model.denoise, t[:1], x.device, x.dtype)
     with torch.inference_mode():
-        positions = model.positions(token_grid(tuple(x.shape[-3:]), model.config.patch_size), x.device, x.dtype)
-        return (x, *model.modulation(t, pooled), *model.text_context(text, mask), positions)
+        return denoiser.step_args(x, t, TextEmbedding(text, mask, pooled))
 
 
 def num_tokens(model, latent_thw) -> int:
@@ -390,18 +391,19 @@ def compiled_row(s: Section, dtype: torch.dtype, settings: Settings, mark: bool)
         # This machine's speed drifted by up to 1.2x between sections of one run: the limit counts as
         # the higher of the section's and the one timed between these steps' repeats.
         run["limit"] = max(machine_limit(dtype, settings), run["beside"])
-        run["mfu"] = step_figures(model, inputs, dtype, run["compiled_s"], settings, run["limit"])["mfu"]
+        run["figures"] = step_figures(model, inputs, dtype, run["compiled_s"], settings, run["limit"])
         runs.append(run)
-    median = sorted(runs, key=lambda run: run["mfu"])[len(runs) // 2]
-    f = step_figures(model, inputs, dtype, median["compiled_s"], settings, median["limit"])
+    median = sorted(runs, key=lambda run: run["figures"]["mfu"])[len(runs) // 2]
+    f = median["figures"]
     target = ""
     if mark:
         target = s.target(f"MFU >= {MFU_TARGET:.0%} (tiny, {dtype_name(dtype)}, --compile)", f"{f['mfu']:.1%}",
                           f["mfu"] >= MFU_TARGET)
     s.rows.append(["tiny, --compile", dtype_name(dtype), *figure_cells(f), target])
     s.data[f"tiny/{dtype_name(dtype)}/compiled"] = {**f, "processes": runs}
-    each = "; ".join(f"{run['mfu']:.1%} ({run['compiled_s'] * 1e3:.1f} vs eager {run['eager_s'] * 1e3:.1f} ms, "
-                     f"limit {run['limit']:.0f}, first call {run['compile_s']:.0f} s)" for run in runs)
+    each = "; ".join(f"{run['figures']['mfu']:.1%} ({run['compiled_s'] * 1e3:.1f} vs eager "
+                     f"{run['eager_s'] * 1e3:.1f} ms, limit {run['limit']:.0f}, first call {run['compile_s']:.0f} s)"
+                     for run in runs)
     s.notes.append(f"--compile in {dtype_name(dtype)}, {len(runs)} fresh process(es), each timing the compiled and "
                    f"the eager step interleaved with the limit's matmuls: {each}. The row is the median; its "
                    f"compiled step is {median['eager_s'] / median['compiled_s']:.2f}x its eager one. A first call "

@@ -131,8 +131,8 @@ def pack_linears(module: nn.Module) -> None:
     if not torch.backends.mkldnn.is_available():
         return
     for layer in module.modules():
-        w = getattr(layer, "weight", None)
-        if isinstance(layer, nn.Linear) and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+        w = layer.weight if isinstance(layer, nn.Linear) else None
+        if w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
             with torch.no_grad():
                 layer.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
             layer.onednn_key = _weight_key(w)

@@ -208,6 +208,10 @@ class Denoiser:
         self.table = dict(zip(steps, zip(blocks.split(batch), final.split(batch))))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.step(*self.step_args(x, t, text))
+
+    def step_args(self, x: torch.Tensor, t: torch.Tensor, text) -> tuple:
+        """What `step` (the DiT's `denoise`) takes for latent x at timesteps t (B,) with `text`."""
         if text is not self.text:
             self.prepare(text)
         step = float(t[0])
@@ -218,4 +222,4 @@ class Denoiser:
             modulation = self.dit.modulation(t.to(self.device), text.pooled)
         grid = token_grid(tuple(x.shape[-3:]), self.dit.config.patch_size)
         positions = self.dit.positions(grid, self.device, self.dtype)  # cached by the DiT
-        return self.step(x.to(self.dtype), *modulation, *self.context, positions)
+        return (x.to(self.dtype), *modulation, *self.context, positions)
