@@ -145,10 +145,10 @@ def cpu_model() -> str:
 
 
 def machine_line() -> str:
-    from soragen.pipeline import cpu_has_fast_bf16
+    from soragen.cpu import has_fast_bf16
     load = ", load average %.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     return (f"Machine: {cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
-            f"fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'}, torch {torch.__version__}, "
+            f"fast bf16: {'yes' if has_fast_bf16() else 'no'}, torch {torch.__version__}, "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}{load}")
 
 
@@ -171,11 +171,12 @@ MATMUL_SHAPES = [(640, 256, 1024), (640, 1024, 256), (640, 256, 768), (640, 384,
 _limit_cache: dict[torch.dtype, float] = {}
 
 
-def matmul_kernels() -> list[Callable]:
-    """Every way this CPU can run x @ W^T: F.linear, and oneDNN's kernel that the DiT calls at
-    inference (in float32 it outran F.linear 2.2x on a 2-core AMD EPYC); the limit is the fastest."""
+def matmul_kernels(dtype: torch.dtype) -> list[Callable]:
+    """Every way this CPU can run x @ W^T in `dtype`: F.linear, and oneDNN's kernel that the DiT
+    calls at inference where it runs that dtype here (soragen.cpu); the limit is the fastest."""
+    from soragen import cpu
     kernels = [lambda a, w: torch.nn.functional.linear(a, w)]
-    if torch.backends.mkldnn.is_available():
+    if cpu.onednn_linear(dtype):
         kernels.append(lambda a, w: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
     return kernels
 
@@ -198,7 +199,7 @@ def matmul_gflops(settings: Settings) -> dict[tuple, dict[torch.dtype, float]]:
         for dtype in (torch.float32, torch.bfloat16):
             a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
             best = 0.0
-            for kernel in matmul_kernels():
+            for kernel in matmul_kernels(dtype):
                 matmuls, flops = looped_matmul(kernel, a, w)
                 seconds = median_times({"mm": matmuls}, settings.warmup, settings.repeats * 2)["mm"]
                 best = max(best, flops / seconds / 1e9)
@@ -214,7 +215,7 @@ def limit_beside(steps: dict[str, Callable], dtype: torch.dtype, settings: Setti
     fns, flops = dict(steps), {}
     for m, k, n in MATMUL_SHAPES:
         a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-        for i, kernel in enumerate(matmul_kernels()):
+        for i, kernel in enumerate(matmul_kernels(dtype)):
             name = f"mm {m}x{k}x{n} #{i}"
             fns[name], flops[name] = looped_matmul(kernel, a, w)
     times = median_times(fns, settings.warmup, settings.repeats)
@@ -642,9 +643,10 @@ def resource_rss_mb() -> float:
 def decode_kernels_row(s: Section, settings: Settings) -> None:
     """A 16-frame decode with our oneDNN route for Conv3d (vae.use_onednn_conv3d) against torch's
     own choice, which at batch 1 is its reference slow_conv3d; timed interleaved, same VAE."""
+    from soragen import cpu
     from soragen.vae import use_onednn_conv3d
     vae = bench_vae(settings.model_dir)
-    if vae.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if vae.dtype != torch.float32 or not cpu.onednn_conv3d(torch.float32):
         return
     twin = copy.deepcopy(vae)
     use_onednn_conv3d(twin.model, enabled=False)

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from soragen import cpu
 from soragen.config import dit_preset
 from soragen.dit import VideoDiT, linear, pack_linears
-from soragen.pipeline import Denoiser, Pipeline, cpu_has_fast_bf16, resolve_dtype
+from soragen.cpu import has_fast_bf16
+from soragen.pipeline import Denoiser, Pipeline, resolve_dtype
 from soragen.sampling import denoise, make_scheduler
 from soragen.text import TextEmbedding
 
@@ -55,7 +57,7 @@ def test_batched_guidance_equals_two_separate_passes():
 
 
 def test_auto_dtype_follows_the_hardware():
-    expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    expected = torch.bfloat16 if has_fast_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
 
 
@@ -206,19 +208,72 @@ def test_onednn_linear_with_fused_gelu_matches_the_plain_layers():
 def test_packed_weights_give_the_same_output_until_the_weight_changes():
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(64, 96), torch.randn(2, 10, 64)
-    for dtype in (torch.float32, torch.bfloat16):
+    dtypes = [d for d in (torch.float32, torch.bfloat16) if cpu.onednn_linear(d)]
+    if not dtypes:
+        pytest.skip("oneDNN's linear runs in no dtype on this CPU")
+    for dtype in dtypes:
         layer, xd = layer.to(dtype), x.to(dtype)
         with torch.no_grad():
             plain = linear(xd, layer, "gelu")
             pack_linears(layer)
-            if not hasattr(layer, "onednn_weight"):
-                pytest.skip("this torch has no oneDNN")
+            assert hasattr(layer, "onednn_weight")
             assert torch.equal(linear(xd, layer, "gelu"), plain)  # the same kernel, the weight laid out ahead
             layer.weight.mul_(-1.0)  # e.g. a training step: the packed copy is stale now
             changed = linear(xd, layer)
         expected = torch.nn.functional.linear(xd.float(), layer.weight.float(), layer.bias.float())
         assert (changed.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
         del layer.onednn_weight
+
+
+def _onednn_kernel_runs(dtype) -> bool:
+    try:
+        x, w = torch.randn(3, 32, dtype=dtype), torch.randn(16, 32, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_the_cpu_probe_says_whether_onednn_runs_each_dtype_here():
+    # On an AVX2-only CPU oneDNN refuses bf16 ("bf16 path needs the cpu support ..."), on AVX-512 it runs.
+    for dtype in (torch.float32, torch.bfloat16):
+        assert cpu.onednn_linear(dtype) == _onednn_kernel_runs(dtype)
+
+
+def test_with_fast_paths_off_every_layer_is_torchs_own(monkeypatch):
+    from soragen.config import vae_preset_config
+    from soragen.vae import new_vae
+    monkeypatch.setenv("SORAGEN_FAST_PATHS", "off")
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(64, 96), torch.randn(2, 10, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer, xd = layer.to(dtype), x.to(dtype)
+        pack_linears(layer)
+        assert not hasattr(layer, "onednn_weight")
+        with torch.no_grad():
+            out = linear(xd, layer, "gelu")
+        assert torch.equal(out, torch.nn.functional.gelu(torch.nn.functional.linear(xd, layer.weight, layer.bias)))
+    vae = new_vae(vae_preset_config("test"))
+    assert not any("_conv_forward" in vars(m) for m in vae.model.modules())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_pipeline_gives_the_same_video_through_the_fallbacks(tiny_model, monkeypatch, dtype):
+    fast = Pipeline.load(tiny_model, device="cpu", dtype=dtype).generate("a red ball", steps=3, seed=4)
+    monkeypatch.setenv("SORAGEN_FAST_PATHS", "off")
+    plain = Pipeline.load(tiny_model, device="cpu", dtype=dtype).generate("a red ball", steps=3, seed=4)
+    diff = np.abs(fast.astype(np.int16) - plain.astype(np.int16))
+    assert diff.max() <= (1 if dtype == "float32" else 8) and diff.mean() < 1.0
+
+
+def test_bf16_on_a_cpu_whose_onednn_refuses_bf16_runs_through_torch(tiny_model, monkeypatch):
+    # As on an AVX2-only CPU: bf16 is asked for, oneDNN cannot run it, torch's own bf16 kernels do.
+    monkeypatch.setattr(cpu, "_onednn_linear_runs", lambda dtype: dtype == torch.float32)
+    pipe = Pipeline.load(tiny_model, device="cpu", dtype="bfloat16")
+    assert not any(hasattr(m, "onednn_weight") for m in pipe.model.dit.modules())
+    a = pipe.generate("a red ball", steps=3, seed=1).astype(np.int16)
+    b = Pipeline.load(tiny_model, device="cpu", dtype="float32").generate("a red ball", steps=3, seed=1)
+    assert np.abs(a - b.astype(np.int16)).mean() < 4.0
 
 
 def test_matmul_attention_matches_sdpa_with_a_padding_mask():

@@ -108,6 +108,15 @@ class StageProgress:
         self.bars.update(self.tasks[stage], completed=done, total=total)
 
 
+def _note_emulated_bf16(console, device, dtype) -> None:
+    """bf16 asked for on a CPU that only emulates it: it runs (torch's own kernels), but slowly."""
+    import torch
+    from soragen.cpu import has_fast_bf16
+    if device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16():
+        console.print("note: this CPU has no bf16 matmul units (AVX512-BF16 or AMX): bfloat16 runs through "
+                      "torch's emulated kernels, slower than float32 (--dtype auto picks float32 here)")
+
+
 def _slug(text: str, limit: int = 40) -> str:
     keep = "".join(c if c.isalnum() else "-" for c in text.lower())
     return "-".join(filter(None, keep.split("-")))[:limit] or "video"
@@ -195,6 +204,7 @@ def generate(
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
                   f"{settings['sampler']} {settings['steps']} steps, guidance {settings['guidance']:g} "
                   f"(loaded in {time.perf_counter() - t0:.1f}s)")
+    _note_emulated_bf16(console, pipe.device, pipe.dtype)
     index = []
     for i, (text, path) in enumerate(jobs):
         start = time.perf_counter()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from soragen import cpu
 from soragen.config import DiTConfig
 
 
@@ -90,12 +91,11 @@ def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
 def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `linear` may take oneDNN's fused kernel: no autograd (it has no backward), no
     autocast (it would not cast), not under torch.compile (there `linear` takes the custom op), a
-    CPU tensor in the weight's float dtype."""
+    CPU tensor in the weight's dtype, which oneDNN runs on this CPU (`soragen.cpu`)."""
     if torch.compiler.is_compiling():  # first: torch.compile cannot trace the checks below (graph breaks)
         return False
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and cpu.onednn_linear(x.dtype))
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str):
@@ -108,7 +108,7 @@ def _compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     inductor's own addmm ran these layers 2x slower in float32 here (the compiled float32 step was
     slower than eager) and ~5% slower in bf16, and its separate GELU kernel took 155 us on the
     MLP's (640, 1024) bf16 tile, where oneDNN applies GELU to the tile in cache."""
-    if torch.backends.mkldnn.is_available() and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
+    if x.dtype == weight.dtype and cpu.onednn_linear(x.dtype):
         return _onednn_linear(x, weight, bias, activation)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
@@ -127,15 +127,20 @@ def _weight_key(weight: torch.Tensor) -> tuple:
 def pack_linears(module: nn.Module) -> None:
     """Give each CPU nn.Linear in `module` a copy of its weight in oneDNN's blocked layout, which
     `linear` uses at inference while the weight is unchanged: oneDNN then skips reordering the
-    weight at every call, 5-7% of each of the DiT's linears here (identical results)."""
-    if not torch.backends.mkldnn.is_available():
-        return
+    weight at every call, 5-7% of each of the DiT's linears here (identical results). Only where
+    oneDNN runs the weight's dtype on this CPU: elsewhere `linear` is torch's own, which needs the
+    weight as it is, so an earlier packing (of another dtype, say) is dropped there."""
     for layer in module.modules():
-        w = layer.weight if isinstance(layer, nn.Linear) else None
-        if w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+        if not isinstance(layer, nn.Linear):
+            continue
+        w = layer.weight
+        if w.device.type == "cpu" and cpu.onednn_linear(w.dtype):
             with torch.no_grad():
                 layer.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
             layer.onednn_key = _weight_key(w)
+        else:
+            vars(layer).pop("onednn_weight", None)
+            vars(layer).pop("onednn_key", None)
 
 
 def _inference_weight(layer: nn.Linear) -> torch.Tensor:

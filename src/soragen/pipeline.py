@@ -6,8 +6,6 @@ The pipeline owns device and dtype. It reports progress through a callback
 
 from __future__ import annotations
 
-import functools
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from soragen import cpu
 from soragen.dit import compile_for_sampling, pack_linears, token_grid
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import Model, load_model
@@ -28,19 +27,6 @@ MAX_SIDE = 2048
 MAX_STEPS = 1000
 
 Progress = Callable[[str, int, int], None]
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU does bf16 matmuls in hardware (AVX512-BF16 or AMX): there bf16 runs several
-    times faster than float32; elsewhere it is emulated and far slower."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,7 +43,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if cpu.has_fast_bf16() else torch.float32
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]

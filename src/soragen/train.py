@@ -109,14 +109,14 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    from soragen.pipeline import cpu_has_fast_bf16
+    from soragen.cpu import has_fast_bf16
     if mode == "no":
         return None
     if mode == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if has_fast_bf16() else None
 
 
 # ---- what differs between DiT and VAE training -------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soragen import cpu
 from soragen.errors import SoragenError
 from soragen.weights import load_into
 
@@ -52,7 +53,7 @@ def _onednn_conv3d(self: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor,
     `slow_conv3d` instead: a 16-frame decode takes 2-3x as long on a 2-core AMD EPYC (bench/run.py,
     section scaling)."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            and self.padding_mode == "zeros" and not isinstance(self.padding, str) and cpu.onednn_conv3d(x.dtype)):
         return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
     return torch.nn.Conv3d._conv_forward(self, x, weight, bias)
 
@@ -60,7 +61,7 @@ def _onednn_conv3d(self: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor,
 def use_onednn_conv3d(model: torch.nn.Module, enabled: bool = True) -> None:
     """Route the model's plain Conv3d layers (Wan's causal convs are Conv3d) through `_onednn_conv3d`;
     `enabled=False` gives them back torch's own kernel choice."""
-    if enabled and not torch.backends.mkldnn.is_available():
+    if enabled and not cpu.onednn_conv3d(torch.float32):
         return
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d) and type(module)._conv_forward is torch.nn.Conv3d._conv_forward:
