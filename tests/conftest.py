@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,3 +55,47 @@ def moving_square(frames: int = 9, height: int = 32, width: int = 48) -> np.ndar
 def tiny_clip(tmp_path):
     from soragen.video_io import write_video
     return write_video(tmp_path / "clip.mp4", moving_square(), 8.0).path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test model is tiny: one thread is as fast, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def outdir(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+# ---- the command line, in-process ----------------------------------------------------------------
+
+def cli(*args) -> int:
+    from soragen.cli import run
+    return run([str(a) for a in args])
+
+
+def listing(folder: Path) -> list[str]:
+    """Everything under `folder`, hidden files included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_one_line_error(captured, code: int, rc: int, *needles: str) -> str:
+    """Exit code as asked, exactly one non-empty line on stderr starting "error:", no traceback.
+    `captured` is pytest's captured output or a CompletedProcess."""
+    err = captured.stderr if isinstance(captured, subprocess.CompletedProcess) else captured.err
+    out = captured.stdout if isinstance(captured, subprocess.CompletedProcess) else captured.out
+    assert rc == code, f"exit {rc}, wanted {code}; stderr: {err!r}"
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"wanted one line on stderr, got {lines!r}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for needle in needles:
+        assert needle.lower() in line.lower(), f"{needle!r} not in {line!r}"
+    return line

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import moving_square
+from conftest import assert_one_line_error, cli, listing, moving_square
 from soragen import __version__
-from soragen.cli import run
 from soragen.video_io import probe_video, read_video, write_video
 
 FAST = ["--steps", "2"]
@@ -30,45 +29,7 @@ COMMANDS = ["generate", "inspect-patches", "train", "train-vae", "make-dataset",
 SCORE_KEYS = {"background", "color", "shape", "direction", "presence"}
 
 
-def cli(*args) -> int:
-    return run([str(a) for a in args])
-
-
-def listing(folder: Path) -> list[str]:
-    """Everything under `folder`, hidden files included."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def assert_one_line_error(captured, code: int, rc: int, *needles: str) -> str:
-    """Exit code as asked, exactly one non-empty line on stderr starting "error:", no traceback.
-    `captured` is pytest's captured output or a CompletedProcess."""
-    err = captured.stderr if isinstance(captured, subprocess.CompletedProcess) else captured.err
-    out = captured.stdout if isinstance(captured, subprocess.CompletedProcess) else captured.out
-    assert rc == code, f"exit {rc}, wanted {code}; stderr: {err!r}"
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"wanted one line on stderr, got {lines!r}"
-    line = lines[0]
-    assert line.startswith("error: "), line
-    for needle in needles:
-        assert needle.lower() in line.lower(), f"{needle!r} not in {line!r}"
-    return line
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test model is tiny: one thread is as fast, and far faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def outdir(tmp_path):
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- generate: sizes and formats ----------------------------------------------------------------
@@ -248,7 +209,7 @@ def test_help_of_every_command_has_examples(capsys, command):
     (["--width", "100000"], ["--width", "multiple of 8", "nearest valid value: 2048"]),
     (["--height", "0"], ["--height", "nearest valid value: 8"]),
     (["--fps", "0"], ["--fps"]),
-    (["--sampler", "euler"], ["unknown sampler", "dpm++"]),
+    (["--sampler", "euler"], ["--sampler", "dpm++"]),
     (["--dtype", "float8"], ["unknown dtype", "bfloat16"]),
 ])
 def test_generate_usage_errors(tiny_model, outdir, capfd, option, needles):

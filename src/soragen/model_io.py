@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from soragen import __version__
-from soragen.config import DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults, from_dict, to_json
+from soragen.config import (DEFAULT_TEXT_ENCODER, DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults,
+                            from_dict, to_json)
+from soragen.atomic import atomic_path
 from soragen.errors import SoragenError
 
 FORMAT = 1
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 @dataclass
@@ -90,33 +91,66 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_model(path: str | Path, load_vae_weights: bool = True) -> Model:
+def _config(cls, path: Path, data=None, prefix: str = ""):
+    """A config dataclass from a JSON file (or from `data`, a part of one): SoragenError naming
+    the file and the field when a value is of the wrong type or out of range."""
+    data = _read_json(path) if data is None else data
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as err:
+        raise SoragenError(f"{path}: {prefix}{err}") from err
+
+
+def _check_text_source(spec: TextEncoderSpec, path: Path) -> None:
+    """A text encoder named by a path must exist: said here, not as transformers' 'bad repo id'."""
+    source = spec.source
+    if source == DEFAULT_TEXT_ENCODER or Path(source).exists():
+        return
+    looks_like_path = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+    if looks_like_path:
+        raise SoragenError(f"{path}: text encoder folder {source!r} does not exist")
+    if not HUB_ID_RE.match(source):
+        raise SoragenError(f"{path}: text encoder {source!r} is neither a folder nor a hub id (name or org/name)")
+
+
+def load_model(path: str | Path) -> Model:
+    """The model in a folder (or a run's latest checkpoint). Everything a file says is checked
+    before it is used: configs for types and ranges, weights against the configs by their headers,
+    and only then is anything built or read."""
     import torch
 
     from soragen.dit import VideoDiT
+    from soragen.sampling import check_schedule
     from soragen.vae import load_vae
-    from soragen.weights import load_into
+    from soragen.weights import check_header, load_into, read_header
 
     folder = resolve_model_dir(path)
     manifest = read_manifest(folder)
     if manifest.get("kind") == "vae":
         raise SoragenError(f"{folder} holds only a VAE (from soragen train-vae); pass it to soragen train --vae")
+    dit_file = folder / "dit" / "config.json"
+    dit_config = _config(DiTConfig, dit_file)
+    text_spec = _config(TextEncoderSpec, folder / "text_encoder.json")
+    _check_text_source(text_spec, folder / "text_encoder.json")
+    video = _config(VideoDefaults, folder / "soragen.json", manifest.get("video", {}), "video.")
+    sampling = _config(SamplingDefaults, folder / "soragen.json", manifest.get("sampling", {}), "sampling.")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file)
     try:
-        dit_config = from_dict(DiTConfig, _read_json(folder / "dit" / "config.json"))
-        text_spec = from_dict(TextEncoderSpec, _read_json(folder / "text_encoder.json"))
-        video = from_dict(VideoDefaults, manifest.get("video", {}))
-        sampling = from_dict(SamplingDefaults, manifest.get("sampling", {}))
-    except (TypeError, ValueError) as err:
-        raise SoragenError(f"{folder}: bad config: {err}") from err
-    with torch.device("meta"):  # no random init: every weight comes from the file
+        check_schedule(scheduler_config)
+    except ValueError as err:
+        raise SoragenError(f"{scheduler_file}: {err}") from err
+    weights = [folder / "dit" / "model.safetensors"]
+    stored = read_header(weights)
+    with torch.device("meta"):  # no memory and no random init: every weight comes from the file
         dit = VideoDiT(dit_config)
-    load_into(dit, [folder / "dit" / "model.safetensors"], "DiT")
-    dit.eval().requires_grad_(False)
+    check_header(dit, stored, f"DiT ({dit_file})")
     vae = load_vae(folder / "vae")
     if vae.latent_channels != dit_config.in_channels:
         raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, "
                            f"the DiT expects {dit_config.in_channels}")
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    load_into(dit, weights, "DiT")
+    dit.eval().requires_grad_(False)
     return Model(dit, vae, text_spec, video, scheduler_config, sampling, folder)
 
 
@@ -132,9 +166,7 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(folder) as tmp:
         (tmp / "dit").mkdir(parents=True)
         (tmp / "dit" / "config.json").write_text(to_json(dit.config))
         save_module(dit, tmp / "dit" / "model.safetensors", "DiT", dit_dtype)
@@ -150,23 +182,4 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
         manifest = {"format": FORMAT, "soragen_version": __version__, "video": dataclasses.asdict(video),
                     "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
         (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file so a crash after the rename cannot leave a complete-looking, empty folder."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

@@ -22,9 +22,12 @@ from soragen.video_io import read_video
 
 def analyse(path: Path, model: Model, frames: int | None = None) -> tuple[dict, dict]:
     """The report (JSON-able) and what the picture needs."""
-    video, fps = read_video(path)
-    src_t, src_h, src_w = video.shape[:3]
-    take = min(frames or model.video.frames, src_t)
+    want = frames or model.video.frames
+    video, fps = read_video(path, max_frames=want + 1)  # one more tells whether the clip goes on
+    src_h, src_w = video.shape[1:3]
+    longer = len(video) > want
+    src_t = f"{want}+" if longer else str(len(video))  # a long clip is not decoded (or held) whole
+    take = min(want, len(video))
     height, width = model.video.height, model.video.width
     clip = resize_and_crop(video[:take], height, width)
     with torch.no_grad():
@@ -39,7 +42,7 @@ def analyse(path: Path, model: Model, frames: int | None = None) -> tuple[dict, 
         "video": str(path),
         "frames": take, "height": height, "width": width, "fps": fps,
         "input": f"{src_t} frames, {src_w}x{src_h}, {fps:g} fps",
-        "used": f"first {take} frames" + (f" of {src_t}" if take < src_t else ""),
+        "used": f"first {take} frames" + (" of more" if longer else ""),
         "resize": describe_resize(src_h, src_w, height, width),
         "latent_shape": [C, T, H, W],
         "compression": f"x{model.vae.temporal_factor} in time (1 + {model.vae.temporal_factor}k frames -> 1 + k), "
@@ -104,11 +107,7 @@ def draw_patches(picture: dict, report: dict, out: Path, max_frames: int = 8, zo
             img = Image.fromarray(grey).resize((lw, lh), Image.NEAREST)
             canvas.paste(img, (pad + c * (lw + pad), y0 + t * (lh + pad)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    try:
+    from soragen.atomic import atomic_path
+    with atomic_path(out, ".png") as tmp:  # never a half-written picture
         canvas.save(tmp)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written picture behind
-        raise
     return out

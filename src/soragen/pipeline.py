@@ -18,13 +18,11 @@ from soragen import cpu
 from soragen.dit import compile_for_sampling, pack_linears, token_grid
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import Model, load_model
-from soragen.sampling import SAMPLERS, denoise, make_scheduler
+from soragen.config import MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLERS
+from soragen.sampling import denoise, make_scheduler
 from soragen.text import TextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_FRAMES = 512
-MAX_SIDE = 2048
-MAX_STEPS = 1000
 
 Progress = Callable[[str, int, int], None]
 
@@ -160,6 +158,10 @@ class Pipeline:
         report("denoise", 0, steps)
         latent = denoise(self.denoiser(scheduler.timesteps), noise, cond, uncond, scheduler, steps, guidance,
                          eta=eta, generator=generator, progress=lambda i, n: report("denoise", i, n))
+        if not torch.isfinite(latent).all():  # would decode to a black or garbage video
+            raise SoragenError(f"sampling diverged: the latent holds NaN or infinite values ({sampler} "
+                               f"{steps} steps, guidance {guidance:g}); a lower --guidance or another --sampler "
+                               f"may help, or the model's weights are damaged")
 
         report("decode", 0, 1)
         out = self.model.vae.decode_uint8(latent, frames)[0]

@@ -6,9 +6,9 @@ from typing import Callable
 
 import torch
 
+from soragen.config import SAMPLERS, check_keys
 from soragen.errors import UsageError
 
-SAMPLERS = ("ddim", "dpm++", "unipc")
 PREDICTIONS = ("epsilon", "v_prediction")  # what the DiT outputs: the noise, or the velocity
 
 # The noise schedule: DiT's linear betas over 1000 steps. A model's own scheduler config overrides
@@ -25,6 +25,30 @@ SCHEDULER_CONFIG = dict(
     steps_offset=0,
     timestep_spacing="trailing",
 )
+
+
+# What a model folder's scheduler_config.json may say, checked before diffusers builds from it (a
+# num_train_timesteps of 10**12 would allocate terabytes of betas).
+SCHEDULE_LIMITS = {
+    "num_train_timesteps": (int, dict(low=1, high=100_000)),
+    "beta_start": (float, dict(above=0, high=1)),
+    "beta_end": (float, dict(above=0, high=1)),
+    "beta_schedule": (str, dict(choices=("linear", "scaled_linear", "squaredcos_cap_v2"))),
+    "prediction_type": (str, dict(choices=PREDICTIONS)),
+    "timestep_spacing": (str, dict(choices=("linspace", "leading", "trailing"))),
+    "steps_offset": (int, dict(low=0, high=1000)),
+    "clip_sample": (bool, {}),
+    "set_alpha_to_one": (bool, {}),
+    "rescale_betas_zero_snr": (bool, {}),
+}
+
+
+def check_schedule(config: dict) -> dict:
+    """`config` if every setting it has that we know is of the right type and in range, else ConfigError."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a scheduler config must be a JSON object, got {type(config).__name__}")
+    check_keys(config, SCHEDULE_LIMITS)
+    return config
 
 
 def training_scheduler(config: dict | None = None):

@@ -375,9 +375,9 @@ def make_dataset(
         paths.append(path)
         if progress is not None:
             progress(i + 1, n)
-    tmp = out / "metadata.jsonl.tmp"
-    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "metadata.jsonl")
+    from soragen.atomic import atomic_path
+    with atomic_path(out / "metadata.jsonl") as tmp:
+        tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return paths
 
 

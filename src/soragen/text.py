@@ -68,11 +68,44 @@ class TextEmbedding:
         return TextEmbedding(self.tokens.repeat(n, 1, 1), self.mask.repeat(n, 1), self.pooled.repeat(n, 1))
 
 
+# transformers' class for each model_type whose AutoModel is not the encoder alone: the encoder half
+# of an encoder-decoder, CLIP's text tower. Named, not imported: transformers imports a model's
+# module on first use, and importing every family's took seconds that no prompt needs.
+ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "T5EncoderModel", "umt5": "T5EncoderModel",
+                   "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}
+
+
+# Sizes in a local encoder's config.json, checked before transformers builds from it: a hostile
+# `num_hidden_layers: 1000000000` would build layers until memory runs out. Generous for real
+# models (umT5-XXL: 24 layers of 4096, a 256k vocabulary).
+TEXT_CONFIG_LIMITS = {
+    **{key: (int, dict(low=1, high=256)) for key in ("num_hidden_layers", "num_layers", "n_layer")},
+    **{key: (int, dict(low=1, high=65536)) for key in ("hidden_size", "d_model", "n_embd", "d_kv")},
+    **{key: (int, dict(low=1, high=262144)) for key in ("intermediate_size", "d_ff", "n_inner")},
+    **{key: (int, dict(low=1, high=1024)) for key in ("num_attention_heads", "num_heads", "n_head")},
+    "vocab_size": (int, dict(low=1, high=1_000_000)),
+    "max_position_embeddings": (int, dict(low=1, high=1 << 20)),
+}
+
+
+def check_text_config(config_file: Path) -> None:
+    """SoragenError naming the file and the field if a local encoder's config is unfit to build."""
+    from soragen.config import check_keys
+    try:
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"must be a JSON object, got {type(config).__name__}")
+        for part in (config, config.get("text_config") or {}):  # CLIP keeps the text tower's sizes apart
+            check_keys(part, TEXT_CONFIG_LIMITS)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+        raise SoragenError(f"{config_file}: {err}") from err
+
+
 class TextEncoder:
     """Tokenizer + frozen encoder. `encode(prompts)` runs without gradients."""
 
     def __init__(self, spec: TextEncoderSpec, device: str | torch.device = "cpu"):
-        from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        import transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # our progress display is the CLI's; no loading bars or warnings
@@ -80,17 +113,23 @@ class TextEncoder:
 
         self.spec = spec
         source = resolve_source(spec.source)
-        if Path(source).exists() and not (Path(source) / "config.json").is_file():
-            raise SoragenError(f"text encoder folder {source} has no config.json")
+        if Path(source).exists():
+            if not (Path(source) / "config.json").is_file():
+                raise SoragenError(f"text encoder folder {source} has no config.json")
+            check_text_config(Path(source) / "config.json")
         try:
             kind = _model_type(source)
-            model_class = {"t5": T5EncoderModel, "umt5": T5EncoderModel, "mt5": T5EncoderModel,
-                           "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(kind, AutoModel)
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = model_class.from_pretrained(source, use_safetensors=True).eval().to(device)
-        except (OSError, ValueError, KeyError) as err:
+            model_class = getattr(transformers, ENCODER_CLASSES.get(kind, "AutoModel"))
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            self.model, info = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise SoragenError(f"cannot load text encoder {spec.source!r}: {str(err).splitlines()[0]}") from err
-        self.kind = "clip" if model_class is CLIPTextModel else kind
+        absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+        if absent:  # transformers would fill them with random values and say nothing we show
+            raise SoragenError(f"text encoder {spec.source!r}: its weights do not fit its config: {len(absent)} "
+                               f"tensors missing or of another shape (e.g. {absent[0]})")
+        self.model.eval().to(device)
+        self.kind = "clip" if model_class.__name__ == "CLIPTextModel" else kind
         self.model.requires_grad_(False)
         self.device = torch.device(device)
 

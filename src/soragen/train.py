@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from soragen.config import (SamplingDefaults, TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
                             from_dict, vae_preset_config)
 from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
+from soragen.atomic import atomic_path
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import CHECKPOINT_RE, latest_checkpoint, save_model, load_model
 from soragen.sampling import PREDICTIONS
@@ -92,9 +93,6 @@ def sample_indices(num_items: int, seed: int, start: int, count: int) -> list[in
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out.append(order[offset])
     return out
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -352,7 +350,7 @@ def window_starts(clip: Clip, frames: int, fps: float, windows: int) -> list[int
 
 def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConfig, cache_dir: Path | None,
                   windows: int, progress: Progress | None) -> LatentSamples:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from soragen.data import resize_and_crop
     from soragen.video_io import read_video
 
@@ -364,7 +362,10 @@ def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConf
     latents: list[torch.Tensor | None] = [None] * len(clips)
     tokens, pooled = [], []
     pending: list[tuple[int, np.ndarray, Path | None]] = []  # clips whose windows still need the VAE
-    hits = 0
+    hits, bad = 0, []
+    # (windows, C, T, H, W) with any number of windows
+    latent_shape = (None, vae.latent_channels, vae.latent_frames(cfg.frames),
+                    cfg.height // vae.spatial_factor, cfg.width // vae.spatial_factor)
 
     def flush() -> None:  # encode pending windows in one batch: much faster than clip by clip
         if not pending:
@@ -382,8 +383,9 @@ def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConf
         if cache_dir:
             lat_file = cache_dir / "latents" / f"{file_hash(clip.path)}-{settings}.safetensors"
             text_file = cache_dir / "text" / f"{_digest(clip.caption, text_settings)}.safetensors"
-        if lat_file and lat_file.is_file():
-            latents[n] = load_file(str(lat_file))["latents"]
+        cached = _read_cached(lat_file, {"latents": latent_shape}, bad)
+        if cached is not None:
+            latents[n] = cached["latents"]
             hits += 1
         else:
             frames, _ = read_video(clip.path)
@@ -395,9 +397,8 @@ def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConf
             pending.append((n, np.stack(crops), lat_file))
             if sum(len(c) for _, c, _ in pending) >= 16:
                 flush()
-        if text_file and text_file.is_file():
-            emb = load_file(str(text_file))
-        else:
+        emb = _read_cached(text_file, {"tokens": (None, text_encoder.dim), "pooled": (text_encoder.dim,)}, bad)
+        if emb is None:
             e = text_encoder.encode([clip.caption])
             emb = {"tokens": e.tokens[0].cpu().contiguous(), "pooled": e.pooled[0].cpu().contiguous()}
             if text_file:
@@ -411,13 +412,36 @@ def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConf
     if progress:
         progress("message", f"latent cache: {hits} of {len(clips)} clips reused"
                  + ("" if cache_dir else " (cache off)"))
+        if bad:
+            progress("message", f"latent cache: {len(bad)} unreadable entr{'y' if len(bad) == 1 else 'ies'} "
+                                f"recomputed and replaced (e.g. {bad[0]})")
     return LatentSamples(latents, tokens, pooled, empty.tokens[0].cpu(), empty.pooled[0].cpu())
 
 
+def _read_cached(path: Path | None, shapes: dict[str, tuple], bad: list[Path]) -> dict | None:
+    """A cache entry's tensors if the file holds them whole, with these shapes (None: any size) and
+    finite; else None, and the file goes on `bad`. A cache entry cut short (a crash, a full disk)
+    or damaged is a miss to recompute, never a reason to stop training."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if path is None or not path.is_file():
+        return None
+    try:  # copies, not maps of the file: a file cut short under a map would kill the process (SIGBUS)
+        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        tensors = {}
+    for key, shape in shapes.items():
+        t = tensors.get(key)
+        if (t is None or not t.is_floating_point() or t.ndim != len(shape) or not torch.isfinite(t).all()
+                or any(want is not None and got != want for got, want in zip(t.shape, shape))):
+            bad.append(path)
+            return None
+    return tensors
+
+
 def _atomic_save(save_file, tensors, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 # ---- the shared loop ---------------------------------------------------------------------------
@@ -445,29 +469,21 @@ def save_checkpoint(run_dir: Path, step: int, task: Task, raw: torch.nn.Module, 
     assert_finite(raw, "the model")
     assert_finite(ema, "the EMA model")
     final = run_dir / f"checkpoint-{step}"
-    staging = run_dir / f".checkpoint-{step}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    task.write_model(staging, ema)  # renames its own temporary folder onto `staging`
-    state_dir = staging / "train_state"
-    state_dir.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
-              str(state_dir / "model.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-              str(state_dir / "ema.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, str(state_dir / "optimizer.safetensors"))
-    (state_dir / "optimizer.json").write_text(json.dumps(meta) + "\n")
-    (state_dir / "state.json").write_text(json.dumps({
-        "kind": task.kind, "step": step, **counters, "config": dataclasses.asdict(cfg),
-        "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
-    }, indent=2) + "\n")
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    if final.exists():  # a leftover of the same step from a run that was killed after renaming
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    with atomic_path(final) as staging:  # replaces a leftover of the same step from a killed run
+        task.write_model(staging, ema)
+        state_dir = staging / "train_state"
+        state_dir.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
+                  str(state_dir / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  str(state_dir / "ema.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(state_dir / "optimizer.safetensors"))
+        (state_dir / "optimizer.json").write_text(json.dumps(meta) + "\n")
+        (state_dir / "state.json").write_text(json.dumps({
+            "kind": task.kind, "step": step, **counters, "config": dataclasses.asdict(cfg),
+            "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
+        }, indent=2) + "\n")
     # Only now, with the new one complete, may old checkpoints go.
     steps = sorted(int(CHECKPOINT_RE.match(p.name).group(1)) for p in run_dir.iterdir()
                    if CHECKPOINT_RE.match(p.name))
@@ -503,7 +519,10 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
     amp = autocast_dtype(cfg.mixed_precision, dist.device)
     metrics_file = run_dir / "metrics.jsonl"
     if dist.main:
-        _truncate_metrics(metrics_file, step)
+        dropped = _truncate_metrics(metrics_file, step)
+        if dropped and progress:
+            progress("message", f"{metrics_file}: dropped {dropped} unreadable line(s) (a write cut short); "
+                                f"the checkpoint is intact")
     bad_in_a_row, started, start_step = 0, time.perf_counter(), step
     loss_value = float("nan")
     while step < cfg.max_steps:
@@ -559,12 +578,27 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
     return {"step": step, "loss": loss_value, **counters}
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint so the file tells one consistent story."""
+def _truncate_metrics(path: Path, step: int) -> int:
+    """On resume, drop metric lines past the checkpoint so the file tells one consistent story.
+    A log is not a checkpoint: a line cut short by a crash or a full disk is dropped, not fatal.
+    Returns how many unreadable lines were dropped."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+        return 0
+    keep, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+            ok = isinstance(record_step, int)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            torn += bool(line.strip())
+        elif record_step <= step:
+            keep.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+    return torn
 
 
 # ---- entry points used by the CLI --------------------------------------------------------------

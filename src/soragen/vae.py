@@ -157,7 +157,13 @@ def new_vae(config: dict) -> VideoVAE:
 def _weight_files(folder: Path) -> list[Path]:
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise SoragenError(f"{index[0]} is not a safetensors index (a JSON object with a weight_map): "
+                               f"{err}") from err
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise SoragenError(f"{index[0]}: weight_map must name files in {folder}, got {names[:3]}")
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -165,9 +171,48 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+# What a VAE config.json may say, checked before AutoencoderKLWan is built from it.
+VAE_LIMITS = {
+    "base_dim": (int, dict(low=1, high=1024)),
+    "decoder_base_dim": (int, dict(low=1, high=1024)),
+    "z_dim": (int, dict(low=1, high=256)),
+    "dim_mult": (tuple[int, ...], dict(low=1, high=16)),
+    "num_res_blocks": (int, dict(low=1, high=16)),
+    "attn_scales": (tuple[float, ...], {}),
+    "temperal_downsample": (tuple[bool, ...], {}),
+    "dropout": (float, dict(low=0, high=1)),
+    "latents_mean": (tuple[float, ...], {}),
+    "latents_std": (tuple[float, ...], dict(above=0)),
+    "is_residual": (bool, {}),
+    "in_channels": (int, dict(low=1, high=16)),
+    "out_channels": (int, dict(low=1, high=16)),
+}
+
+
+def check_vae_config(config) -> None:
+    """ValueError naming the field if AutoencoderKLWan should not be built from `config`."""
+    from soragen.config import check_keys
+    if not isinstance(config, dict):
+        raise ValueError(f"must be a JSON object, got {type(config).__name__}")
+    check_keys(config, VAE_LIMITS)
+    dims = config.get("dim_mult", [1, 2, 4, 4])
+    if not 1 <= len(dims) <= 8:
+        raise ValueError(f"dim_mult must have 1 to 8 entries, got {len(dims)}")
+    downsample = config.get("temperal_downsample", [False, True, True])
+    if len(downsample) != len(dims) - 1:
+        raise ValueError(f"temperal_downsample must have len(dim_mult) - 1 = {len(dims) - 1} entries, "
+                         f"got {len(downsample)}")
+    z_dim = config.get("z_dim", 16)
+    for key in ("latents_mean", "latents_std"):
+        if key in config and len(config[key]) != z_dim:
+            raise ValueError(f"{key} must have z_dim = {z_dim} entries, got {len(config[key])}")
+
+
 def load_vae(source: str | Path) -> VideoVAE:
     """A VAE folder in diffusers layout (config.json + safetensors), a folder holding one under
-    `vae/` (a Wan pipeline repo), or a hub id of either."""
+    `vae/` (a Wan pipeline repo), or a hub id of either. The config is checked, the VAE built on
+    the meta device and its weights checked against it by the files' headers before any is read."""
+    import torch
     from diffusers import AutoencoderKLWan
 
     folder = Path(source)
@@ -187,15 +232,17 @@ def load_vae(source: str | Path) -> VideoVAE:
         raise SoragenError(f"VAE folder {folder} has no config.json")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SoragenError(f"{config_file} is not valid JSON: {err}") from err
-    if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+    if isinstance(config, dict) and config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
         raise SoragenError(f"{folder} holds a {config['_class_name']}; soragen reads AutoencoderKLWan VAEs")
     try:
-        model = AutoencoderKLWan.from_config(config)
+        check_vae_config(config)
+        with torch.device("meta"):
+            model = AutoencoderKLWan.from_config(config)
     except (TypeError, ValueError) as err:
         raise SoragenError(f"{config_file} is not a valid AutoencoderKLWan config: {err}") from err
-    load_into(model, _weight_files(folder), "VAE")
+    load_into(model, _weight_files(folder), f"VAE ({config_file})")
     return VideoVAE(model)
 
 

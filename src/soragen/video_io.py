@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
@@ -21,13 +20,18 @@ from typing import Callable, Iterator, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageSequence
 
+from soragen.atomic import atomic_path
 from soragen.errors import SoragenError, UsageError
+
+# Larger frames are refused on reading: one 16k x 16k RGB frame alone is 768 MB.
+MAX_PIXELS = 8192 * 8192
 
 __all__ = [
     "VIDEO_SUFFIXES",
     "VideoError",
     "VideoInfo",
     "WriteResult",
+    "check_output",
     "probe_video",
     "read_video",
     "write_video",
@@ -381,6 +385,9 @@ def _decode(path, max_frames: int | None, keep: bool):
             for h, w, frame in it:
                 if shape is None:
                     shape = (h, w)
+                    if h * w > MAX_PIXELS:
+                        raise VideoError(f"{path}: frames of {w}x{h} are too large for soragen "
+                                         f"(at most {MAX_PIXELS // 10**6} megapixels)")
                 elif (h, w) != shape:
                     raise VideoError(
                         f"{path}: frame {count} is {w}x{h}, expected {shape[1]}x{shape[0]}"
@@ -533,18 +540,22 @@ def _check_replaceable_dir(path: Path) -> None:
             )
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    backup = path.parent / f".{path.name}.old-{os.getpid()}"
-    os.replace(path, backup)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(backup, path)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+def check_output(path: Path) -> bool:
+    """Whether `path` may be written as a video (True: as a folder of PNGs), before the work that
+    makes the frames: a known suffix, and no folder of the user's own to replace."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    as_dir = path.is_dir() or suffix == ""
+    if not as_dir and suffix not in _WRITE_SUFFIXES:
+        raise UsageError(
+            f"cannot write {path}: unsupported suffix {path.suffix!r}; "
+            "use .mp4, .gif, or a name without a suffix for a folder of PNGs"
+        )
+    if as_dir and path.exists():
+        if not path.is_dir():
+            raise SoragenError(f"cannot write PNG frames to {path}: it exists and is not a directory")
+        _check_replaceable_dir(path)
+    return as_dir
 
 
 def write_video(path, frames: np.ndarray, fps: float) -> WriteResult:
@@ -562,19 +573,8 @@ def write_video(path, frames: np.ndarray, fps: float) -> WriteResult:
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive finite number, got {fps}")
 
+    as_dir = check_output(path)
     suffix = path.suffix.lower()
-    as_dir = path.is_dir() or suffix == ""
-    if not as_dir and suffix not in _WRITE_SUFFIXES:
-        raise UsageError(
-            f"cannot write {path}: unsupported suffix {path.suffix!r}; "
-            "use .mp4, .gif, or a name without a suffix for a folder of PNGs"
-        )
-    if as_dir and path.exists():
-        if not path.is_dir():
-            raise SoragenError(f"cannot write PNG frames to {path}: it exists and is not a directory")
-        _check_replaceable_dir(path)
-    if not as_dir and path.is_dir():  # pragma: no cover - is_dir() already sends this to as_dir
-        raise SoragenError(f"cannot write to {path}: is a directory")
 
     parent = path.parent
     try:
@@ -584,33 +584,19 @@ def write_video(path, frames: np.ndarray, fps: float) -> WriteResult:
             f"cannot write to {path}: cannot create {parent}: {err.strerror or err}"
         ) from None
 
-    tmp = parent / f".{path.name}.tmp-{os.getpid()}{'' if as_dir else path.suffix}"
     note: str | None = None
     try:
-        if as_dir:
-            _write_png_dir(tmp, frames)
-        else:
-            # Create the file from Python first so permission problems give a
-            # clean OSError instead of an ffmpeg log.
-            with open(tmp, "wb"):
-                pass
-            if suffix == ".mp4":
-                note = _write_mp4(tmp, frames, fps)
+        with atomic_path(path, "" if as_dir else path.suffix) as tmp:
+            if as_dir:
+                _write_png_dir(tmp, frames)
             else:
-                note = _write_gif(tmp, frames, fps)
-        if as_dir:
-            _replace_dir(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except BaseException as err:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        if isinstance(err, SoragenError) or not isinstance(err, Exception):
+                # Create the file from Python first so permission problems give a
+                # clean OSError instead of an ffmpeg log.
+                with open(tmp, "wb"):
+                    pass
+                note = _write_mp4(tmp, frames, fps) if suffix == ".mp4" else _write_gif(tmp, frames, fps)
+    except Exception as err:
+        if isinstance(err, SoragenError):
             raise
         if isinstance(err, (OSError, RuntimeError, ValueError)):
             raise _write_error(path, err) from None
