@@ -290,6 +290,32 @@ def test_a_torn_metrics_log_does_not_stop_a_resume(tiny_model, clips, tmp_path, 
     assert latest_name(out) == "checkpoint-4"
 
 
+@pytest.mark.parametrize("damage, needles", [
+    ("state.json torn", ["checkpoint-4/train_state/state.json", "damaged", "resume from checkpoint-2"]),
+    ("config out of range", ["state.json", "batch_size"]),
+    ("optimizer truncated", ["optimizer.safetensors", "not a valid safetensors"]),
+    ("optimizer of another model", ["optimizer", "does not fit"]),
+])
+def test_a_damaged_checkpoint_is_named_and_nothing_is_lost(tiny_model, clips, tmp_path, capfd, damage, needles):
+    out = tmp_path / "run"
+    assert train(clips, tiny_model, out, tmp_path / "cache", 4, "--keep-last", "2") == 0
+    state = out / "checkpoint-4" / "train_state"
+    if damage == "state.json torn":
+        (state / "state.json").write_text('{"step": ')
+    elif damage == "config out of range":
+        edit_json(state / "state.json", lambda d: d["config"].update(batch_size=10**9))
+    elif damage == "optimizer truncated":
+        path = state / "optimizer.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        edit_json(state / "optimizer.json", lambda d: d["state"].update({"999": ["exp_avg"]}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    rc = train(clips, tiny_model, out, tmp_path / "cache", 6, "--resume")
+    assert_one_line_error(capfd.readouterr(), 1, rc, *needles)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+
+
 def latest_name(run_dir: Path) -> str:
     from soragen.model_io import latest_checkpoint
     return latest_checkpoint(run_dir).name

@@ -492,14 +492,55 @@ def save_checkpoint(run_dir: Path, step: int, task: Task, raw: torch.nn.Module, 
     return final
 
 
+def _damaged(checkpoint: Path, what: str) -> SoragenError:
+    earlier = sorted((p for p in checkpoint.parent.iterdir() if CHECKPOINT_RE.match(p.name) and p != checkpoint),
+                     key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    hint = f"; move {checkpoint.name} aside to resume from {earlier[-1].name}" if earlier else ""
+    return SoragenError(f"{what}{hint}")
+
+
+def _state_json(checkpoint: Path, name: str) -> dict:
+    path = checkpoint / "train_state" / name
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {path} is damaged ({err})") from err
+
+
+def check_resumable(checkpoint: Path) -> None:
+    """The checkpoint's training state is whole, by its JSON files and its tensors' headers: checked
+    when the run starts, so a damaged one is named before the clips are scanned and encoded."""
+    from soragen.weights import read_header
+    state_dir = checkpoint / "train_state"
+    _state_json(checkpoint, "state.json")
+    meta = _state_json(checkpoint, "optimizer.json")
+    read_header([state_dir / "model.safetensors"])
+    read_header([state_dir / "ema.safetensors"])
+    stored = read_header([state_dir / "optimizer.safetensors"])
+    try:
+        wanted = {f"{pid}.{name}" for pid, names in meta["state"].items() for name in names}
+    except (KeyError, AttributeError, TypeError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {state_dir / 'optimizer.json'} is damaged ({err!r})") from err
+    if wanted - set(stored):
+        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
+                                   f"({len(wanted - set(stored))} tensors missing, e.g. {sorted(wanted - set(stored))[0]})")
+
+
 def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer) -> dict:
     from soragen.weights import load_into
     state_dir = checkpoint / "train_state"
-    state = json.loads((state_dir / "state.json").read_text())
+    state = _state_json(checkpoint, "state.json")
     load_into(raw, [state_dir / "model.safetensors"], "checkpoint model")
     load_into(ema, [state_dir / "ema.safetensors"], "checkpoint EMA")
-    meta = json.loads((state_dir / "optimizer.json").read_text())
-    _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
+    meta = _state_json(checkpoint, "optimizer.json")
+    try:
+        _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
+                                   f"({type(err).__name__}: {err})") from err
     return state
 
 
@@ -618,8 +659,12 @@ def prepare_run_dir(out: Path, resume: bool) -> Path | None:
 
 
 def stored_config(checkpoint: Path) -> TrainConfig:
-    state = json.loads((checkpoint / "train_state" / "state.json").read_text())
-    return from_dict(TrainConfig, state["config"])
+    state = _state_json(checkpoint, "state.json")
+    try:
+        return from_dict(TrainConfig, state["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {checkpoint / 'train_state' / 'state.json'}: config "
+                                   f"{err}") from err
 
 
 def resolve_vae(source: str) -> VideoVAE:
@@ -641,6 +686,7 @@ def start_run(out: Path, resume: bool, cfg: TrainConfig, device: str, progress: 
     resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
     dist.barrier()
     if resume_from is not None:
+        check_resumable(resume_from)
         cfg = dataclasses.replace(stored_config(resume_from), max_steps=cfg.max_steps)
     return dist, progress, resume_from, cfg
 
