@@ -152,6 +152,28 @@ def machine_line() -> str:
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}{load}")
 
 
+def cpu_kind() -> str:
+    """The kind of CPU a run's figures belong to: AVX512-BF16 (fast bf16), or torch's name for the
+    vector units it dispatches to (AVX512, AVX2, ...)."""
+    from soragen.cpu import has_fast_bf16
+    return "AVX512-BF16" if has_fast_bf16() else torch.backends.cpu.get_cpu_capability()
+
+
+RESULTS_HEADER = ("# bench/RESULTS.md: the last full run on each kind of CPU\n\n"
+                  "`python bench/run.py` replaces the part of its own CPU kind and leaves the others.\n")
+
+
+def keep_result(path: Path, kind: str, report: str) -> None:
+    """Put `report` in `path` as the part headed '# CPU kind: KIND', in place of that kind's last one."""
+    parts: dict[str, str] = {}
+    if path.exists():
+        for chunk in path.read_text().split("\n# CPU kind: ")[1:]:
+            name, _, body = chunk.partition("\n")
+            parts[name.strip()] = body.strip("\n")
+    parts[kind] = report.strip("\n")
+    path.write_text(RESULTS_HEADER + "".join(f"\n# CPU kind: {name}\n\n{body}\n" for name, body in sorted(parts.items())))
+
+
 def auto_dtype() -> torch.dtype:
     from soragen.pipeline import resolve_dtype
     return resolve_dtype("auto", torch.device("cpu"))
@@ -817,7 +839,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (tables go to stderr)")
     p.add_argument("--model", help="model folder or training run (default: the packaged default model)")
     p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md", help="the markdown report")
+    p.add_argument("--out", type=Path, help="write the markdown report here (default: a full run replaces this CPU "
+                   "kind's part of bench/RESULTS.md; a --quick or --only run writes nothing)")
     p.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)  # internal: one VAE decode measurement
     p.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)  # internal: one eager tiny step
     p.add_argument("--compiled-child", help=argparse.SUPPRESS)  # internal: one compiled tiny step, in this dtype
@@ -874,8 +897,17 @@ def main(argv=None) -> int:
     if targets:
         print_section(console, Section("targets", "summary", ["target", "value", "result"],
                                        [[t["target"], t["value"], "PASS" if t["pass"] else "FAIL"] for t in targets]))
-    args.out.write_text(markdown(machine, sections, settings))
-    console.print(f"wrote {args.out}", highlight=False)
+    report = markdown(machine, sections, settings)
+    if args.out is not None:
+        args.out.write_text(report)
+        console.print(f"wrote {args.out}", highlight=False)
+    elif args.quick or args.only:
+        console.print("bench/RESULTS.md keeps full runs only: this one was not written (--out FILE keeps it)",
+                      highlight=False)
+    else:
+        kind = cpu_kind()
+        keep_result(BENCH_DIR / "RESULTS.md", kind, report)
+        console.print(f"wrote the {kind} part of {BENCH_DIR / 'RESULTS.md'}", highlight=False)
     if args.json:
         print(json.dumps({"machine": machine, "quick": args.quick, "model": str(model_dir) if model_dir else None,
                           "sections": {s.name: {**s.data, "notes": s.notes} for s in sections},
