@@ -54,10 +54,9 @@ def test_blocks_are_the_identity_at_init():
     model = tiny_dit()
     tokens = torch.randn(2, 10, 32)
     text, mask, pooled = text_inputs()
-    modulation, _ = model.modulation(torch.tensor([10, 500]), pooled)
-    kv, bias = model.text_context(text, mask)
-    for i, block in enumerate(model.blocks):
-        assert torch.equal(block(tokens, modulation[:, i:i + 1], kv[i], bias), tokens)
+    cond = model.condition(torch.tensor([10, 500]), text, mask, pooled)
+    for block, modulation, text_kv in zip(model.blocks, cond.blocks, cond.text):
+        assert torch.equal(block(tokens, modulation, text_kv), tokens)
     # ... so the whole untrained model predicts zero noise, whatever the input.
     x = torch.randn(2, 4, 3, 8, 8)
     text, mask, pooled = text_inputs()

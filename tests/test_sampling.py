@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from soragen.errors import UsageError
-from soragen.sampling import denoise, make_scheduler, training_scheduler
+from soragen.sampling import make_scheduler, sample, training_scheduler
 from soragen.text import TextEmbedding
 
 
@@ -13,12 +13,15 @@ def test_ddim_with_the_true_noise_recovers_the_clean_latent():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 3, 8, 8, generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    scheduler = make_scheduler("ddim")
-    scheduler.set_timesteps(10)
-    for t in scheduler.timesteps:
-        x_t = training_scheduler().add_noise(x0, noise, torch.tensor([int(t)]))
-        out = scheduler.step(noise, t, x_t)
-        assert torch.allclose(out.pred_original_sample, x0, atol=1e-4)
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = make_scheduler("ddim", {"prediction_type": prediction})
+        scheduler.set_timesteps(10)
+        for t in scheduler.timesteps:
+            x_t = training_scheduler().add_noise(x0, noise, torch.tensor([int(t)]))
+            a = training_scheduler().alphas_cumprod[int(t)]
+            truth = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+            out = scheduler.step(truth, t, x_t)
+            assert torch.allclose(out.pred_original_sample, x0, atol=1e-4)
 
 
 @pytest.mark.parametrize("prediction, zero_snr", [("epsilon", False), ("v_prediction", False), ("v_prediction", True)])
@@ -36,7 +39,7 @@ def test_a_full_run_with_an_oracle_lands_on_the_clean_latent(prediction, zero_sn
 
     empty = TextEmbedding(torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 2))
     for name in ("ddim", "dpm++", "unipc"):
-        out = denoise(oracle, torch.randn(x0.shape, generator=g), empty, empty, make_scheduler(name, config), 8, 1.0)
+        out = sample(oracle, torch.randn(x0.shape, generator=g), empty, empty, make_scheduler(name, config), 8, 1.0)
         assert torch.allclose(out, x0, atol=1e-3), name
 
 
@@ -49,7 +52,7 @@ def test_guidance_batches_both_passes_and_mixes_them():
         calls.append((x.shape[0], text.tokens.shape, text.mask.tolist()))
         return text.pooled[:, :1, None, None, None].expand(x.shape[0], *x.shape[1:]) + 0 * x
 
-    denoise(model, torch.zeros(1, 1, 1, 2, 2), cond, uncond, make_scheduler("ddim"), 2, guidance=3.0)
+    sample(model, torch.zeros(1, 1, 1, 2, 2), cond, uncond, make_scheduler("ddim"), 2, guidance=3.0)
     assert len(calls) == 2 and calls[0][0] == 2  # one batch of cond + uncond per step
     assert calls[0][2] == [[True, True, True], [True, False, False]]  # uncond padded and masked
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 
-_STARTED = time.perf_counter()  # for the import-time figure of SORAGEN_TIMINGS
+_STARTED = time.perf_counter()  # for the import time that generate --timings reports
 
+import contextlib
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from soragen import __version__
-from soragen.config import MAX_SEED  # standard library only: cheap to import here
+from soragen.config import MAX_SEED, ConfigError, DiTObjective, TrainConfig, VAEObjective  # stdlib only: cheap
 from soragen.errors import SoragenError, UsageError
 
 app = typer.Typer(
@@ -150,7 +151,7 @@ class StageProgress:
 def _note_emulated_bf16(console, device, dtype) -> None:
     """bf16 asked for on a CPU that only emulates it: it runs (torch's own kernels), but slowly."""
     import torch
-    from soragen.cpu import has_fast_bf16
+    from soragen.fast_paths import has_fast_bf16
     if device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16():
         console.print("note: this CPU has no bf16 matmul units (AVX512-BF16 or AMX): bfloat16 runs through "
                       "torch's emulated kernels, slower than float32 (--dtype auto picks float32 here)")
@@ -172,9 +173,10 @@ def generate(
     frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's sampler setting).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off.")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
+                                                      "(default: the model's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc (default: the model's).")] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed: the same seed gives the same video.")] = 0,
     fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
@@ -182,6 +184,8 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    timings: Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
+                                                    "load, encode, denoise, decode, write) to this JSON file.")] = None,
 ) -> None:
     """Generate a video from a text prompt.
 
@@ -193,17 +197,49 @@ def generate(
 
       soragen generate --prompts prompts.txt --out videos/
     """
-    from soragen.pipeline import DTYPES
+    from soragen.pipeline import Pipeline
+    from soragen.video_io import write_video
+    jobs = _generate_jobs(prompt, prompts, out, seed)
+    _check_overrides(sampler=sampler, steps=steps, guidance=guidance, frames=frames, fps=fps)  # sizes: below
+    _check_choices(device=device, dtype=dtype, eta=eta)
+    t0 = time.perf_counter()
+    seconds = {"imports": t0 - _STARTED}
+    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile)
+    seconds["load"] = time.perf_counter() - t0
+    settings, (frames, height, width) = pipe.sampling(sampler, steps, guidance), pipe.video_size(frames, height, width)
+    console = _stderr()
+    console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
+                  f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g} "
+                  f"(loaded in {seconds['load']:.1f}s)")
+    _note_emulated_bf16(console, pipe.device, pipe.dtype)
+    index = []
+    for i, (text, path) in enumerate(jobs):
+        start = time.perf_counter()
+        with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
+            video = pipe.generate(text, frames, height, width, settings.sampler, settings.steps, settings.guidance,
+                                  eta=eta, seed=seed + i, progress=bars)
+            bars("write", 0, 1)
+            result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
+            bars("write", 1, 1)
+        for stage, spent in bars.times.seconds.items():
+            seconds[stage] = seconds.get(stage, 0.0) + spent
+        if result.note:
+            console.print(f"note: {result.note}")
+        typer.echo(f"wrote {result.path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
+                   f"{time.perf_counter() - start:.1f}s)")
+        index.append({"prompt": text, "file": result.path.name, "seed": seed + i})
+    if prompts is not None:
+        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {out / 'index.jsonl'}")
+    if timings is not None:
+        timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - _STARTED}) + "\n")
+
+
+def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, seed: int) -> list[tuple[str, Path]]:
+    """(prompt, output path) of each video to make, checked before anything is loaded."""
+    from soragen.video_io import check_output
     if (prompt is None) == (prompts is None):
         raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
-    _check_overrides(sampler=sampler, steps=steps, guidance=guidance, frames=frames, fps=fps)  # sizes: below
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if not 0 <= eta <= 1:
-        raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
-    jobs: list[tuple[str, Path]]
     if prompts is not None:
         if not prompts.is_file():
             raise UsageError(f"--prompts {prompts}: no such file")
@@ -224,51 +260,21 @@ def generate(
             raise UsageError(f"--out {out}: use .mp4, .gif, or a folder name for PNG frames")
         jobs = [(prompt, out)]
         _check_writable(out.parent if out.suffix else out)
-    from soragen.video_io import check_output
     for _, path in jobs:
         check_output(path)
     if seed + len(jobs) - 1 > MAX_SEED:
         raise UsageError(f"--seed {seed} + {len(jobs) - 1} (one seed per prompt) passes the largest seed, {MAX_SEED}")
+    return jobs
 
-    from soragen.pipeline import Pipeline
-    from soragen.video_io import write_video
-    t0 = time.perf_counter()
-    timings = {"imports": t0 - _STARTED}
-    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile)
-    timings["load"] = time.perf_counter() - t0
-    settings = pipe.sampler_settings(sampler, steps, guidance)
-    defaults = pipe.model.video  # `is None`, not `or`: an explicit 0 is an error, not "the default"
-    frames = defaults.frames if frames is None else frames
-    height = defaults.height if height is None else height
-    width = defaults.width if width is None else width
-    pipe.check_request(frames, height, width, settings["steps"])
-    console = _stderr()
-    console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
-                  f"{settings['sampler']} {settings['steps']} steps, guidance {settings['guidance']:g} "
-                  f"(loaded in {time.perf_counter() - t0:.1f}s)")
-    _note_emulated_bf16(console, pipe.device, pipe.dtype)
-    index = []
-    for i, (text, path) in enumerate(jobs):
-        start = time.perf_counter()
-        with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
-            video = pipe.generate(text, frames=frames, height=height, width=width, eta=eta, seed=seed + i,
-                                  progress=bars, **settings)
-        write_start = time.perf_counter()
-        result = write_video(path, video, defaults.fps if fps is None else fps)
-        for stage, seconds in bars.times.seconds.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
-        timings["write"] = timings.get("write", 0.0) + time.perf_counter() - write_start
-        if result.note:
-            console.print(f"note: {result.note}")
-        T, H, W, _ = video.shape
-        typer.echo(f"wrote {result.path} ({T} frames, {W}x{H}, {time.perf_counter() - start:.1f}s)")
-        index.append({"prompt": text, "file": result.path.name, "seed": seed + i})
-    if prompts is not None:
-        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-        typer.echo(f"wrote {out / 'index.jsonl'}")
-    if os.environ.get("SORAGEN_TIMINGS"):  # where bench/run.py reads the split of a generate run
-        timings["total"] = time.perf_counter() - _STARTED
-        Path(os.environ["SORAGEN_TIMINGS"]).write_text(json.dumps(timings) + "\n")
+
+def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0) -> None:
+    from soragen.pipeline import DTYPES
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if not 0 <= eta <= 1:
+        raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
 
 
 # ---- inspect-patches ---------------------------------------------------------------------------
@@ -318,6 +324,7 @@ def inspect_patches(
 
 # ---- training ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def _train_progress(total_steps: int):
     """A callback for train events: a scan/cache bar, then a step bar with loss, steps/s, ETA."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -344,7 +351,10 @@ def _train_progress(total_steps: int):
         else:
             console.print(info, soft_wrap=True, highlight=False)  # a path must stay copyable
 
-    return progress, bars
+    try:
+        yield progress
+    finally:
+        bars.stop()
 
 
 def _usage_error(err: Exception, renames: dict[str, str] | None = None) -> UsageError:
@@ -354,28 +364,58 @@ def _usage_error(err: Exception, renames: dict[str, str] | None = None) -> Usage
     return UsageError(f"{option} {str(err)[len(name) + 1:]}" if name else str(err))
 
 
-def _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
-                  save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay,
-                  lr_schedule="constant"):
-    """TrainConfig checks every value (soragen.config); its complaint names the option here."""
-    from soragen.config import ConfigError, TrainConfig
-    try:
-        return TrainConfig(data=str(data), frames=frames, height=height, width=width, fps=fps,
-                           batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
-                           max_steps=max_steps, seed=seed, save_every=save_every, sample_every=sample_every,
-                           keep_last=keep_last, gradient_checkpointing=gradient_checkpointing,
-                           mixed_precision=mixed_precision, ema_decay=ema_decay, lr_schedule=lr_schedule)
-    except ConfigError as err:
-        raise _usage_error(err, {"warmup_steps": "warmup"}) from None
+OPTION_NAMES = {"warmup_steps": "warmup"}  # config fields whose option is named otherwise
 
 
-Data = Annotated[Path, typer.Option(help="Folder of clips (mp4, mov, mkv, avi, webm, gif) with captions.")]
+def config_options(**configs: tuple[type, dict]):
+    """Give a command one option per field of config dataclasses, with the name, type, range and help
+    the dataclass declares (soragen.config), and hand it one instance of each: `cfg=(TrainConfig,
+    {"batch_size": 4})` adds --data, --frames, ... (defaults overridden as given) and calls the
+    command with cfg=TrainConfig(...). Values out of range are usage errors naming the option."""
+    import dataclasses
+    import inspect
+    import typing
+
+    def wrap(func):
+        fields = {name: [f for f in dataclasses.fields(cls) if "help" in f.metadata] for name, (cls, _) in configs.items()}
+        added = []
+        for name, (cls, defaults) in configs.items():
+            hints = typing.get_type_hints(cls)
+            for f in fields[name]:
+                option = "--" + OPTION_NAMES.get(f.name, f.name).replace("_", "-")
+                limits = {"min": 0, "max": MAX_SEED} if f.name == "seed" else {}
+                option = f"{option}/--no-{option[2:]}" if hints[f.name] is bool else option
+                added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                               default=defaults.get(f.name, f.default),
+                                               annotation=Annotated[hints[f.name], typer.Option(
+                                                   option, help=f.metadata["help"], **limits)]))
+
+        @functools.wraps(func)
+        def run(**params):
+            for name, (cls, _) in configs.items():
+                try:
+                    params[name] = cls(**{f.name: params.pop(f.name) for f in fields[name]})
+                except ConfigError as err:
+                    raise _usage_error(err, OPTION_NAMES) from None
+            return func(**params)
+
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(func).parameters.values()
+               if p.name not in configs]
+        run.__signature__ = inspect.Signature(added + own)  # --data first, as a user reads them
+        return run
+    return wrap
+
+
 Out = Annotated[Path, typer.Option(help="Run folder: checkpoint-STEP/ folders, metrics.jsonl, loss.png.")]
+Resume = Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
 @command()
+@config_options(cfg=(TrainConfig, {}), objective=(DiTObjective, {}))
 def train(
-    data: Data = Path("clips"),
+    cfg: TrainConfig,
+    objective: DiTObjective,
     out: Out = Path("runs/dit"),
     vae: Annotated[Optional[str], typer.Option(help="The frozen VAE: a train-vae run, a model folder, a VAE "
                                                "folder or hub id (default: the built-in model's, or with --init "
@@ -385,38 +425,12 @@ def train(
     preset: Annotated[str, typer.Option(help="DiT size: test, tiny, small, base, large.")] = "tiny",
     init: Annotated[Optional[Path], typer.Option(help="Start from this model folder's weights; its checkpoints "
                                                 "keep its sampling settings.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")] = False,
-    frames: Annotated[int, typer.Option(help="Frames per training clip.")] = 16,
-    height: Annotated[int, typer.Option(help="Training height.")] = 64,
-    width: Annotated[int, typer.Option(help="Training width.")] = 64,
-    fps: Annotated[float, typer.Option(help="Clips are resampled to this frame rate.")] = 8.0,
-    batch_size: Annotated[int, typer.Option(help="Clips per step and process.")] = 16,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate after warm-up.")] = 3e-4,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    lr_schedule: Annotated[str, typer.Option(help="After warm-up: constant, or cosine (down to 0 at "
-                                             "--max-steps).")] = "constant",
-    max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 2000,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for weights, data order and noise.")] = 0,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
-    sample_every: Annotated[int, typer.Option(help="Sample videos at checkpoints whose step is a multiple of N "
-                                              "(0: only at the end).")] = 0,
-    keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.999,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
-    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 where fast), no, bf16.")] = "auto",
+    resume: Resume = False,
     cache: Annotated[bool, typer.Option(help="Cache VAE latents and text embeddings.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default ~/.cache/soragen).")] = None,
-    windows: Annotated[int, typer.Option(help="Temporal crops cached per clip.")] = 4,
+    windows: Annotated[int, typer.Option(min=1, max=64, help="Temporal crops cached per clip.")] = 4,
     samples: Annotated[Optional[Path], typer.Option(help="Prompts for sample videos, one per line.")] = None,
-    prediction: Annotated[str, typer.Option(help="What the DiT learns to output: v_prediction (the velocity) "
-                                            "or epsilon (the noise).")] = "v_prediction",
-    object_weight: Annotated[float, typer.Option(help="Extra loss weight of latent cells that stand out from "
-                                               "their row's and column's median (small objects), so the DiT "
-                                               "cannot ignore what tells one shape from another.")] = 0.0,
-    zero_terminal_snr: Annotated[bool, typer.Option(help="Rescale the noise schedule so its last step is pure "
-                                                    "noise, as sampling starts (needs v_prediction).")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Train the DiT on a folder of captioned clips (VAE and text encoder frozen).
 
@@ -431,24 +445,17 @@ def train(
       soragen train --data clips/ --init runs/dit --vae runs/vae2 --out runs/dit2
     """
     from soragen.train import run_train
-    cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
-                        save_every, sample_every, keep_last, gradient_checkpointing, mixed_precision, ema_decay,
-                        lr_schedule)
     if vae is None and init is None and not resume:
         from soragen.model_io import default_model_dir
         default = default_model_dir()
         if default is None:
             raise UsageError("no --vae given and this install has no default model; train one with soragen train-vae")
         vae = str(default / "vae")
-    sample_prompts = _sample_prompts(samples)
-    progress, bars = _train_progress(max_steps)
-    cache_folder = None if not cache else (cache_dir or _default_cache())
-    try:
-        result = run_train(cfg, out, preset, text_encoder, vae, str(init) if init else None, resume,
-                           cache_folder, windows, device, sample_prompts, progress, prediction,
-                           object_weight, zero_terminal_snr)
-    finally:
-        bars.stop()
+    with _train_progress(cfg.max_steps) as progress:
+        result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
+                           init=str(init) if init else None, resume=resume,
+                           cache_dir=(cache_dir or _default_cache()) if cache else None, windows=windows,
+                           device=device, sample_prompts=_sample_prompts(samples), progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"trained to step {result['step']} (last loss {result['loss']:.4f}, "
                    f"{result['skipped_nonfinite']} non-finite steps skipped); model: {out}")
@@ -468,46 +475,26 @@ def _default_cache() -> Path:
     return Path(base) / "soragen"
 
 
+# train-vae's own defaults: smaller batches, a higher rate, and no bf16 (its gradients overflow in the
+# Wan VAE's norms: NaN steps would be skipped)
+VAE_TRAINING = {"batch_size": 4, "lr": 5e-4, "warmup_steps": 50, "max_steps": 1000, "ema_decay": 0.99,
+                "mixed_precision": "no"}
+
+
 @command("train-vae")
+@config_options(cfg=(TrainConfig, VAE_TRAINING), objective=(VAEObjective, {}))
 def train_vae(
-    data: Data = Path("clips"),
+    cfg: TrainConfig,
+    objective: VAEObjective,
     out: Out = Path("runs/vae"),
     preset: Annotated[str, typer.Option(help="VAE size: test, tiny, small.")] = "tiny",
     init: Annotated[Optional[str], typer.Option(help="Start from this VAE's weights (a train-vae run, model or "
                                                 "VAE folder) instead of random ones.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint in --out.")] = False,
-    frames: Annotated[int, typer.Option(help="Frames per training clip. Train on as many as you will generate: "
-                                        "the causal cache only learns the chunks it sees.")] = 16,
-    height: Annotated[int, typer.Option(help="Training height.")] = 64,
-    width: Annotated[int, typer.Option(help="Training width.")] = 64,
-    fps: Annotated[float, typer.Option(help="Clips are resampled to this frame rate.")] = 8.0,
-    batch_size: Annotated[int, typer.Option(help="Clips per step and process.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate after warm-up.")] = 5e-4,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
-    max_steps: Annotated[int, typer.Option(help="Train until this step.")] = 1000,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for weights, data order and noise.")] = 0,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
-    keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
-    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1e-4,
-    detail_weight: Annotated[float, typer.Option(help="Extra loss weight of pixels that stand out from their row's "
-                                                 "and column's median colour, so small objects are not averaged "
-                                                 "away.")] = 10.0,
-    sample_posterior: Annotated[bool, typer.Option(help="Decode a sample of the posterior instead of its mean "
-                                                   "(slower to learn fine detail; the DiT sees means anyway).")] = False,
-    decoder_only: Annotated[bool, typer.Option("--decoder-only", help="Train only the decoder of the --init VAE: "
-                                               "sharper decoding, same latents, so a DiT trained on them still "
-                                               "works with it.")] = False,
-    crop: Annotated[int, typer.Option(help="Train on random CROP x CROP squares of each --height x --width "
-                                      "frame, at full scale (0: whole frames). Steps cost the fraction of "
-                                      "pixels kept; the VAE is convolutional, so it still decodes whole "
-                                      "frames.")] = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no, or bf16 (its gradients overflow in the Wan VAE's "
-                                                 "norms: NaN steps get skipped).")] = "no",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Resume = False,
+    device: Device = "auto",
 ) -> None:
-    """Train the 3D causal VAE from scratch (reconstruction + KL) on a folder of clips.
+    """Train the 3D causal VAE from scratch (reconstruction + KL) on a folder of clips. Train on as
+    many --frames as you will generate: the causal cache only learns the chunks it sees.
 
     Examples:
 
@@ -518,14 +505,9 @@ def train_vae(
       soragen train-vae --data clips/ --init runs/vae --decoder-only --out runs/vae-dec
     """
     from soragen.train import run_train_vae
-    cfg = _train_config(data, frames, height, width, fps, batch_size, grad_accum, lr, warmup, max_steps, seed,
-                        save_every, 0, keep_last, False, mixed_precision, ema_decay)
-    progress, bars = _train_progress(max_steps)
-    try:
-        result = run_train_vae(cfg, out, preset, resume, device, kl_weight, progress, init, sample_posterior,
-                               detail_weight, decoder_only, crop)
-    finally:
-        bars.stop()
+    with _train_progress(cfg.max_steps) as progress:
+        result = run_train_vae(cfg, objective, out=out, preset=preset, init=init, resume=resume, device=device,
+                               progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"trained the VAE to step {result['step']} (last loss {result['loss']:.4f}); use it with "
                    f"soragen train --vae {out}")

@@ -19,6 +19,7 @@ from typing import Any
 DEFAULT_TEXT_ENCODER = "default"
 
 SAMPLERS = ("ddim", "dpm++", "unipc")
+PREDICTIONS = ("epsilon", "v_prediction")  # what the DiT outputs: the noise, or the velocity
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16")
 MAX_FRAMES = 512
@@ -38,8 +39,8 @@ class ConfigError(ValueError):
 def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
             above: float | None = None, choices: tuple | None = None, **kwargs) -> Any:
     """A dataclass field with its allowed values: low <= x <= high, x > above, or x in choices."""
-    return field(default=default, metadata={"low": low, "high": high, "above": above, "choices": choices},
-                 **kwargs)
+    return field(default=default, metadata={"low": low, "high": high, "above": above, "choices": choices,
+                                            **({"help": kwargs.pop("help")} if "help" in kwargs else {})}, **kwargs)
 
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
@@ -100,6 +101,7 @@ def _num(x: float) -> str:
 
 def check_value(name: str, value: Any, hint: Any, **limits) -> Any:
     """`value` checked against a type and `bounded`'s limits (low, high, above, choices); normalised."""
+    limits.pop("help", None)
     value = _typed(name, value, hint)
     _in_range(name, value, limits)
     return value
@@ -235,28 +237,74 @@ def from_dict(cls: type, data: dict[str, Any]):
 class TrainConfig:
     """Everything `soragen train` needs to rebuild a run; stored in every checkpoint."""
 
-    data: str = ""
-    frames: int = bounded(16, low=1, high=MAX_FRAMES)
-    height: int = bounded(64, low=8, high=MAX_SIDE)
-    width: int = bounded(64, low=8, high=MAX_SIDE)
-    fps: float = bounded(8.0, above=0, high=1000)
-    batch_size: int = bounded(8, low=1, high=65536)
-    grad_accum: int = bounded(1, low=1, high=65536)
-    lr: float = bounded(3e-4, above=0, high=10)
-    warmup_steps: int = bounded(100, low=0, high=10**9)
-    lr_schedule: str = bounded("constant", choices=LR_SCHEDULES)  # after warm-up: constant, or cosine to 0
-    weight_decay: float = bounded(0.0, low=0, high=10)
-    max_grad_norm: float = bounded(1.0, above=0, high=1e6)
-    ema_decay: float = bounded(0.999, low=0, high=0.999999)
-    max_steps: int = bounded(1000, low=1, high=10**9)
-    caption_dropout: float = bounded(0.1, low=0, high=1)
-    seed: int = bounded(0, low=0, high=MAX_SEED)
-    save_every: int = bounded(250, low=1, high=10**9)
-    sample_every: int = bounded(0, low=0, high=10**9)
-    keep_last: int = bounded(2, low=0, high=10**6)
-    gradient_checkpointing: bool = False
-    mixed_precision: str = bounded("auto", choices=MIXED_PRECISION)
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: str = bounded("clips", help="Folder of clips (mp4, mov, mkv, avi, webm, gif) with captions.")
+    frames: int = bounded(16, low=1, high=MAX_FRAMES, help="Frames per training clip.")
+    height: int = bounded(64, low=8, high=MAX_SIDE, help="Training height.")
+    width: int = bounded(64, low=8, high=MAX_SIDE, help="Training width.")
+    fps: float = bounded(8.0, above=0, high=1000, help="Clips are resampled to this frame rate.")
+    batch_size: int = bounded(16, low=1, high=65536, help="Clips per step and process.")
+    grad_accum: int = bounded(1, low=1, high=65536, help="Micro-batches per optimizer step.")
+    lr: float = bounded(3e-4, above=0, high=10, help="AdamW learning rate after warm-up.")
+    warmup_steps: int = bounded(100, low=0, high=10**9, help="Linear warm-up steps.")
+    lr_schedule: str = bounded("constant", choices=LR_SCHEDULES,
+                               help="After warm-up: constant, or cosine (down to 0 at --max-steps).")
+    weight_decay: float = bounded(0.0, low=0, high=10, help="AdamW weight decay.")
+    max_grad_norm: float = bounded(1.0, above=0, high=1e6, help="Gradients are clipped to this norm.")
+    ema_decay: float = bounded(0.999, low=0, high=0.999999, help="EMA decay of the weights.")
+    max_steps: int = bounded(2000, low=1, high=10**9, help="Train until this step.")
+    caption_dropout: float = bounded(0.1, low=0, high=1, help="Share of captions replaced by the empty prompt "
+                                                              "(what classifier-free guidance contrasts with).")
+    seed: int = bounded(0, low=0, high=MAX_SEED, help="Seed for weights, data order and noise.")
+    save_every: int = bounded(250, low=1, high=10**9, help="Checkpoint every N steps.")
+    sample_every: int = bounded(0, low=0, high=10**9, help="Sample videos at checkpoints whose step is a "
+                                                           "multiple of N (0: only at the end).")
+    keep_last: int = bounded(2, low=0, high=10**6, help="Checkpoints to keep.")
+    gradient_checkpointing: bool = bounded(False, help="Recompute activations to save memory.")
+    mixed_precision: str = bounded("auto", choices=MIXED_PRECISION, help="auto (bf16 where fast), no, bf16.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class DiTObjective:
+    """How the DiT learns (soragen.objectives): what it predicts, how much more the cells of small
+    objects weigh, and whether the noise schedule ends in pure noise. Stored with a run's checkpoints."""
+
+    prediction: str = bounded("v_prediction", choices=PREDICTIONS, help="What the DiT learns to output: "
+                              "v_prediction (the velocity) or epsilon (the noise).")
+    object_weight: float = bounded(0.0, low=0, high=1000, help="Extra loss weight of latent cells that stand out "
+                                   "from their row's and column's median (small objects), so the DiT cannot "
+                                   "ignore what tells one shape from another.")
+    zero_terminal_snr: bool = bounded(False, help="Rescale the noise schedule so its last step is pure noise, as "
+                                      "sampling starts (needs v_prediction).")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.zero_terminal_snr and self.prediction != "v_prediction":
+            raise ConfigError("zero_terminal_snr", "needs prediction v_prediction: at its last step the input is "
+                                                   "all noise, so predicting the noise says nothing about the clip")
+
+    def schedule(self) -> dict:
+        """The noise-schedule settings (a diffusers scheduler config) this objective trains on."""
+        return {"prediction_type": self.prediction, **({"rescale_betas_zero_snr": True} if self.zero_terminal_snr
+                                                        else {})}
+
+
+@dataclass
+class VAEObjective:
+    """How the VAE learns (soragen.objectives.VAEWithLoss). Stored with a run's checkpoints."""
+
+    kl_weight: float = bounded(1e-4, low=0, high=100, help="Weight of the KL term.")
+    detail_weight: float = bounded(10.0, low=0, high=1000, help="Extra loss weight of pixels that stand out from "
+                                   "their row's and column's median colour, so small objects are not averaged away.")
+    sample_posterior: bool = bounded(False, help="Decode a sample of the posterior instead of its mean (slower to "
+                                     "learn fine detail; the DiT sees means anyway).")
+    decoder_only: bool = bounded(False, help="Train only the decoder of the --init VAE: sharper decoding, same "
+                                 "latents, so a DiT trained on them still works with it.")
+    crop: int = bounded(0, low=0, high=MAX_SIDE, help="Train on random CROP x CROP squares of each --height x "
+                        "--width frame, at full scale (0: whole frames). Steps cost the fraction of pixels kept; "
+                        "the VAE is convolutional, so it still decodes whole frames.")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,9 +1,13 @@
-"""VideoDiT: the diffusion transformer that predicts the noise in a video latent.
+"""VideoDiT: the diffusion transformer that predicts the velocity (or the noise) of a video latent.
 
 A latent video (B, C, T, H, W) is cut into spacetime patches of pt x ph x pw cells; each patch
 becomes one token. Tokens get a 3D sin-cos position, then pass through DiT blocks conditioned by
-adaLN-Zero on c = timestep embedding + pooled text, and (optionally) cross-attend to the text
-tokens. A final adaLN + linear maps each token back to its patch of predicted noise.
+adaLN-Zero on c = timestep embedding + pooled text, and cross-attend to the text tokens. A final
+adaLN + linear maps each token back to its patch of the prediction. What the prediction is (the
+velocity or the noise) is the noise schedule's `prediction_type`; the model does not know.
+
+This file says what is computed, in plain torch. The kernels that make it fast on a CPU are
+installed onto these modules from outside (`soragen.fast_paths`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from soragen import cpu
 from soragen.config import DiTConfig
 
 
@@ -75,129 +78,45 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(sincos_1d(t.float(), self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
-# ---- the block -----------------------------------------------------------------------------------
+# ---- adaLN ---------------------------------------------------------------------------------------
 
 @dataclass
 class Modulation:
-    shift: torch.Tensor  # (B, 1, D)
+    """What adaLN regresses from c for one sub-layer: x -> norm(x) * (1 + scale) + shift, and the
+    gate on its residual branch. Each (B, 1, D)."""
+
+    shift: torch.Tensor
     scale: torch.Tensor
     gate: torch.Tensor
+
+    @staticmethod
+    def split(modulation: torch.Tensor, count: int) -> list["Modulation"]:
+        """(B, 1, 3 * count * D) -> `count` Modulations: shift, scale, gate, shift, scale, gate, ..."""
+        parts = modulation.chunk(3 * count, dim=-1)
+        return [Modulation(*parts[3 * i:3 * i + 3]) for i in range(count)]
 
 
 def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
     return torch.addcmul(m.shift, x, 1 + m.scale)  # x * (1 + scale) + shift in one pass
 
 
-def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where `linear` may take oneDNN's fused kernel: no autograd (it has no backward), no
-    autocast (it would not cast), not under torch.compile (there `linear` takes the custom op), a
-    CPU tensor in the weight's dtype, which oneDNN runs on this CPU (`soragen.cpu`)."""
-    if torch.compiler.is_compiling():  # first: torch.compile cannot trace the checks below (graph breaks)
-        return False
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
-            and not torch.is_autocast_enabled("cpu") and cpu.onednn_linear(x.dtype))
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
-
-
-@torch.library.custom_op("soragen::linear", mutates_args=())
-def _compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """`linear` inside a torch.compile graph, opaque to inductor, so that it stays oneDNN's call:
-    inductor's own addmm ran these layers 2x slower in float32 here (the compiled float32 step was
-    slower than eager) and ~5% slower in bf16, and its separate GELU kernel took 155 us on the
-    MLP's (640, 1024) bf16 tile, where oneDNN applies GELU to the tile in cache."""
-    if x.dtype == weight.dtype and cpu.onednn_linear(x.dtype):
-        return _onednn_linear(x, weight, bias, activation)
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if activation == "gelu" else y
-
-
-@_compiled_linear.register_fake
-def _(x, weight, bias, activation):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _weight_key(weight: torch.Tensor) -> tuple:
-    """Changes when the weight does (inference tensors have no version counter, and cannot change)."""
-    return weight.data_ptr(), 0 if weight.is_inference() else weight._version, weight.dtype
-
-
-def pack_linears(module: nn.Module) -> None:
-    """Give each CPU nn.Linear in `module` a copy of its weight in oneDNN's blocked layout, which
-    `linear` uses at inference while the weight is unchanged: oneDNN then skips reordering the
-    weight at every call, 5-7% of each of the DiT's linears here (identical results). Only where
-    oneDNN runs the weight's dtype on this CPU: elsewhere `linear` is torch's own, which needs the
-    weight as it is, so an earlier packing (of another dtype, say) is dropped there."""
-    for layer in module.modules():
-        if not isinstance(layer, nn.Linear):
-            continue
-        w = layer.weight
-        if w.device.type == "cpu" and cpu.onednn_linear(w.dtype):
-            with torch.no_grad():
-                layer.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            layer.onednn_key = _weight_key(w)
-        else:
-            vars(layer).pop("onednn_weight", None)
-            vars(layer).pop("onednn_key", None)
-
-
-def _inference_weight(layer: nn.Linear) -> torch.Tensor:
-    """`pack_linears`' copy of layer.weight if it is still the weight's (compiled graphs trust it:
-    the pipeline packs right before compiling), else layer.weight."""
-    packed = getattr(layer, "onednn_weight", None)
-    if packed is not None and (torch.compiler.is_compiling() or layer.onednn_key == _weight_key(layer.weight)):
-        return packed
-    return layer.weight
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none") -> torch.Tensor:
-    """layer(x), followed by exact GELU if `activation` is "gelu". At inference on a CPU it is one
-    oneDNN call with bias and GELU applied to the output tile while it is still in cache: in bf16 a
-    separate GELU over the MLP's (2 x 320) x 1024 activations cost more than the matmul before it.
-    Under torch.compile it is the same call, wrapped as a custom op (`_compiled_linear`)."""
-    if _onednn_inference(x, layer.weight):
-        return _onednn_linear(x, _inference_weight(layer), layer.bias, activation)
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu":
-        return _compiled_linear(x, _inference_weight(layer), layer.bias, activation)
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y) if activation == "gelu" else y
-
-
-# Above this many attention scores (batch x heads x queries x keys) attention goes through SDPA's
-# flash kernel, which never holds them all; below it, on a CPU, through two batched matmuls.
-MAX_MATERIALISED_SCORES = 1 << 24
-
+# ---- attention -----------------------------------------------------------------------------------
 
 def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) True for keys to attend to -> (B, 1, 1, L) additive bias: 0 there, -inf elsewhere,
-    broadcast over heads and queries. Compiled, adding it cost 110 us a block where masked_fill
-    with the boolean mask cost 165 (cross-attention, 320 queries, 16 keys, bf16)."""
+    broadcast over heads and queries."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask.bool(), float("-inf"))
     return bias[:, None, None, :]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T + bias) v over (B, heads, N, d) tensors, q already scaled by 1/sqrt(d); bias from
-    `mask_bias`. On a CPU at DiT sizes, matmul + softmax + matmul runs 2.5x faster in bf16 than
-    SDPA's flash kernel (320 tokens: 0.57 vs 1.41 ms), which works through its tiles one query
-    block at a time."""
-    B, H, N, _ = q.shape
-    if q.device.type != "cpu" or B * H * N * k.shape[2] > MAX_MATERIALISED_SCORES:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                              scale=1.0)
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, L)
-    if bias is not None:
-        scores = scores + bias
-    return torch.matmul(scores.softmax(-1), v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T + bias) v over (B, heads, N, d) tensors, q already scaled by 1/sqrt(d)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=1.0)
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim, computed in float32, returned in the input's dtype.
-
-    Written out instead of F.rms_norm: on q and k (strided bf16 views) torch's CPU kernel spent
-    ~14% of a tiny DiT step copying and upcasting; these four ops cost half as much."""
+    """RMS norm over the last dim, computed in float32, returned in the input's dtype. Written out
+    in four ops rather than F.rms_norm, whose CPU kernel copies strided bf16 views first."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -211,75 +130,101 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(x.dtype)
 
 
+@dataclass
+class TextKV:
+    """The text as one block's cross-attention sees it: keys (normed) and values (B, heads, L, d),
+    the same at every denoising step, and the padding's additive bias (B, 1, 1, L)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor | None
+
+
 class Attention(nn.Module):
-    """Multi-head attention with fused QKV (self) or Q + fused KV (cross); the scores go through `attend`."""
+    """What self- and cross-attention share: heads, RMS-normed queries and keys, the output projection."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, cross: bool = False):
+    attend = staticmethod(attention)  # soragen.fast_paths may install another kernel per module
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
-        self.num_heads, self.cross = num_heads, cross
-        head_dim = dim // num_heads
-        if cross:
-            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
-        else:
-            self.qkv = nn.Linear(dim, 3 * dim)
-        self.qk_norm = qk_norm
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.num_heads, self.qk_norm, self.scale = num_heads, qk_norm, (dim // num_heads) ** -0.5
+        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        self.scale = head_dim ** -0.5
 
-    def keys_values(self, context: torch.Tensor) -> torch.Tensor:
-        """Cross-attention: the text's keys (normed) and values, (2, B, heads, L, head_dim), the same
-        at every denoising step."""
-        k, v = rearrange(linear(context, self.kv), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
-        return torch.stack([self.k_norm(k), v])
+    def scaled_query(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(q, gain=self.scale) if self.qk_norm else q * self.scale
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention over x, or (cross) attention from x to `kv` = keys_values(text) (with
-        `bias`, -inf for padding)."""
-        if self.cross:
-            q = rearrange(linear(x, self.q), "b n (h d) -> b h n d", h=self.num_heads)
-            k, v = kv
-        else:
-            q, k, v = rearrange(linear(x, self.qkv), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-            k = self.k_norm(k)
-        q = self.q_norm(q, gain=self.scale) if self.qk_norm else q * self.scale
-        out = attend(q, k, v, bias)  # (B, heads, N, head_dim)
-        return linear(rearrange(out, "b h n d -> b n (h d)"), self.proj)
+    def output(self, heads: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, d) -> (B, N, D), projected."""
+        return self.proj(rearrange(heads, "b h n d -> b n (h d)"))
 
+
+class SelfAttention(Attention):
+    """Multi-head self-attention over the video tokens, with fused QKV."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__(dim, num_heads, qk_norm)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        return self.output(self.attend(self.scaled_query(q), self.k_norm(k), v, None))
+
+
+class CrossAttention(Attention):
+    """Video tokens (queries) attend to the text tokens (keys and values, made once per text)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__(dim, num_heads, qk_norm)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+
+    def text_kv(self, context: torch.Tensor, bias: torch.Tensor | None) -> TextKV:
+        """context (B, L, D): the projected text tokens."""
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        return TextKV(self.k_norm(k).contiguous(), v.contiguous(), bias)  # made once per text, read every step
+
+    def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        return self.output(self.attend(self.scaled_query(q), text.keys, text.values, text.bias))
+
+
+# ---- the block -----------------------------------------------------------------------------------
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block: c regresses shift/scale/gate for attention and MLP; zero gates at init
-    make the block the identity. Cross-attention to text sits between the two."""
+    make the block the identity. Cross-attention to the text sits between the two."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         dim = config.hidden_size
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, config.num_heads, config.qk_norm)
-        self.cross_attention = config.cross_attention
+        self.attn = SelfAttention(dim, config.num_heads, config.qk_norm)
         if config.cross_attention:
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
-            self.cross = Attention(dim, config.num_heads, config.qk_norm, cross=True)
+            self.cross = CrossAttention(dim, config.num_heads, config.qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * config.mlp_ratio)
-        # Exact (erf) GELU: in bf16 on CPU it runs ~6x faster than the tanh approximation DiT used.
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        # Exact (erf) GELU: in bf16 on a CPU it runs several times faster than DiT's tanh approximation.
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * config.mlp_ratio)), nn.GELU(),
+                                 nn.Linear(int(dim * config.mlp_ratio), dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, modulation, kv, bias):
-        """x (B, N, D); modulation (B, 1, 6D) = adaLN_modulation(c); kv = cross.keys_values(text),
-        and bias (B, 1, 1, L) the text's padding (`mask_bias`)."""
-        attn_mod, mlp_mod = (Modulation(*m.chunk(3, dim=-1)) for m in modulation.chunk(2, -1))
-        x = torch.addcmul(x, attn_mod.gate, self.attn(modulate(self.norm1(x), attn_mod)))  # x + gate * attn
-        if self.cross_attention:
-            x = x + self.cross(self.norm_cross(x), kv, bias)
-        hidden = linear(modulate(self.norm2(x), mlp_mod), self.mlp[0], "gelu")  # self.mlp, GELU fused
-        return torch.addcmul(x, mlp_mod.gate, linear(hidden, self.mlp[2]))
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """c (B, D) -> (B, 1, 6D): shift, scale, gate for attention, then for the MLP."""
+        return self.adaLN_modulation(c)[:, None]
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor, text: TextKV | None) -> torch.Tensor:
+        """x (B, N, D); modulation = self.modulation(c); text = self.cross.text_kv(...)."""
+        attn, mlp = Modulation.split(modulation, 2)
+        x = torch.addcmul(x, attn.gate, self.attn(modulate(self.norm1(x), attn)))  # x + gate * attention
+        if text is not None:
+            x = x + self.cross(self.norm_cross(x), text)
+        return torch.addcmul(x, mlp.gate, self.mlp(modulate(self.norm2(x), mlp)))  # x + gate * MLP
 
 
 class FinalLayer(nn.Module):
+    """adaLN (shift and scale, no gate) and a linear from each token to its patch of the prediction."""
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         dim = config.hidden_size
@@ -287,13 +232,28 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.in_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, modulation):
-        """x (B, N, D); modulation (B, 1, 2D) = adaLN_modulation(c)."""
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """c (B, D) -> (B, 1, 2D): shift, scale."""
+        return self.adaLN_modulation(c)[:, None]
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
         shift, scale = modulation.chunk(2, dim=-1)
-        return linear(torch.addcmul(shift, self.norm(x), 1 + scale), self.linear)
+        return self.linear(torch.addcmul(shift, self.norm(x), 1 + scale))
 
 
 # ---- the model -----------------------------------------------------------------------------------
+
+@dataclass
+class Conditioning:
+    """Everything a forward pass takes besides the noisy latent: each block's adaLN modulation
+    (B, 1, 6D), the final layer's (B, 1, 2D), each block's text keys/values, and the tokens'
+    positions (N, D). `VideoDiT.condition` makes it; sampling reuses its parts across steps."""
+
+    blocks: list[torch.Tensor]
+    final: torch.Tensor
+    text: list[TextKV | None]
+    positions: torch.Tensor | None = None
+
 
 class VideoDiT(nn.Module):
     def __init__(self, config: DiTConfig):
@@ -312,6 +272,9 @@ class VideoDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
+        if self.final.linear.weight.is_meta:  # built to be loaded from a file: no values to set
+            return
+
         def xavier(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -328,75 +291,71 @@ class VideoDiT(nn.Module):
             if self.config.cross_attention:
                 nn.init.zeros_(block.cross.proj.weight)
                 nn.init.zeros_(block.cross.proj.bias)
-        # The output layer starts at zero: the first prediction is "no noise".
+        # The output layer starts at zero: the first prediction is zero.
         nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
+    # ---- conditioning: what a forward takes besides the latent -----------------------------------
+
+    def condition_vector(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """c = timestep embedding + projected pooled text: (B, D), what adaLN regresses from."""
+        return self.time_embed(t) + self.text_pooled(pooled)
+
+    def text_kv(self, text: torch.Tensor, text_mask: torch.Tensor) -> list[TextKV | None]:
+        """text (B, L, Dt), mask (B, L) True for real tokens -> each block's cross-attention input."""
+        if not self.config.cross_attention:
+            return [None] * len(self.blocks)
+        context = self.text_tokens(text)  # (B, L, D)
+        bias = mask_bias(text_mask, context.dtype)
+        return [block.cross.text_kv(context, bias) for block in self.blocks]
+
     def positions(self, grid: tuple[int, int, int], device, dtype) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # traced into the graph: a dict lookup would cost a recompile
+        """(N, D) sin-cos positions of a token grid, cached per grid (traced under torch.compile)."""
+        if torch.compiler.is_compiling():  # a dict lookup in the graph would cost a recompile per grid
             return sincos_3d(grid, self.config.hidden_size).to(device, dtype)
         key = (grid, str(device), dtype)
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_3d(grid, self.config.hidden_size).to(device, dtype)
         return self._pos_cache[key]
 
-    def condition(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """c = timestep embedding + projected pooled text: (B, D)."""
-        return self.time_embed(t) + self.text_pooled(pooled)
+    def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                  pooled: torch.Tensor) -> Conditioning:
+        c = self.condition_vector(t, pooled)
+        return Conditioning([block.modulation(c) for block in self.blocks], self.final.modulation(c),
+                            self.text_kv(text, text_mask))
 
-    # A forward pass is three parts, so that sampling can do the first two once per video:
-    #   text_context(text)       the text's keys/values for every block (the same at every step),
-    #   modulation(t, pooled)    every block's adaLN shift/scale/gate (all steps' in one batch),
-    #   denoise(x, ...)          the token path: what each denoising step must run.
+    # ---- the forward pass ------------------------------------------------------------------------
 
-    def text_context(self, text: torch.Tensor, text_mask: torch.Tensor):
-        """text (B, L, Dt), mask (B, L) -> (kv (depth, 2, B, heads, L, head_dim): every block's
-        `keys_values`, bias (B, 1, 1, L) from `mask_bias`); (None, None) without cross-attention."""
-        if not self.config.cross_attention:
-            return None, None
-        context = self.text_tokens(text)  # (B, L, D)
-        kv = torch.stack([block.cross.keys_values(context) for block in self.blocks])
-        return kv, mask_bias(text_mask, kv.dtype)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, T, H, W) noisy latent; t: (B,) steps; text: (B, L, Dt) tokens with mask (B, L)
+        (True = real token); pooled: (B, Dt). Returns the prediction, shaped like x."""
+        return self.predict(x, self.condition(t, text, text_mask, pooled))
 
-    def modulation(self, t: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t (B,), pooled (B, Dt) -> (blocks' (B, depth, 6D), final layer's (B, 2D))."""
-        c = self.condition(t, pooled)
-        blocks = torch.stack([block.adaLN_modulation(c) for block in self.blocks], dim=1)
-        return blocks, self.final.adaLN_modulation(c)
-
-    def denoise(self, x: torch.Tensor, modulation: torch.Tensor, final_modulation: torch.Tensor,
-                kv: torch.Tensor | None, bias: torch.Tensor | None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The token path of `forward`, given `modulation(...)` and `text_context(...)`, and the
-        tokens' `positions(...)` if at hand (compiled, making them took 0.17 ms a step)."""
+    def predict(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The forward pass given its conditioning: patches -> tokens -> blocks -> patches."""
         B, C, T, H, W = x.shape
         ps = self.config.patch_size
         grid = token_grid((T, H, W), ps)
         padded = tuple(g * p for g, p in zip(grid, ps))
         if padded != (T, H, W):  # a partial patch at an edge: pad with zeros, crop after
             x = F.pad(x, (0, padded[2] - W, 0, padded[1] - H, 0, padded[0] - T))
-        tokens = linear(patchify(x, ps), self.patch_embed)  # (B, N, D)
-        tokens = tokens + (self.positions(grid, x.device, tokens.dtype) if positions is None else positions)
-        for i, block in enumerate(self.blocks):
-            args = (tokens, modulation[:, i:i + 1], None if kv is None else kv[i], bias)
+        tokens = self.patch_embed(patchify(x, ps))  # (B, N, D)
+        positions = self.positions(grid, x.device, tokens.dtype) if cond.positions is None else cond.positions
+        tokens = tokens + positions
+        for block, modulation, text in zip(self.blocks, cond.blocks, cond.text):
             if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, *args, use_reentrant=False)
+                tokens = checkpoint(block, tokens, modulation, text, use_reentrant=False)
             else:
-                tokens = block(*args)
-        out = unpatchify(self.final(tokens, final_modulation[:, None]), grid, ps)  # (B, C, T', H', W')
+                tokens = block(tokens, modulation, text)
+        out = unpatchify(self.final(tokens, cond.final), grid, ps)  # (B, C, T', H', W')
         return out[:, :, :T, :H, :W]
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                pooled: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, T, H, W) noisy latent; t: (B,) steps; text: (B, L, Dt) tokens with mask (B, L)
-        (True = real token); pooled: (B, Dt). Returns predicted noise shaped like x."""
-        return self.denoise(x, *self.modulation(t, pooled), *self.text_context(text, text_mask))
 
     def flops_per_forward(self, num_tokens: int, text_len: int, batch: int = 1, text_kv: bool = True) -> int:
         """Matmul FLOPs (2 per multiply-add) of one forward pass: what model FLOP utilisation counts.
-        text_kv=False leaves out the text's keys/values (`denoise` given a `text_context`)."""
+        text_kv=False leaves out the text's keys/values (`predict` given a made `Conditioning`)."""
         cfg, D = self.config, self.config.hidden_size
         per_block = 2 * num_tokens * D * 3 * D + 2 * num_tokens * D * D  # qkv + out proj
         per_block += 2 * 2 * num_tokens * num_tokens * D  # q @ k and attn @ v
@@ -407,12 +366,3 @@ class VideoDiT(nn.Module):
         patch_dim = math.prod(cfg.patch_size) * cfg.in_channels
         total = cfg.depth * per_block + 2 * 2 * num_tokens * patch_dim * D  # + embed and final
         return batch * total
-
-
-def compile_for_sampling(model: VideoDiT):
-    """torch.compile of `model.denoise`, the per-step token path: inductor fuses the norms,
-    modulation, gates and softmax into a few kernels (the linears stay matmul calls). Shapes are
-    static, which compiles in a third of the time dynamic shapes take: a new video size compiles
-    again, and the pipeline pads text to one length. bench/run.py measures the compile time and
-    the speed-up."""
-    return torch.compile(model.denoise, dynamic=False)

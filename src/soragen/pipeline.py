@@ -1,11 +1,13 @@
-"""From prompt to frames: text encoding, noise, the denoising loop, VAE decode, uint8.
+"""From prompt to frames: text encoding, noise, the sampling loop, VAE decode, uint8.
 
-The pipeline owns device and dtype. It reports progress through a callback
+The pipeline owns device and dtype, installs the CPU fast paths (`soragen.fast_paths`) and takes
+its sampling defaults from the model. It reports progress through a callback
 `progress(stage, done, total)` and never prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +16,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from soragen import cpu
-from soragen.dit import compile_for_sampling, pack_linears, token_grid
+from soragen import fast_paths
+from soragen.config import MAX_SIDE, ConfigError, SamplingDefaults
+from soragen.dit import Conditioning, token_grid
 from soragen.errors import SoragenError, UsageError
+from soragen.fast_paths import has_fast_bf16
 from soragen.model_io import Model, load_model
-from soragen.config import MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLERS
-from soragen.sampling import denoise, make_scheduler
+from soragen.sampling import make_scheduler, sample
 from soragen.text import TextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +44,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu.has_fast_bf16() else torch.float32
+        return torch.bfloat16 if has_fast_bf16() else torch.float32
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -70,6 +73,11 @@ def _nearest_multiple(value: int, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
+def usage_error(err: ConfigError) -> UsageError:
+    """A config value out of range, as the usage error of the option that sets it."""
+    return UsageError(f"--{err.field.replace('_', '-')} {str(err)[len(err.field) + 1:]}")
+
+
 @dataclass
 class Pipeline:
     model: Model
@@ -79,68 +87,74 @@ class Pipeline:
     compiled: bool = False
 
     def __post_init__(self):
-        pack_linears(self.model.dit)
-        self.dit_denoise = compile_for_sampling(self.model.dit) if self.compiled else self.model.dit.denoise
+        fast_paths.install(self.model.dit)
+        fast_paths.install(self.model.vae.model)
+        self.predict = fast_paths.compile_for_sampling(self.model.dit) if self.compiled else self.model.dit.predict
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
              compile: bool = False) -> "Pipeline":
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
         model = load_model(model_dir)
-        text_encoder = TextEncoder(model.text_spec, device=dev)
+        return cls.from_model(model, TextEncoder(model.text_spec, device=dev), dev, resolve_dtype(dtype, dev), compile)
+
+    @classmethod
+    def from_model(cls, model: Model, text_encoder: TextEncoder, device: torch.device, dtype: torch.dtype,
+                   compile: bool = False) -> "Pipeline":
         if text_encoder.dim != model.dit.config.text_dim:
             raise SoragenError(f"text encoder {model.text_spec.source!r} gives {text_encoder.dim}-d embeddings, "
                                f"the DiT expects {model.dit.config.text_dim}")
-        model.dit.to(dev, dt)
-        # The VAE decodes in the DiT's dtype too: in bf16 on a CPU with bf16 matmuls its convolutions
-        # run ~5x faster, within 2 levels of 255 of float32 (bench/run.py, tests/test_fast_paths.py).
-        model.vae.to(dev, dt if dt == torch.bfloat16 else torch.float32)
-        return cls(model, text_encoder, dev, dt, compile)
+        model.dit.to(device, dtype)
+        # The VAE decodes in the DiT's dtype too where that is bf16: on a CPU with bf16 matmuls its
+        # convolutions run several times faster, within a few levels of 255 (tests/test_fast_paths.py).
+        model.vae.to(device, dtype if dtype == torch.bfloat16 else torch.float32)
+        return cls(model, text_encoder, device, dtype, compile)
 
-    # ---- what sizes work -------------------------------------------------------------------------
+    # ---- the settings of a video -----------------------------------------------------------------
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of the VAE's spatial factor times the patch size."""
         return self.model.vae.spatial_factor * self.model.dit.config.patch_size[1]
 
-    def check_request(self, frames: int, height: int, width: int, steps: int) -> None:
-        if not 1 <= frames <= MAX_FRAMES:
-            raise UsageError(f"--frames must be between 1 and {MAX_FRAMES}; nearest valid value: "
-                             f"{min(max(frames, 1), MAX_FRAMES)}")
-        if not 1 <= steps <= MAX_STEPS:
-            raise UsageError(f"--steps must be between 1 and {MAX_STEPS}; nearest valid value: "
-                             f"{min(max(steps, 1), MAX_STEPS)}")
+    def video_size(self, frames: int | None = None, height: int | None = None,
+                   width: int | None = None) -> tuple[int, int, int]:
+        """(frames, height, width): the model's defaults with the given values on top, checked."""
+        video = self.model.video
+        frames, height, width = (video.frames if frames is None else frames, video.height if height is None else height,
+                                 video.width if width is None else width)
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if value % m or not m <= value <= MAX_SIDE:
                 nearest = min(_nearest_multiple(value, m), MAX_SIDE // m * m)
                 raise UsageError(f"--{name} must be a multiple of {m} between {m} and {MAX_SIDE}; "
                                  f"nearest valid value: {nearest}")
+        try:
+            dataclasses.replace(video, frames=frames)
+        except ConfigError as err:
+            raise usage_error(err) from None
+        return frames, height, width
 
-    def sampler_settings(self, sampler: str | None = None, steps: int | None = None,
-                         guidance: float | None = None) -> dict:
-        """The model's sampling defaults, with whatever the user set on top."""
-        d = self.model.sampling
-        return {"sampler": d.sampler if sampler is None else sampler, "steps": d.steps if steps is None else steps,
-                "guidance": d.guidance if guidance is None else guidance}
+    def sampling(self, sampler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None) -> SamplingDefaults:
+        """The model's sampling settings with the given values on top, checked."""
+        given = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
+        try:
+            return dataclasses.replace(self.model.sampling, **given)
+        except ConfigError as err:
+            raise usage_error(err) from None
 
     # ---- generation ------------------------------------------------------------------------------
-    def denoiser(self, timesteps: torch.Tensor) -> "Denoiser":
-        return Denoiser(self.model.dit, self.dit_denoise, timesteps, self.device, self.dtype)
+    def cached_dit(self, timesteps: torch.Tensor) -> "CachedDiT":
+        return CachedDiT(self.model.dit, self.predict, timesteps, self.device, self.dtype)
 
     @torch.no_grad()
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
-                 width: int | None = None, steps: int = 50, guidance: float = 5.0, sampler: str = "ddim",
-                 eta: float = 0.0, seed: int = 0, progress: Progress | None = None) -> np.ndarray:
-        """One video for `prompt`: (frames, height, width, 3) uint8."""
-        video = self.model.video
-        frames = video.frames if frames is None else frames
-        height = video.height if height is None else height
-        width = video.width if width is None else width
-        self.check_request(frames, height, width, steps)
-        if sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+                 width: int | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, eta: float = 0.0, seed: int = 0,
+                 progress: Progress | None = None) -> np.ndarray:
+        """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's."""
+        frames, height, width = self.video_size(frames, height, width)
+        settings = self.sampling(sampler, steps, guidance)
         report = progress or (lambda stage, done, total: None)
 
         report("encode", 0, 1)
@@ -151,17 +165,17 @@ class Pipeline:
         report("encode", 1, 1)
 
         generator = torch.Generator("cpu").manual_seed(seed)  # the same seed gives the same noise anywhere
-        shape = (1, *self.model.vae.latent_shape(frames, height, width))
-        noise = torch.randn(shape, generator=generator).to(self.device)
-        scheduler = make_scheduler(sampler, self.model.scheduler_config)
-        scheduler.set_timesteps(steps)
-        report("denoise", 0, steps)
-        latent = denoise(self.denoiser(scheduler.timesteps), noise, cond, uncond, scheduler, steps, guidance,
-                         eta=eta, generator=generator, progress=lambda i, n: report("denoise", i, n))
+        noise = torch.randn((1, *self.model.vae.latent_shape(frames, height, width)), generator=generator)
+        scheduler = make_scheduler(settings.sampler, self.model.scheduler_config)
+        scheduler.set_timesteps(settings.steps)
+        report("denoise", 0, settings.steps)
+        latent = sample(self.cached_dit(scheduler.timesteps), noise.to(self.device), cond, uncond, scheduler,
+                        settings.steps, settings.guidance, eta=eta, generator=generator,
+                        progress=lambda i, n: report("denoise", i, n))
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video
-            raise SoragenError(f"sampling diverged: the latent holds NaN or infinite values ({sampler} "
-                               f"{steps} steps, guidance {guidance:g}); a lower --guidance or another --sampler "
-                               f"may help, or the model's weights are damaged")
+            raise SoragenError(f"sampling diverged: the latent holds NaN or infinite values ({settings.sampler} "
+                               f"{settings.steps} steps, guidance {settings.guidance:g}); a lower --guidance or "
+                               f"another --sampler may help, or the model's weights are damaged")
 
         report("decode", 0, 1)
         out = self.model.vae.decode_uint8(latent, frames)[0]
@@ -169,45 +183,48 @@ class Pipeline:
         return out
 
 
-class Denoiser:
+class CachedDiT:
     """The DiT as the sampling loop calls it, `(x, t, text) -> prediction`, with the work that is
-    the same at every step done once per video: the text's keys/values for every block (at its
-    first call for a `text`), the adaLN modulations of the timesteps the sampler will visit (in
-    batched passes of up to TABLE_STEPS steps) and the tokens' positions. Each step then runs only
-    the token path, `step` (eager or compiled)."""
+    the same at every step of one video done once: each block's text keys/values (at the first
+    call for a `text`), the adaLN modulations of all the timesteps the sampler will visit (in
+    batched passes of up to TABLE_STEPS steps) and the tokens' positions. A step then runs only
+    `predict` (eager, or compiled)."""
 
     TABLE_STEPS = 50
 
-    def __init__(self, dit, step: Callable, timesteps: torch.Tensor, device: torch.device, dtype: torch.dtype):
-        self.dit, self.step, self.device, self.dtype = dit, step, device, dtype
+    def __init__(self, dit, predict: Callable, timesteps: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.dit, self.predict, self.device, self.dtype = dit, predict, device, dtype
         self.timesteps = [float(t) for t in timesteps]
         self.text = None
 
-    def prepare(self, text) -> None:
+    def _prepare(self, text) -> None:
         self.text, self.table = text, {}
-        self.context = self.dit.text_context(text.tokens, text.mask)
+        self.text_kv = self.dit.text_kv(text.tokens, text.mask)
 
-    def fill_table(self, start: int) -> None:
+    def _fill_table(self, start: int) -> None:
         """The modulations of timesteps[start : start + TABLE_STEPS], in place of the table's."""
         steps = self.timesteps[start:start + self.TABLE_STEPS]
         batch = self.text.pooled.shape[0]
         t = torch.tensor(steps, device=self.device).repeat_interleave(batch)  # step-major, as pooled below
-        blocks, final = self.dit.modulation(t, self.text.pooled.repeat(len(steps), 1))
-        self.table = dict(zip(steps, zip(blocks.split(batch), final.split(batch))))
+        c = self.dit.condition_vector(t, self.text.pooled.repeat(len(steps), 1))
+        blocks = [block.modulation(c).split(batch) for block in self.dit.blocks]  # [block][step]
+        final = self.dit.final.modulation(c).split(batch)
+        self.table = {step: ([b[i] for b in blocks], final[i]) for i, step in enumerate(steps)}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-        return self.step(*self.step_args(x, t, text))
-
-    def step_args(self, x: torch.Tensor, t: torch.Tensor, text) -> tuple:
-        """What `step` (the DiT's `denoise`) takes for latent x at timesteps t (B,) with `text`."""
+    def conditioning(self, x: torch.Tensor, t: torch.Tensor, text) -> Conditioning:
+        """What `predict` takes besides x, for timesteps t (B,) and `text`."""
         if text is not self.text:
-            self.prepare(text)
+            self._prepare(text)
         step = float(t[0])
         if step not in self.table and step in self.timesteps:
-            self.fill_table(self.timesteps.index(step))
-        modulation = self.table.get(step)
-        if modulation is None or not bool((t == t[0]).all()):  # a step off the table: computed for it
-            modulation = self.dit.modulation(t.to(self.device), text.pooled)
+            self._fill_table(self.timesteps.index(step))
+        if step in self.table and bool((t == t[0]).all()):
+            blocks, final = self.table[step]
+        else:  # a step off the table: made for it alone
+            c = self.dit.condition_vector(t.to(self.device), text.pooled)
+            blocks, final = [block.modulation(c) for block in self.dit.blocks], self.dit.final.modulation(c)
         grid = token_grid(tuple(x.shape[-3:]), self.dit.config.patch_size)
-        positions = self.dit.positions(grid, self.device, self.dtype)  # cached by the DiT
-        return (x.to(self.dtype), *modulation, *self.context, positions)
+        return Conditioning(blocks, final, self.text_kv, self.dit.positions(grid, self.device, self.dtype))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.predict(x.to(self.dtype), self.conditioning(x, t, text))

@@ -1,4 +1,4 @@
-"""Samplers (diffusers schedulers) and the denoising loop with classifier-free guidance."""
+"""Samplers (diffusers schedulers) and the sampling loop with classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -6,20 +6,18 @@ from typing import Callable
 
 import torch
 
-from soragen.config import SAMPLERS, check_keys
+from soragen.config import PREDICTIONS, SAMPLERS, check_keys
 from soragen.errors import UsageError
 
-PREDICTIONS = ("epsilon", "v_prediction")  # what the DiT outputs: the noise, or the velocity
-
-# The noise schedule: DiT's linear betas over 1000 steps. A model's own scheduler config overrides
-# this (`soragen train` writes v_prediction; models trained before then predict epsilon).
+# The noise schedule: DiT's linear betas over 1000 steps, the DiT predicting the velocity (what
+# `soragen train` teaches by default). Every model folder stores its own, which wins.
 # "trailing" spacing makes few-step sampling start from pure noise.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
     beta_end=0.02,
     beta_schedule="linear",
-    prediction_type="epsilon",
+    prediction_type="v_prediction",
     clip_sample=False,
     set_alpha_to_one=True,
     steps_offset=0,
@@ -70,7 +68,7 @@ def make_scheduler(name: str, config: dict | None = None):
     raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def denoise(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond, scheduler, steps: int,
+def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond, scheduler, steps: int,
             guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run the sampler from `noise` (B, C, T, H, W) to a clean latent.

@@ -2,7 +2,8 @@
 
 Both share one loop: AdamW with linear warm-up, gradient accumulation and clipping, an EMA of the
 weights, bf16 autocast where the hardware does bf16 fast, non-finite steps skipped, checkpoints
-written under a temporary name and renamed when complete, exact resume, and DDP under torchrun.
+(soragen.checkpoints), exact resume, and DDP under torchrun. What is minimised is in
+soragen.objectives; the DiT's examples come from soragen.latent_cache.
 
 Randomness is derived, not stored: step s on rank r draws its noise, timesteps, caption dropout
 and crops from a generator seeded with (seed, r, s), and the data order of epoch e from
@@ -19,7 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +27,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from soragen.config import (SamplingDefaults, TextEncoderSpec, TrainConfig, VideoDefaults, dit_preset,
-                            from_dict, vae_preset_config)
-from soragen.data import Clip, load_clip, require_clips, scan_clips, file_hash
 from soragen.atomic import atomic_path
+from soragen.checkpoints import check_resumable, load_train_state, prepare_run_dir, save_checkpoint, stored_run
+from soragen.config import (DiTObjective, SamplingDefaults, TextEncoderSpec, TrainConfig, VAEObjective,
+                            VideoDefaults, dit_preset, vae_preset_config)
+from soragen.data import Clip, load_clip, require_clips, scan_clips
 from soragen.errors import SoragenError, UsageError
-from soragen.model_io import CHECKPOINT_RE, latest_checkpoint, save_model, load_model
-from soragen.sampling import PREDICTIONS
-from soragen.vae import VideoVAE, load_vae, new_vae, pad_frames, save_vae, uint8_to_frames
-from soragen.weights import assert_finite, read_safetensors
+from soragen.latent_cache import LatentSamples, build_samples
+from soragen.model_io import latest_checkpoint, load_model, save_model
+from soragen.objectives import VAEWithLoss, diffusion_loss
+from soragen.vae import VideoVAE, load_vae, new_vae, save_vae, uint8_to_frames
 
 MAX_BAD_STEPS_IN_A_ROW = 20
 
@@ -107,7 +107,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    from soragen.cpu import has_fast_bf16
+    from soragen.fast_paths import has_fast_bf16
     if mode == "no":
         return None
     if mode == "bf16":
@@ -143,16 +143,15 @@ class DiTTask(Task):
     kind = "dit"
 
     def __init__(self, dit, vae: VideoVAE, text_spec: TextEncoderSpec, video: VideoDefaults,
-                 samples: "LatentSamples", caption_dropout: float, scheduler_config: dict,
-                 object_weight: float = 0.0, sampling: SamplingDefaults | None = None):
+                 samples: LatentSamples, caption_dropout: float, objective: DiTObjective,
+                 sampling: SamplingDefaults | None = None):
         from soragen.sampling import training_scheduler
         self.module, self.vae, self.text_spec, self.video = dit, vae, text_spec, video
-        self.samples, self.caption_dropout = samples, caption_dropout
-        self.object_weight = object_weight
+        self.samples, self.caption_dropout, self.objective = samples, caption_dropout, objective
         self.sampling = sampling  # None: the generic defaults; with --init, the tuned ones of that model
-        self.scheduler_config = scheduler_config
-        self.scheduler = training_scheduler(scheduler_config)
-        self.sample_hook: Callable[[Path, torch.nn.Module, int], None] | None = None
+        self.scheduler_config = objective.schedule()
+        self.scheduler = training_scheduler(self.scheduler_config)
+        self.sample_hook: Callable[[Path, int], None] | None = None
 
     def num_items(self) -> int:
         return len(self.samples)
@@ -160,92 +159,26 @@ class DiTTask(Task):
     def loss(self, module, items, generator):
         latents, text = self.samples.batch(items, generator, self.caption_dropout)
         device = next(module.parameters()).device
-        latents = latents.to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        noisy = self.scheduler.add_noise(latents, noise, t.to(device))
-        text = text.to(device, torch.float32)
-        pred = module(noisy, t.to(device), text.tokens, text.mask, text.pooled)
-        # Measured in x0 terms, the epsilon loss weighs a timestep by its SNR and the velocity loss
-        # by SNR + 1. At high noise (SNR < 0.1 from t = 500 on here), where a video's layout and
-        # colours are decided, the epsilon loss is close to no signal at all.
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, t.to(device))
-        else:
-            target = noise
-        return object_weighted_mse(pred.float(), target, latents, self.object_weight)
+        return diffusion_loss(module, self.scheduler, latents.to(device), text.to(device, torch.float32), generator,
+                              self.objective.object_weight)
 
     def write_model(self, folder, ema):
         save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling)
 
     def after_save(self, folder, ema, step):
         if self.sample_hook:
-            self.sample_hook(folder, ema, step)
-
-
-# A latent cell counts as part of an object when it stands out from its row's and column's median by
-# this much: with the shapes world's VAEs, that finds 83-92% of the cells under an object's pixels.
-LATENT_DETAIL_THRESHOLD = 0.3
-
-
-def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
-    """(B, C, T, H, W) in [-1, 1] -> (B, 1, T, H, W), 1 where a pixel stands out from both its row's
-    and its column's median colour: small objects on a plain or gradient background (a sky is
-    constant along its rows). With a plain mean they are a few percent of the loss, and the VAE
-    learns to drop them; a frame-wide median would also flag the ends of a gradient."""
-    rows = video.median(dim=4, keepdim=True).values
-    cols = video.median(dim=3, keepdim=True).values
-    off = torch.minimum((video - rows).abs(), (video - cols).abs())
-    return (off.amax(dim=1, keepdim=True) > threshold).float()
-
-
-def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, latents: torch.Tensor,
-                        object_weight: float) -> torch.Tensor:
-    """MSE with the latent cells of small objects (`detail_mask` of the clean latents) weighted
-    1 + object_weight. An object is a few percent of a video's cells, and what tells a square from a
-    circle is a few of those: under a plain mean the DiT can ignore the shape word at almost no cost."""
-    if not object_weight:
-        return F.mse_loss(pred, target)
-    weight = 1.0 + object_weight * detail_mask(latents, LATENT_DETAIL_THRESHOLD)
-    return (weight * (pred - target) ** 2).mean() / weight.mean()
-
-
-class VAEWithLoss(torch.nn.Module):
-    """The VAE's training objective as one module, so DDP can wrap it: reconstruction (L1 + MSE)
-    of the sampled latent, plus a KL term towards N(0, I)."""
-
-    def __init__(self, model, kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0,
-                 decoder_only: bool = False):
-        super().__init__()
-        self.vae, self.kl_weight, self.sample_posterior = model, kl_weight, sample_posterior
-        self.detail_weight = detail_weight
-        if decoder_only:  # the latents stay exactly what a DiT was trained on; with no trainable input,
-            model.encoder.requires_grad_(False)  # encoding builds no autograd graph either
-            model.quant_conv.requires_grad_(False)
-
-    def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
-        posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
-        z = posterior.mean
-        if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
-            z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
-        recon = self.vae.decode(z).sample.float()[:, :, : video.shape[2]]
-        weight = 1.0 + self.detail_weight * detail_mask(video)
-        error = (recon - video).abs() + (recon - video) ** 2
-        reconstruction = (weight * error).mean() / weight.mean()
-        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
-        return reconstruction + self.kl_weight * kl
+            self.sample_hook(folder, step)
 
 
 class VAETask(Task):
     kind = "vae"
 
-    def __init__(self, vae: VideoVAE, clips: list[Clip], frames: int, fps: float, height: int, width: int,
-                 kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0,
-                 decoder_only: bool = False, crop: int = 0):
-        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), kl_weight, sample_posterior, detail_weight,
-                                  decoder_only)
-        self.clips, self.frames, self.fps, self.height, self.width = clips, frames, fps, height, width
-        self.crop = crop
+    def __init__(self, vae: VideoVAE, clips: list[Clip], cfg: TrainConfig, objective: VAEObjective):
+        o = objective
+        self.module = VAEWithLoss(vae.model.train().requires_grad_(True), o.kl_weight, o.sample_posterior,
+                                  o.detail_weight, o.decoder_only)
+        self.clips, self.frames, self.fps, self.height, self.width = clips, cfg.frames, cfg.fps, cfg.height, cfg.width
+        self.crop = o.crop
         self._frames: dict[Path, np.ndarray] = {}
         self._bytes, self.memory_budget = 0, 4 << 30
 
@@ -298,251 +231,7 @@ class VAETask(Task):
                                                          "or checkpoint to soragen train --vae"}, indent=2) + "\n")
 
 
-# ---- latent and text cache ---------------------------------------------------------------------
-
-class LatentSamples:
-    """Training examples for the DiT: per clip, one or more VAE latents of random windows plus its
-    caption's text embedding, held in memory; computed once and kept in a safetensors cache."""
-
-    def __init__(self, latents: list[torch.Tensor], tokens: list[torch.Tensor], pooled: list[torch.Tensor],
-                 empty_tokens: torch.Tensor, empty_pooled: torch.Tensor):
-        self.latents, self.tokens, self.pooled = latents, tokens, pooled  # latents[i]: (K, C, T, H, W)
-        self.empty_tokens, self.empty_pooled = empty_tokens, empty_pooled
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-    def batch(self, items: list[int], generator: torch.Generator, caption_dropout: float):
-        from soragen.text import TextEmbedding
-        latents, tokens, pooled = [], [], []
-        for i in items:
-            k = int(torch.randint(0, self.latents[i].shape[0], (1,), generator=generator))
-            latents.append(self.latents[i][k])
-            drop = float(torch.rand((), generator=generator)) < caption_dropout
-            tokens.append(self.empty_tokens if drop else self.tokens[i])
-            pooled.append(self.empty_pooled if drop else self.pooled[i])
-        length = max(t.shape[0] for t in tokens)
-        mask = torch.stack([torch.arange(length) < t.shape[0] for t in tokens])
-        tokens = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in tokens])
-        return torch.stack(latents), TextEmbedding(tokens, mask, torch.stack(pooled))
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def vae_fingerprint(vae: VideoVAE) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(vae.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps(dict(vae.model.config), sort_keys=True, default=str).encode())
-    return h.hexdigest()[:24]
-
-
-def window_starts(clip: Clip, frames: int, fps: float, windows: int) -> list[int]:
-    """Up to `windows` evenly spread start frames of the clip's possible crops."""
-    from soragen.data import frames_needed
-    last = max(0, clip.info.frames - frames_needed(frames, fps, clip.info.fps))
-    count = min(windows, last + 1)
-    return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
-
-
-def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConfig, cache_dir: Path | None,
-                  windows: int, progress: Progress | None) -> LatentSamples:
-    from safetensors.torch import save_file
-    from soragen.data import resize_and_crop
-    from soragen.video_io import read_video
-
-    settings = _digest(cfg.frames, cfg.fps, cfg.height, cfg.width, windows, vae_fingerprint(vae))
-    text_settings = _digest(text_encoder.spec.source, text_encoder.spec.max_length)
-    if cache_dir:
-        (cache_dir / "latents").mkdir(parents=True, exist_ok=True)
-        (cache_dir / "text").mkdir(parents=True, exist_ok=True)
-    latents: list[torch.Tensor | None] = [None] * len(clips)
-    tokens, pooled = [], []
-    pending: list[tuple[int, np.ndarray, Path | None]] = []  # clips whose windows still need the VAE
-    hits, bad = 0, []
-    # (windows, C, T, H, W) with any number of windows
-    latent_shape = (None, vae.latent_channels, vae.latent_frames(cfg.frames),
-                    cfg.height // vae.spatial_factor, cfg.width // vae.spatial_factor)
-
-    def flush() -> None:  # encode pending windows in one batch: much faster than clip by clip
-        if not pending:
-            return
-        windows_per_clip = [len(crops) for _, crops, _ in pending]
-        lat = vae.encode(uint8_to_frames(np.concatenate([crops for _, crops, _ in pending]))).cpu()
-        for (i, _, lat_file), part in zip(pending, lat.split(windows_per_clip)):
-            latents[i] = part.contiguous()
-            if lat_file:
-                _atomic_save(save_file, {"latents": latents[i]}, lat_file)
-        pending.clear()
-
-    for n, clip in enumerate(clips):
-        lat_file = text_file = None
-        if cache_dir:
-            lat_file = cache_dir / "latents" / f"{file_hash(clip.path)}-{settings}.safetensors"
-            text_file = cache_dir / "text" / f"{_digest(clip.caption, text_settings)}.safetensors"
-        cached = _read_cached(lat_file, {"latents": latent_shape}, bad)
-        if cached is not None:
-            latents[n] = cached["latents"]
-            hits += 1
-        else:
-            frames, _ = read_video(clip.path)
-            step = clip.info.fps / cfg.fps
-            crops = []
-            for start in window_starts(clip, cfg.frames, cfg.fps, windows):
-                idx = [min(len(frames) - 1, int(math.floor(start + k * step + 0.5))) for k in range(cfg.frames)]
-                crops.append(resize_and_crop(frames[idx], cfg.height, cfg.width))
-            pending.append((n, np.stack(crops), lat_file))
-            if sum(len(c) for _, c, _ in pending) >= 16:
-                flush()
-        emb = _read_cached(text_file, {"tokens": (None, text_encoder.dim), "pooled": (text_encoder.dim,)}, bad)
-        if emb is None:
-            e = text_encoder.encode([clip.caption])
-            emb = {"tokens": e.tokens[0].cpu().contiguous(), "pooled": e.pooled[0].cpu().contiguous()}
-            if text_file:
-                _atomic_save(save_file, emb, text_file)
-        tokens.append(emb["tokens"])
-        pooled.append(emb["pooled"])
-        if progress:
-            progress("cache", (n + 1, len(clips)))
-    flush()
-    empty = text_encoder.encode([""])
-    if progress:
-        progress("message", f"latent cache: {hits} of {len(clips)} clips reused"
-                 + ("" if cache_dir else " (cache off)"))
-        if bad:
-            progress("message", f"latent cache: {len(bad)} unreadable entr{'y' if len(bad) == 1 else 'ies'} "
-                                f"recomputed and replaced (e.g. {bad[0]})")
-    return LatentSamples(latents, tokens, pooled, empty.tokens[0].cpu(), empty.pooled[0].cpu())
-
-
-def _read_cached(path: Path | None, shapes: dict[str, tuple], bad: list[Path]) -> dict | None:
-    """A cache entry's tensors if the file holds them whole, with these shapes (None: any size) and
-    finite; else None, and the file goes on `bad`. A cache entry cut short (a crash, a full disk)
-    or damaged is a miss to recompute, never a reason to stop training."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    if path is None or not path.is_file():
-        return None
-    try:  # copies, not maps of the file: a file cut short under a map would kill the process (SIGBUS)
-        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        tensors = {}
-    for key, shape in shapes.items():
-        t = tensors.get(key)
-        if (t is None or not t.is_floating_point() or t.ndim != len(shape) or not torch.isfinite(t).all()
-                or any(want is not None and got != want for got, want in zip(t.shape, shape))):
-            bad.append(path)
-            return None
-    return tensors
-
-
-def _atomic_save(save_file, tensors, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-
-
 # ---- the shared loop ---------------------------------------------------------------------------
-
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entries in state["state"].items():
-        meta["state"][str(pid)] = sorted(entries)
-        for name, value in entries.items():
-            tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
-                else torch.tensor(value)
-    return tensors, meta
-
-
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state = {int(pid): {name: tensors[f"{pid}.{name}"] for name in names} for pid, names in meta["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(run_dir: Path, step: int, task: Task, raw: torch.nn.Module, ema: torch.nn.Module,
-                    optimizer, counters: dict, cfg: TrainConfig) -> Path:
-    """checkpoint-STEP/: the model (EMA weights) + train_state/, complete before it gets its name."""
-    from safetensors.torch import save_file
-    assert_finite(raw, "the model")
-    assert_finite(ema, "the EMA model")
-    final = run_dir / f"checkpoint-{step}"
-    with atomic_path(final) as staging:  # replaces a leftover of the same step from a killed run
-        task.write_model(staging, ema)
-        state_dir = staging / "train_state"
-        state_dir.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
-                  str(state_dir / "model.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                  str(state_dir / "ema.safetensors"))
-        tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(state_dir / "optimizer.safetensors"))
-        (state_dir / "optimizer.json").write_text(json.dumps(meta) + "\n")
-        (state_dir / "state.json").write_text(json.dumps({
-            "kind": task.kind, "step": step, **counters, "config": dataclasses.asdict(cfg),
-            "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
-        }, indent=2) + "\n")
-    # Only now, with the new one complete, may old checkpoints go.
-    steps = sorted(int(CHECKPOINT_RE.match(p.name).group(1)) for p in run_dir.iterdir()
-                   if CHECKPOINT_RE.match(p.name))
-    for old in steps[:-cfg.keep_last] if cfg.keep_last > 0 else []:
-        shutil.rmtree(run_dir / f"checkpoint-{old}", ignore_errors=True)
-    return final
-
-
-def _damaged(checkpoint: Path, what: str) -> SoragenError:
-    earlier = sorted((p for p in checkpoint.parent.iterdir() if CHECKPOINT_RE.match(p.name) and p != checkpoint),
-                     key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
-    hint = f"; move {checkpoint.name} aside to resume from {earlier[-1].name}" if earlier else ""
-    return SoragenError(f"{what}{hint}")
-
-
-def _state_json(checkpoint: Path, name: str) -> dict:
-    path = checkpoint / "train_state" / name
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise _damaged(checkpoint, f"cannot resume: {path} is damaged ({err})") from err
-
-
-def check_resumable(checkpoint: Path) -> None:
-    """The checkpoint's training state is whole, by its JSON files and its tensors' headers: checked
-    when the run starts, so a damaged one is named before the clips are scanned and encoded."""
-    from soragen.weights import read_header
-    state_dir = checkpoint / "train_state"
-    _state_json(checkpoint, "state.json")
-    meta = _state_json(checkpoint, "optimizer.json")
-    read_header([state_dir / "model.safetensors"])
-    read_header([state_dir / "ema.safetensors"])
-    stored = read_header([state_dir / "optimizer.safetensors"])
-    try:
-        wanted = {f"{pid}.{name}" for pid, names in meta["state"].items() for name in names}
-    except (KeyError, AttributeError, TypeError) as err:
-        raise _damaged(checkpoint, f"cannot resume: {state_dir / 'optimizer.json'} is damaged ({err!r})") from err
-    if wanted - set(stored):
-        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
-                                   f"({len(wanted - set(stored))} tensors missing, e.g. {sorted(wanted - set(stored))[0]})")
-
-
-def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer) -> dict:
-    from soragen.weights import load_into
-    state_dir = checkpoint / "train_state"
-    state = _state_json(checkpoint, "state.json")
-    load_into(raw, [state_dir / "model.safetensors"], "checkpoint model")
-    load_into(ema, [state_dir / "ema.safetensors"], "checkpoint EMA")
-    meta = _state_json(checkpoint, "optimizer.json")
-    try:
-        _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
-                                   f"({type(err).__name__}: {err})") from err
-    return state
-
 
 def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
                progress: Progress | None) -> dict:
@@ -611,7 +300,10 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
                 progress("step", record)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             if dist.main:
-                ckpt = save_checkpoint(run_dir, step, task, module, ema, optimizer, counters, cfg)
+                record = {"kind": task.kind, **counters, "config": dataclasses.asdict(cfg),
+                          "objective": dataclasses.asdict(task.objective)}
+                ckpt = save_checkpoint(run_dir, step, lambda folder: task.write_model(folder, ema), module, ema,
+                                       optimizer, record, cfg.keep_last)
                 task.after_save(ckpt, ema, step)
                 if progress:
                     progress("message", f"saved {ckpt}")
@@ -644,27 +336,21 @@ def _truncate_metrics(path: Path, step: int) -> int:
 
 # ---- entry points used by the CLI --------------------------------------------------------------
 
-def prepare_run_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to mix a new run into an old one."""
-    out.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(out)
-    if resume:
-        if latest is None:
-            raise UsageError(f"--resume: {out} has no complete checkpoint to resume from")
-        return latest
-    if latest is not None:
-        raise UsageError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
-                         f"it or choose another --out")
-    return None
-
-
-def stored_config(checkpoint: Path) -> TrainConfig:
-    state = _state_json(checkpoint, "state.json")
-    try:
-        return from_dict(TrainConfig, state["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise _damaged(checkpoint, f"cannot resume: {checkpoint / 'train_state' / 'state.json'}: config "
-                                   f"{err}") from err
+def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str, progress: Progress | None):
+    """Join the process group, pick the checkpoint to resume (rank 0 decides, the others follow),
+    and on resume check it whole and take the run's stored config and objective (only --max-steps
+    may change). Returns (dist, progress, checkpoint or None, cfg, objective)."""
+    dist = init_distributed(device)
+    progress = progress if dist.main else None
+    resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
+    dist.barrier()
+    if resume_from is not None:
+        check_resumable(resume_from)
+        # a DiT run from before the objective was stored predicted the noise
+        older = {"prediction": "epsilon"} if isinstance(objective, DiTObjective) else {}
+        stored_cfg, objective = stored_run(resume_from, type(objective), older)
+        cfg = dataclasses.replace(stored_cfg, max_steps=cfg.max_steps)
+    return dist, progress, resume_from, cfg, objective
 
 
 def resolve_vae(source: str) -> VideoVAE:
@@ -676,19 +362,6 @@ def resolve_vae(source: str) -> VideoVAE:
             path = checkpoint
         return load_vae(path)
     return load_vae(source)
-
-
-def start_run(out: Path, resume: bool, cfg: TrainConfig, device: str, progress: Progress | None):
-    """Join the process group, pick the checkpoint to resume (rank 0 decides, the others follow),
-    and on resume take the run's stored settings (only --max-steps may change)."""
-    dist = init_distributed(device)
-    progress = progress if dist.main else None
-    resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
-    dist.barrier()
-    if resume_from is not None:
-        check_resumable(resume_from)
-        cfg = dataclasses.replace(stored_config(resume_from), max_steps=cfg.max_steps)
-    return dist, progress, resume_from, cfg
 
 
 def check_size(cfg: TrainConfig, multiple: int) -> None:
@@ -709,70 +382,71 @@ def scan(cfg: TrainConfig, progress: Progress | None):
     return report
 
 
-def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_source: str | None,
-              init: str | None, resume: bool, cache_dir: Path | None, windows: int, device: str,
-              sample_prompts: list[str], progress: Progress | None, prediction: str = "v_prediction",
-              object_weight: float = 0.0, zero_terminal_snr: bool = False) -> dict:
+def _dit_start(cfg: TrainConfig, preset: str, text_source: str, vae_source: str | None, init: str | None,
+               resume_from: Path | None):
+    """(VAE, text encoder spec, DiT config, sampling defaults, the --init model or None) of a run."""
+    if resume_from is not None:
+        model = load_model(resume_from)
+        return model.vae, model.text_spec, model.dit.config, model.sampling, None
+    if init:
+        base = load_model(init)
+        vae = base.vae
+        if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
+            vae = resolve_vae(vae_source)
+            if vae.latent_channels != base.dit.config.in_channels:
+                raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
+                                 f"DiT takes {base.dit.config.in_channels}")
+        return vae, base.text_spec, base.dit.config, base.sampling, base
+    if not vae_source:
+        raise UsageError("soragen train needs a VAE: --vae RUN_DIR_OR_MODEL (train one with soragen "
+                         "train-vae) or a pretrained Wan 2.1 VAE folder or hub id")
+    return resolve_vae(vae_source), TextEncoderSpec(source=text_source), None, None, None
+
+
+def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: str = "tiny",
+              text_encoder: str = "default", vae: str | None = None, init: str | None = None, resume: bool = False,
+              cache_dir: Path | None = None, windows: int = 4, device: str = "auto",
+              sample_prompts: list[str] = (), progress: Progress | None = None) -> dict:
+    """Train the DiT of a new run, an --init model's, or a resumed run's, to cfg.max_steps."""
+    from soragen import fast_paths
     from soragen.dit import VideoDiT
     from soragen.text import TextEncoder
 
-    if prediction not in PREDICTIONS:
-        raise UsageError(f"--prediction must be one of {', '.join(PREDICTIONS)}")
-    if object_weight < 0:
-        raise UsageError("--object-weight must be 0 or more")
-    if zero_terminal_snr and prediction != "v_prediction":
-        raise UsageError("--zero-terminal-snr needs --prediction v_prediction: at its last step the input is "
-                         "all noise, so predicting the noise says nothing about the clip")
-    cfg = dataclasses.replace(cfg, extra={"prediction": prediction, "object_weight": object_weight,
-                                          "zero_terminal_snr": zero_terminal_snr})
-    dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
-    prediction = cfg.extra.get("prediction", "epsilon")  # a resumed run keeps its own (older runs: epsilon)
-    object_weight = cfg.extra.get("object_weight", 0.0)
-    schedule = {"prediction_type": prediction}
-    if cfg.extra.get("zero_terminal_snr", False):
-        schedule["rescale_betas_zero_snr"] = True
-    sampling = None
-    if resume_from is not None:
-        model = load_model(resume_from)
-        vae, text_spec, dit_config, sampling = model.vae, model.text_spec, model.dit.config, model.sampling
-    else:
-        text_spec = TextEncoderSpec(source=text_source)
-        if init:
-            base = load_model(init)
-            vae, text_spec, dit_config, sampling = base.vae, base.text_spec, base.dit.config, base.sampling
-            if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
-                vae = resolve_vae(vae_source)
-                if vae.latent_channels != dit_config.in_channels:
-                    raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
-                                     f"DiT takes {dit_config.in_channels}")
-        else:
-            vae = resolve_vae(vae_source) if vae_source else None
-            if vae is None:
-                raise UsageError("soragen train needs a VAE: --vae RUN_DIR_OR_MODEL (train one with soragen "
-                                 "train-vae) or a pretrained Wan 2.1 VAE folder or hub id")
-    text_encoder = TextEncoder(text_spec)
-    if resume_from is None and not init:
-        dit_config = dit_preset(preset, in_channels=vae.latent_channels, text_dim=text_encoder.dim)
-    check_size(cfg, vae.spatial_factor * dit_config.patch_size[1])
+    dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
+    video_vae, text_spec, dit_config, sampling, base = _dit_start(cfg, preset, text_encoder, vae, init, resume_from)
+    encoder = TextEncoder(text_spec)
+    if dit_config is None:
+        dit_config = dit_preset(preset, in_channels=video_vae.latent_channels, text_dim=encoder.dim)
+    check_size(cfg, video_vae.spatial_factor * dit_config.patch_size[1])
     torch.manual_seed(cfg.seed)  # the initial weights
     dit = VideoDiT(dit_config)
-    if init and resume_from is None:
+    if base is not None:
         dit.load_state_dict(base.dit.state_dict())
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train().requires_grad_(True)
 
     report = scan(cfg, progress)
+    fast_paths.install(video_vae.model)  # encoding the clips is inference
     if dist.main:
-        samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, progress)
+        samples = build_samples(report.clips, video_vae, encoder, cfg, cache_dir, windows, progress)
     dist.barrier()
     if not dist.main:  # the cache is complete now: read it back
-        samples = build_samples(report.clips, vae, text_encoder, cfg, cache_dir, windows, None)
-    video = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    task = DiTTask(dit, vae, text_spec, video, samples, cfg.caption_dropout, schedule, object_weight, sampling)
+        samples = build_samples(report.clips, video_vae, encoder, cfg, cache_dir, windows, None)
+    fast_paths.uninstall(video_vae.model)
+    defaults = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
+    task = DiTTask(dit, video_vae, text_spec, defaults, samples, cfg.caption_dropout, objective, sampling)
     if sample_prompts:
-        task.sample_hook = _sample_hook(out, text_encoder, cfg, sample_prompts)
+        task.sample_hook = _sample_hook(out, encoder, cfg, sample_prompts)
+    return _run(task, cfg, objective, out, dist, resume_from, progress)
+
+
+def _run(task: Task, cfg: TrainConfig, objective, out: Path, dist: Dist, resume_from: Path | None,
+         progress: Progress | None) -> dict:
+    task.objective = objective
     if dist.main:
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        with atomic_path(out / "train_config.json") as tmp:
+            tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective)},
+                                      indent=2) + "\n")
     result = train_loop(task, cfg, out, dist, resume_from, progress)
     if dist.main:
         _finish(out, progress)
@@ -780,17 +454,18 @@ def run_train(cfg: TrainConfig, out: Path, preset: str, text_source: str, vae_so
 
 
 def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str]):
-    def hook(checkpoint: Path, ema, step: int) -> None:
+    """Videos of `prompts` from a checkpoint, made as `soragen generate --model CHECKPOINT` makes them
+    (its sampling settings, the auto dtype, seeds 0, 1, ...), at the steps cfg.sample_every says."""
+    def hook(checkpoint: Path, step: int) -> None:
         if step != cfg.max_steps and (not cfg.sample_every or step % cfg.sample_every):
             return
-        from soragen.pipeline import Pipeline
+        from soragen.pipeline import Pipeline, resolve_dtype
         from soragen.video_io import write_video
-        model = load_model(checkpoint)
-        pipe = Pipeline(model, text_encoder, torch.device("cpu"), torch.float32)
+        device = torch.device("cpu")
+        pipe = Pipeline.from_model(load_model(checkpoint), text_encoder, device, resolve_dtype("auto", device))
         folder = out / "samples" / f"step-{step:06d}"
         for i, prompt in enumerate(prompts):
-            frames = pipe.generate(prompt, steps=25, seed=i)
-            write_video(folder / f"{i:02d}.mp4", frames, cfg.fps)
+            write_video(folder / f"{i:02d}.mp4", pipe.generate(prompt, seed=i), pipe.model.video.fps)
         (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return hook
 
@@ -802,19 +477,13 @@ def _finish(out: Path, progress: Progress | None) -> None:
         progress("message", f"loss curve: {png}")
 
 
-def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device: str, kl_weight: float,
-                  progress: Progress | None, init: str | None = None, sample_posterior: bool = False,
-                  detail_weight: float = 0.0, decoder_only: bool = False, crop: int = 0) -> dict:
-    if decoder_only and not (init or resume):
+def run_train_vae(cfg: TrainConfig, objective: VAEObjective, *, out: Path, preset: str = "tiny",
+                  init: str | None = None, resume: bool = False, device: str = "auto",
+                  progress: Progress | None = None) -> dict:
+    """Train a VAE from scratch (a preset), from --init's weights, or a resumed run's."""
+    if objective.decoder_only and not (init or resume):
         raise UsageError("--decoder-only fine-tunes a trained VAE: give it --init")
-    cfg = dataclasses.replace(cfg, extra={"kl_weight": kl_weight, "sample_posterior": sample_posterior,
-                                          "detail_weight": detail_weight, "decoder_only": decoder_only,
-                                          "crop": crop})
-    dist, progress, resume_from, cfg = start_run(out, resume, cfg, device, progress)
-    kl_weight, sample_posterior = cfg.extra["kl_weight"], cfg.extra["sample_posterior"]  # a resumed run's own
-    detail_weight = cfg.extra.get("detail_weight", 0.0)
-    decoder_only = cfg.extra.get("decoder_only", False)
-    crop = cfg.extra.get("crop", 0)
+    dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
     if resume_from is not None:
         vae = load_vae(resume_from / "vae")
     elif init:  # fine-tune an existing VAE (e.g. on longer clips) with a fresh optimizer
@@ -823,15 +492,9 @@ def run_train_vae(cfg: TrainConfig, out: Path, preset: str, resume: bool, device
         torch.manual_seed(cfg.seed)
         vae = new_vae(vae_preset_config(preset))
     check_size(cfg, vae.spatial_factor)
-    if crop < 0 or (crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width))):
+    crop = objective.crop
+    if crop and (crop % vae.spatial_factor or crop > min(cfg.height, cfg.width)):
         raise UsageError(f"--crop must be a multiple of {vae.spatial_factor} no larger than "
                          f"{min(cfg.height, cfg.width)}, not {crop}")
     report = scan(cfg, progress)
-    task = VAETask(vae, report.clips, cfg.frames, cfg.fps, cfg.height, cfg.width, kl_weight, sample_posterior,
-                   detail_weight, decoder_only, crop)
-    if dist.main:
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    result = train_loop(task, cfg, out, dist, resume_from, progress)
-    if dist.main:
-        _finish(out, progress)
-    return result
+    return _run(VAETask(vae, report.clips, cfg, objective), cfg, objective, out, dist, resume_from, progress)

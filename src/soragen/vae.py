@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soragen import cpu
 from soragen.errors import SoragenError
 from soragen.weights import load_into
 
@@ -47,34 +46,9 @@ def uint8_to_frames(frames: np.ndarray) -> torch.Tensor:
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
-def _onednn_conv3d(self: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor, bias):
-    """Conv3d._conv_forward that takes oneDNN for float32 CPU inference. For batch-1 inputs with
-    N*C*T*H <= 20480 (every causal chunk of a 64x64 decode), torch picks its reference
-    `slow_conv3d` instead: a 16-frame decode takes 2-3x as long on a 2-core AMD EPYC (bench/run.py,
-    section scaling)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and self.padding_mode == "zeros" and not isinstance(self.padding, str) and cpu.onednn_conv3d(x.dtype)):
-        return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
-    return torch.nn.Conv3d._conv_forward(self, x, weight, bias)
-
-
-def use_onednn_conv3d(model: torch.nn.Module, enabled: bool = True) -> None:
-    """Route the model's plain Conv3d layers (Wan's causal convs are Conv3d) through `_onednn_conv3d`;
-    `enabled=False` gives them back torch's own kernel choice."""
-    if enabled and not cpu.onednn_conv3d(torch.float32):
-        return
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv3d) and type(module)._conv_forward is torch.nn.Conv3d._conv_forward:
-            if enabled:
-                module._conv_forward = _onednn_conv3d.__get__(module)
-            else:
-                vars(module).pop("_conv_forward", None)
-
-
 class VideoVAE:
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
-        use_onednn_conv3d(self.model)
         config = model.config
         if getattr(config, "patch_size", None):
             raise SoragenError("VAEs with patchified inputs (Wan 2.2) are not supported yet; use a Wan 2.1 VAE")
@@ -88,9 +62,6 @@ class VideoVAE:
     def latent_frames(self, frames: int) -> int:
         """Latent frames that decode to at least `frames` frames: 1 + ceil((frames - 1) / s)."""
         return 1 + math.ceil((frames - 1) / self.temporal_factor)
-
-    def decoded_frames(self, latent_frames: int) -> int:
-        return 1 + (latent_frames - 1) * self.temporal_factor
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') for a video of the given size (H and W multiples of the spatial factor)."""

@@ -1,0 +1,85 @@
+"""Section e2e: `soragen generate` and `soragen --help` as new processes, with the stage split."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from harness import Section, Settings, child_error, run_child
+
+PROMPT = "a red ball moving right in the blue sky"
+GENERATE_TARGET_S = 10.0
+HELP_TARGET_S = 1.0
+
+
+def soragen_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "soragen", *args]
+
+
+def run(settings: Settings) -> Section:
+    s = Section("e2e", f'soragen generate "{PROMPT}" (fresh process, default settings)',
+                ["measure", "value", "target"])
+    help_runs = []
+    for _ in range(3):
+        r = run_child(soragen_argv("--help"))
+        if r["rc"] != 0:
+            raise child_error(r, "soragen --help")
+        help_runs.append(r["wall"])
+    help_s = statistics.median(help_runs)
+    s.rows.append(["soragen --help (median of 3)", f"{help_s:.2f} s",
+                   s.target(f"--help < {HELP_TARGET_S:g} s", f"{help_s:.2f} s", help_s < HELP_TARGET_S)])
+    s.data["help_s"] = help_s
+    if settings.model_dir is None:
+        s.notes.append(f"generate skipped: {settings.model_note}")
+        return s
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="soragen-bench-") as tmp:
+        model_args = ["--model", str(settings.model_dir)]
+        for i in range(1 if settings.quick else 4):  # full: one warm-up run, then three measured
+            timings = Path(tmp) / f"timings-{i}.json"
+            r = run_child(soragen_argv("generate", PROMPT, "--out", str(Path(tmp) / f"video-{i}.mp4"), *model_args,
+                                       "--timings", str(timings)))
+            if r["rc"] != 0:
+                raise child_error(r, "soragen generate")
+            r["split"] = json.loads(timings.read_text())
+            runs.append(r)
+    measured = runs if settings.quick else runs[1:]  # the first full run warms the disk cache
+    wall = statistics.median(r["wall"] for r in measured)
+    peak = max(r["maxrss_mb"] for r in measured)
+    s.rows.append([f"generate wall time (median of {len(measured)})", f"{wall:.2f} s",
+                   s.target(f"generate <= {GENERATE_TARGET_S:g} s", f"{wall:.2f} s", wall <= GENERATE_TARGET_S)])
+    split = {k: statistics.median(r["split"][k] for r in measured if k in r["split"])
+             for k in measured[0]["split"]}
+    for stage in ("imports", "load", "encode", "denoise", "decode", "write", "total"):
+        if stage in split:
+            s.rows.append([f"  {stage} (--timings)", f"{split[stage]:.2f} s ({split[stage] / wall:.0%})", ""])
+    s.rows.append(["  process start and exit (wall - total)", f"{wall - split.get('total', wall):.2f} s", ""])
+    s.rows.append(["generate peak RSS", f"{peak:,.0f} MB", ""])
+    s.data.update(generate_s=wall, split=split, peak_rss_mb=peak, model=str(settings.model_dir))
+    if not settings.quick:
+        compile_rows(s, model_args)
+    s.notes.append(f"model: {settings.model_dir} ({settings.model_note})")
+    return s
+
+
+def compile_rows(s: Section, model_args: list[str]) -> None:
+    """generate --compile as a new process, first with an empty torch compile cache, then with the
+    cache the first run left: what a user's first and later --compile runs cost."""
+    with tempfile.TemporaryDirectory(prefix="soragen-bench-") as tmp:
+        cache = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+        for label in ("empty", "warm"):
+            timings = Path(tmp) / f"timings-{label}.json"
+            r = run_child(soragen_argv("generate", PROMPT, "--compile", "--out", str(Path(tmp) / f"{label}.mp4"),
+                                       *model_args, "--timings", str(timings)), env=cache)
+            if r["rc"] != 0:
+                raise child_error(r, "soragen generate --compile")
+            split = json.loads(timings.read_text())
+            s.rows.append([f"generate --compile, {label} compile cache", f"{r['wall']:.2f} s "
+                           f"(denoise with compiling {split['denoise']:.2f} s)", ""])
+            s.data[f"generate_compile_{label}_cache"] = {"wall_s": r["wall"], "split": split}
+
+

@@ -1,0 +1,152 @@
+"""A training run's checkpoints: checkpoint-STEP/ is a complete model folder plus train_state/
+(raw weights, EMA, optimizer moments, the step, the run's config and objective), all safetensors
+and JSON, written under a temporary name and renamed when complete, so a crash at any moment
+leaves the previous checkpoint as the latest. Resuming checks a checkpoint whole (by its JSON and
+its tensors' headers) before the run does anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from soragen.atomic import atomic_path
+from soragen.config import TrainConfig, from_dict
+from soragen.errors import SoragenError, UsageError
+from soragen.model_io import CHECKPOINT_RE, latest_checkpoint
+from soragen.weights import assert_finite, read_safetensors
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        meta["state"][str(pid)] = sorted(entries)
+        for name, value in entries.items():
+            tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
+                else torch.tensor(value)
+    return tensors, meta
+
+
+def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {int(pid): {name: tensors[f"{pid}.{name}"] for name in names} for pid, names in meta["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None], raw: torch.nn.Module,
+                    ema: torch.nn.Module, optimizer, record: dict, keep_last: int) -> Path:
+    """checkpoint-STEP/: the model (`write_model` writes the EMA's model folder) + train_state/,
+    complete before it gets its name. `record` is what state.json holds besides the step (the
+    kind of run, counters, the config and objective)."""
+    from safetensors.torch import save_file
+    assert_finite(raw, "the model")
+    assert_finite(ema, "the EMA model")
+    final = run_dir / f"checkpoint-{step}"
+    with atomic_path(final) as staging:  # replaces a leftover of the same step from a killed run
+        write_model(staging)
+        state_dir = staging / "train_state"
+        state_dir.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
+                  str(state_dir / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  str(state_dir / "ema.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(state_dir / "optimizer.safetensors"))
+        (state_dir / "optimizer.json").write_text(json.dumps(meta) + "\n")
+        (state_dir / "state.json").write_text(json.dumps({
+            "step": step, **record,
+            "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
+        }, indent=2) + "\n")
+    # Only now, with the new one complete, may old checkpoints go.
+    steps = sorted(int(CHECKPOINT_RE.match(p.name).group(1)) for p in run_dir.iterdir()
+                   if CHECKPOINT_RE.match(p.name))
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(run_dir / f"checkpoint-{old}", ignore_errors=True)
+    return final
+
+
+def _damaged(checkpoint: Path, what: str) -> SoragenError:
+    earlier = sorted((p for p in checkpoint.parent.iterdir() if CHECKPOINT_RE.match(p.name) and p != checkpoint),
+                     key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    hint = f"; move {checkpoint.name} aside to resume from {earlier[-1].name}" if earlier else ""
+    return SoragenError(f"{what}{hint}")
+
+
+def _state_json(checkpoint: Path, name: str) -> dict:
+    path = checkpoint / "train_state" / name
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {path} is damaged ({err})") from err
+
+
+def check_resumable(checkpoint: Path) -> None:
+    """The checkpoint's training state is whole, by its JSON files and its tensors' headers: checked
+    when the run starts, so a damaged one is named before the clips are scanned and encoded."""
+    from soragen.weights import read_header
+    state_dir = checkpoint / "train_state"
+    _state_json(checkpoint, "state.json")
+    meta = _state_json(checkpoint, "optimizer.json")
+    read_header([state_dir / "model.safetensors"])
+    read_header([state_dir / "ema.safetensors"])
+    stored = read_header([state_dir / "optimizer.safetensors"])
+    try:
+        wanted = {f"{pid}.{name}" for pid, names in meta["state"].items() for name in names}
+    except (KeyError, AttributeError, TypeError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {state_dir / 'optimizer.json'} is damaged ({err!r})") from err
+    if wanted - set(stored):
+        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
+                                   f"({len(wanted - set(stored))} tensors missing, e.g. {sorted(wanted - set(stored))[0]})")
+
+
+def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer) -> dict:
+    from soragen.weights import load_into
+    state_dir = checkpoint / "train_state"
+    state = _state_json(checkpoint, "state.json")
+    load_into(raw, [state_dir / "model.safetensors"], "checkpoint model")
+    load_into(ema, [state_dir / "ema.safetensors"], "checkpoint EMA")
+    meta = _state_json(checkpoint, "optimizer.json")
+    try:
+        _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
+                                   f"({type(err).__name__}: {err})") from err
+    return state
+
+
+
+
+def prepare_run_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to mix a new run into an old one."""
+    out.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            raise UsageError(f"--resume: {out} has no complete checkpoint to resume from")
+        return latest
+    if latest is not None:
+        raise UsageError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
+                         f"it or choose another --out")
+    return None
+
+
+def stored_run(checkpoint: Path, objective_class: type, older_defaults: dict | None = None) -> tuple:
+    """(TrainConfig, objective) that a checkpoint's run was started with. Runs written before the
+    objective had its own type kept it in the config's "extra"; `older_defaults` fills what those
+    did not store."""
+    state = _state_json(checkpoint, "state.json")
+    path = checkpoint / "train_state" / "state.json"
+    try:
+        config = dict(state["config"])
+        objective = state.get("objective", {**(older_defaults or {}), **config.pop("extra", {})})
+        config.pop("extra", None)
+        return from_dict(TrainConfig, config), from_dict(objective_class, objective)
+    except (KeyError, TypeError, ValueError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {path}: {err}") from err

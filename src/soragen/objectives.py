@@ -1,0 +1,94 @@
+"""What training minimises: the DiT's diffusion loss, and the VAE's reconstruction + KL.
+
+The diffusion objective, in the scheduler's notation (alpha_bar_t: the signal kept at step t):
+
+    x0                                   a clean latent (the VAE's, normalised)
+    e ~ N(0, I),  t ~ U{0 .. T-1}         noise and a step, one per clip
+    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) e        scheduler.add_noise
+    target = e                           (epsilon prediction)
+           = sqrt(alpha_bar_t) e - sqrt(1 - alpha_bar_t) x0    (v prediction: the velocity)
+    loss = mean (DiT(x_t, t, text) - target)^2
+
+Measured in x0 terms, the epsilon loss weighs a step by its SNR and the velocity loss by SNR + 1:
+at high noise, where a video's layout and colours are decided, the epsilon loss is close to no
+signal at all, so soragen trains v-prediction by default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from soragen.vae import pad_frames
+
+# A latent cell counts as part of an object when it stands out from its row's and column's median by
+# this much: with the shapes world's VAEs, that finds most of the cells under an object's pixels.
+LATENT_DETAIL_THRESHOLD = 0.3
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the DiT should output for x_t made from these latents and noise: the noise, or the velocity."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return noise
+
+
+def diffusion_loss(dit, scheduler, latents: torch.Tensor, text, generator: torch.Generator,
+                   object_weight: float = 0.0) -> torch.Tensor:
+    """The loss of one batch: latents (B, C, T, H, W) clean; text a TextEmbedding; all randomness
+    (noise, steps) from `generator`."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    prediction = dit(noisy, t, text.tokens, text.mask, text.pooled)
+    return object_weighted_mse(prediction.float(), diffusion_target(scheduler, latents, noise, t), latents,
+                               object_weight)
+
+
+def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """(B, C, T, H, W) in [-1, 1] -> (B, 1, T, H, W), 1 where a pixel stands out from both its row's
+    and its column's median colour: small objects on a plain or gradient background (a sky is
+    constant along its rows). With a plain mean they are a few percent of the loss, and the VAE
+    learns to drop them; a frame-wide median would also flag the ends of a gradient."""
+    rows = video.median(dim=4, keepdim=True).values
+    cols = video.median(dim=3, keepdim=True).values
+    off = torch.minimum((video - rows).abs(), (video - cols).abs())
+    return (off.amax(dim=1, keepdim=True) > threshold).float()
+
+
+def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, latents: torch.Tensor,
+                        object_weight: float) -> torch.Tensor:
+    """MSE with the latent cells of small objects (`detail_mask` of the clean latents) weighted
+    1 + object_weight. An object is a few percent of a video's cells, and what tells a square from a
+    circle is a few of those: under a plain mean the DiT can ignore the shape word at almost no cost."""
+    if not object_weight:
+        return F.mse_loss(pred, target)
+    weight = 1.0 + object_weight * detail_mask(latents, LATENT_DETAIL_THRESHOLD)
+    return (weight * (pred - target) ** 2).mean() / weight.mean()
+
+
+class VAEWithLoss(torch.nn.Module):
+    """The VAE's training objective as one module, so DDP can wrap it: reconstruction (L1 + MSE,
+    small objects weighted up) of the posterior's mean or a sample of it, plus a KL term towards N(0, I)."""
+
+    def __init__(self, model, kl_weight: float, sample_posterior: bool = False, detail_weight: float = 0.0,
+                 decoder_only: bool = False):
+        super().__init__()
+        self.vae, self.kl_weight, self.sample_posterior = model, kl_weight, sample_posterior
+        self.detail_weight = detail_weight
+        if decoder_only:  # the latents stay exactly what a DiT was trained on; with no trainable input,
+            model.encoder.requires_grad_(False)  # encoding builds no autograd graph either
+            model.quant_conv.requires_grad_(False)
+
+    def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
+        posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
+        z = posterior.mean
+        if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
+            z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
+        recon = self.vae.decode(z).sample.float()[:, :, : video.shape[2]]
+        weight = 1.0 + self.detail_weight * detail_mask(video)
+        error = (recon - video).abs() + (recon - video) ** 2
+        reconstruction = (weight * error).mean() / weight.mean()
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+        return reconstruction + self.kl_weight * kl
