@@ -284,3 +284,20 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_max_steps():
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     constant = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110)
     assert learning_rate(constant, 100) == 1e-3
+
+
+def test_the_python_api_the_cli_and_training_samples_make_the_same_video(clips, model_for_vae, tmp_path):
+    """One source of defaults: a checkpoint's sample video, `soragen generate --model CHECKPOINT` and
+    Pipeline.load(CHECKPOINT).generate(...) give the same frames for the same prompt and seed."""
+    import numpy as np
+    from soragen.pipeline import Pipeline
+    from soragen.video_io import read_video, write_video
+    out = tmp_path / "run"
+    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 2)) == 0
+    prompt = SAMPLES.read_text().splitlines()[0]
+    sample, _ = read_video(out / "samples" / "step-000002" / "00.mp4")
+    assert run(["generate", prompt, "--model", str(out), "--out", str(tmp_path / "cli.mp4"), "--seed", "0"]) == 0
+    api = Pipeline.load(out).generate(prompt, seed=0)
+    write_video(tmp_path / "api.mp4", api, 8.0)
+    for other in ("cli.mp4", "api.mp4"):
+        assert np.array_equal(read_video(tmp_path / other)[0], sample), other

@@ -3,11 +3,13 @@ under --compile in fresh processes, and glibc's malloc settings."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 from typing import Callable
 
 import torch
 
+from soragen import fast_paths
 from harness import Section, Settings, auto_dtype, bench_dtypes, dtype_name, median_times, run_fresh
 from matmul import machine_limit
 from workload import BATCH, LATENT, TEXT_LEN, dit_inputs, figure_cells, make_dit, num_tokens, step_figures, \
@@ -45,11 +47,20 @@ def run(settings: Settings) -> Section:
             model = make_dit(preset, dtype)
             inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
             prepared = step_inputs(model, inputs)
-            fns = {"step": lambda: model.predict(*prepared), "whole": lambda: model(*inputs)}
+            plain = copy.deepcopy(model)
+            fast_paths.uninstall(plain)  # the same weights as the plain modules of soragen.dit
+            fns = {"step": lambda: model.predict(*prepared), "whole": lambda: model(*inputs),
+                   "plain": lambda: plain.predict(*prepared)}
             times = median_times(fns, settings.warmup, settings.repeats)
             f = step_figures(model, inputs, dtype, times["step"], settings)
             s.rows.append([preset, dtype_name(dtype), *figure_cells(f), ""])
             s.data[f"{preset}/{dtype_name(dtype)}"] = f
+            off = step_figures(model, inputs, dtype, times["plain"], settings)
+            s.rows.append([f"{preset}, fast paths off", dtype_name(dtype), *figure_cells(off), ""])
+            s.data[f"{preset}/{dtype_name(dtype)}/plain"] = off
+            s.notes.append(f"'fast paths off': the {preset} {dtype_name(dtype)} step through the plain modules "
+                           f"(soragen.fast_paths uninstalled), timed interleaved with the installed one: "
+                           f"{off['ms']:.1f} against {f['ms']:.1f} ms, {off['ms'] / f['ms']:.2f}x.")
             if preset == "tiny" and dtype == default:
                 whole = step_figures(model, inputs, dtype, times["whole"], settings, whole=True)
                 s.rows.append(["tiny, whole forward", dtype_name(dtype), *figure_cells(whole), ""])

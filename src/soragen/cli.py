@@ -35,7 +35,7 @@ app = typer.Typer(
 )
 
 _debug = False
-COMPILE_HELP = ("torch.compile the DiT: about 30 s of compiling per video size the first time, 5 s once torch "
+COMPILE_HELP = ("torch.compile the DiT: tens of seconds of compiling per video size the first time, a few once torch "
                 "has cached it, then faster steps; pays off over many videos.")
 MISTAKE_ROWS = 8  # soragen eval lists this many of its most frequent mistakes
 
@@ -641,12 +641,11 @@ def evaluate(
 
 def main() -> None:
     from soragen.runtime import keep_freed_memory
-    keep_freed_memory()  # glibc: a DiT step up to 1.5x faster (soragen.runtime)
+    keep_freed_memory()  # glibc keeps freed memory for the next step (soragen.runtime)
     code = run(sys.argv[1:])
     # Leaving: move every object into the permanent generation, so that the interpreter's last
-    # garbage collection skips the millions that torch, transformers and diffusers create. On a
-    # 2-core AMD EPYC, a generate's process exit went from 1.5 s to 0.4 s (bench/README.md).
-    # Atexit handlers and module teardown still run as usual.
+    # garbage collection skips the millions that torch, transformers and diffusers create (an exit
+    # then takes a fraction of the time). Atexit handlers and module teardown still run as usual.
     import gc
     gc.freeze()
     sys.exit(code)

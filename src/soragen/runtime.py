@@ -19,12 +19,12 @@ def _glibc() -> bool:
 def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed memory instead of handing it back to the kernel.
 
-    A DiT step allocates and frees dozens of activations of 0.1-2 MB. By default glibc serves
+    A DiT step allocates and frees dozens of activations of a few MB. By default glibc serves
     blocks this size from fresh mmap'd pages or trims its heap after a free, so the next step
     pays for page faults and zeroed pages again; how often depends on the history of earlier
-    allocations, so one process's step can run 1.5x slower than another's. Here blocks up to 32 MB
-    come from the heap, and up to 1 GB of freed heap is kept for reuse (a generate holds ~600 MB).
-    Measured by bench/run.py (section dit). Returns False, changing nothing, where the C library
+    allocations, so one process's steps can run much slower than another's. Here blocks up to
+    32 MB come from the heap, and up to 1 GB of freed heap (more than a generate holds) is kept for
+    reuse. bench/run.py (section dit) measures what it buys. Returns False, changing nothing, where the C library
     is not glibc or SORAGEN_MALLOC=default is set."""
     if os.environ.get("SORAGEN_MALLOC") == "default" or not _glibc():
         return False

@@ -3,7 +3,7 @@
 Video containers (mp4, mov, mkv, avi, webm) are read in-process with PyAV
 (``import av``, which bundles its own FFmpeg libraries); when PyAV is not
 installed, reading falls back to imageio's FFMPEG plugin, which runs the ffmpeg
-binary bundled with imageio-ffmpeg once per file (about 0.1 s each).  Writing
+binary bundled with imageio-ffmpeg once per file (slower).  Writing
 .mp4 always goes through imageio-ffmpeg (libx264).  GIFs and PNG folders go
 through Pillow.  Every failure that is about the user's file becomes a
 one-line :class:`VideoError` (reading) or :class:`SoragenError` (writing).
@@ -190,7 +190,7 @@ def _iter_gif(path: Path) -> tuple[Iterator[_Frame], float]:
 def _import_av():
     """Return the PyAV module, or None when it is not installed."""
     try:
-        import av  # local: importing PyAV costs ~0.1 s, and it is optional
+        import av  # local: it is optional, and its import is not free
     except ImportError:
         return None
     return av
