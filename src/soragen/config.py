@@ -136,6 +136,19 @@ class DiTConfig:
     text_dim: int = bounded(384, low=1, high=16384)
     cross_attention: bool = True  # video tokens attend to text tokens, besides adaLN on pooled text
     qk_norm: bool = True  # RMS-normalise queries and keys: keeps attention logits tame in bf16
+    # The switches between families (the defaults are soragen's own DiT; the `wan` preset names Wan 2.1's):
+    qk_norm_across_heads: bool = False  # one RMS norm over all heads' q (and k), not one per head
+    positions: str = bounded("sincos", choices=("sincos", "rope"))  # added to the tokens, or 3D RoPE on q and k
+    rope_theta: float = bounded(10000.0, above=0, high=1e9)
+    modulation: str = bounded("per_block", choices=("per_block", "shared"))  # adaLN: a linear of c in every
+    #   block, or one shared projection of the timestep plus a learned table per block
+    pooled_text: bool = True  # c = timestep + pooled text; False: the timestep alone
+    text_projection: str = bounded("linear", choices=("linear", "mlp"))  # mlp: Linear, tanh GELU, Linear
+    text_mask: bool = True  # cross-attention skips the text's padding; False attends to it (zeros), as Wan trained
+    ffn_dim: int = bounded(0, low=0, high=262144)  # the MLP's width; 0: mlp_ratio * hidden_size
+    gelu: str = bounded("exact", choices=("exact", "tanh"))
+    timestep_features: str = bounded("sin_cos_float64", choices=("sin_cos_float64", "cos_sin_float32"))
+    fp32_modulation: bool = False  # keep adaLN's inputs, modulation and gated residuals in float32 under bf16
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -143,6 +156,12 @@ class DiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"head size {self.hidden_size // self.num_heads} must be even")
+        if self.positions == "rope" and self.hidden_size // self.num_heads < 6:
+            raise ValueError(f"3D RoPE needs a head size of at least 6, got {self.hidden_size // self.num_heads}")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.ffn_dim or int(self.hidden_size * self.mlp_ratio)
 
 
 # Named DiT sizes. `tiny` is what the tests and the default model use; the others are for users

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from soragen.errors import SoragenError
-from soragen.weights import load_into
+from soragen.weights import load_into, weight_files
 
 # The Wan encoder reads the first frame alone, then chunks of 4 frames.
 ENCODER_CHUNK = 4
@@ -125,23 +125,6 @@ def new_vae(config: dict) -> VideoVAE:
     return VideoVAE(AutoencoderKLWan(**config))
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        try:
-            names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise SoragenError(f"{index[0]} is not a safetensors index (a JSON object with a weight_map): "
-                               f"{err}") from err
-        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
-            raise SoragenError(f"{index[0]}: weight_map must name files in {folder}, got {names[:3]}")
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SoragenError(f"VAE folder {folder} has no .safetensors weights")
-    return files
-
-
 # What a VAE config.json may say, checked before AutoencoderKLWan is built from it.
 VAE_LIMITS = {
     "base_dim": (int, dict(low=1, high=1024)),
@@ -213,7 +196,7 @@ def load_vae(source: str | Path) -> VideoVAE:
             model = AutoencoderKLWan.from_config(config)
     except (TypeError, ValueError) as err:
         raise SoragenError(f"{config_file} is not a valid AutoencoderKLWan config: {err}") from err
-    load_into(model, _weight_files(folder), f"VAE ({config_file})")
+    load_into(model, weight_files(folder, "VAE"), f"VAE ({config_file})")
     return VideoVAE(model)
 
 

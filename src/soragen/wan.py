@@ -1,0 +1,137 @@
+"""Wan 2.1 as a family of our DiT: its config as DiTConfig switches, and its weights' key map.
+
+diffusers' WanTransformer3DModel is our VideoDiT with Wan's switches (soragen.config.DiTConfig):
+3D RoPE, a shared timestep projection plus a table per block, q/k RMS-normed across heads, an MLP
+projecting umT5's 4096-d text, tanh GELU, no pooled text and no text mask. Its weights map onto
+ours one to one, except that q, k and v are fused (and k, v of cross-attention), and the patch
+embedding is a Conv3d whose kernel is the patch, which is our Linear on the flattened patch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from soragen.config import DiTConfig
+from soragen.errors import SoragenError
+
+# diffusers' WanTransformer3DModel configs of the released text-to-video models (their config.json)
+WAN_2_1_T2V_1_3B = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                        added_kv_proj_dim=None, rope_max_seq_len=1024)
+WAN_2_1_T2V_14B = dict(WAN_2_1_T2V_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+
+# The switches that make our DiT Wan's (the sizes come from each model's config)
+WAN_SWITCHES = dict(cross_attention=True, qk_norm=True, qk_norm_across_heads=True, positions="rope",
+                    modulation="shared", pooled_text=False, text_projection="mlp", text_mask=False, gelu="tanh",
+                    timestep_features="cos_sin_float32", fp32_modulation=True)
+
+
+def dit_config(transformer: dict, source: str = "transformer/config.json") -> DiTConfig:
+    """Our DiTConfig for a diffusers WanTransformer3DModel config; SoragenError for what we do not run."""
+    def need(key, ok, what):
+        if not ok(transformer.get(key)):
+            raise SoragenError(f"{source}: {key} = {transformer.get(key)!r}; soragen runs {what}")
+    need("image_dim", lambda v: v is None, "text-to-video Wan (image_dim null), not image-to-video")
+    need("added_kv_proj_dim", lambda v: v is None, "text-to-video Wan (added_kv_proj_dim null)")
+    need("cross_attn_norm", lambda v: v is True, "Wan with cross_attn_norm true")
+    need("qk_norm", lambda v: v == "rms_norm_across_heads", "Wan with qk_norm rms_norm_across_heads")
+    need("freq_dim", lambda v: v == 256, "a 256-d timestep embedding")
+    need("eps", lambda v: v is not None and abs(v - 1e-6) < 1e-12, "eps 1e-6")
+    out = transformer.get("out_channels") or transformer.get("in_channels")
+    need("out_channels", lambda v: out == transformer.get("in_channels"), "as many output as input channels")
+    try:
+        heads, head_dim = int(transformer["num_attention_heads"]), int(transformer["attention_head_dim"])
+        return DiTConfig(in_channels=transformer["in_channels"], patch_size=transformer["patch_size"],
+                         hidden_size=heads * head_dim, depth=transformer["num_layers"], num_heads=heads,
+                         ffn_dim=transformer["ffn_dim"], text_dim=transformer["text_dim"], **WAN_SWITCHES)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SoragenError(f"{source}: not a WanTransformer3DModel config we can read: {err}") from err
+
+
+# ---- the key map -------------------------------------------------------------------------------------
+
+@dataclass
+class Rule:
+    """Our tensor `key` is made of diffusers' `sources`: copied, concatenated along dim 0 (fused
+    projections), or a Conv3d kernel flattened into a Linear's weight in patchify's (pt ph pw c) order."""
+
+    key: str
+    sources: list[str]
+    how: str = "copy"  # copy | cat | conv
+
+
+def key_map(depth: int) -> list[Rule]:
+    rules = [Rule("patch_embed.weight", ["patch_embedding.weight"], "conv"),
+             Rule("patch_embed.bias", ["patch_embedding.bias"])]
+    pairs = {"time_embed.mlp.0": "condition_embedder.time_embedder.linear_1",
+             "time_embed.mlp.2": "condition_embedder.time_embedder.linear_2",
+             "time_proj.1": "condition_embedder.time_proj",
+             "text_tokens.0": "condition_embedder.text_embedder.linear_1",
+             "text_tokens.2": "condition_embedder.text_embedder.linear_2",
+             "final.linear": "proj_out"}
+    for i in range(depth):
+        b, w = f"blocks.{i}.", f"blocks.{i}."
+        pairs.update({b + "attn.proj": w + "attn1.to_out.0", b + "cross.q": w + "attn2.to_q",
+                      b + "cross.proj": w + "attn2.to_out.0", b + "norm_cross": w + "norm2",
+                      b + "mlp.0": w + "ffn.net.0.proj", b + "mlp.2": w + "ffn.net.2"})
+        for ours, theirs in (("attn", "attn1"), ("cross", "attn2")):
+            rules += [Rule(f"{b}{ours}.q_norm.weight", [f"{w}{theirs}.norm_q.weight"]),
+                      Rule(f"{b}{ours}.k_norm.weight", [f"{w}{theirs}.norm_k.weight"])]
+        for part in ("weight", "bias"):
+            rules.append(Rule(f"{b}attn.qkv.{part}", [f"{w}attn1.to_{x}.{part}" for x in "qkv"], "cat"))
+            rules.append(Rule(f"{b}cross.kv.{part}", [f"{w}attn2.to_{x}.{part}" for x in "kv"], "cat"))
+        rules.append(Rule(f"{b}adaLN_modulation.table", [f"{w}scale_shift_table"]))
+    rules.append(Rule("final.adaLN_modulation.table", ["scale_shift_table"]))
+    rules += [Rule(f"{ours}.{part}", [f"{theirs}.{part}"]) for ours, theirs in pairs.items() for part in ("weight", "bias")]
+    return rules
+
+
+def mapped_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape our tensor gets from sources of these shapes."""
+    if rule.how == "cat":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    if rule.how == "conv":
+        out, *rest = shapes[0]
+        return (out, math.prod(rest))
+    return shapes[0]
+
+
+def combine(rule: Rule, tensors: list[torch.Tensor]) -> torch.Tensor:
+    if rule.how == "cat":
+        return torch.cat(tensors, dim=0)
+    if rule.how == "conv":  # (D, C, pt, ph, pw) -> (D, pt*ph*pw*C), as patchify orders a patch
+        return tensors[0].permute(0, 2, 3, 4, 1).reshape(tensors[0].shape[0], -1)
+    return tensors[0]
+
+
+def read_transformer_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SoragenError(f"{folder} has no config.json (a diffusers transformer folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SoragenError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
+        raise SoragenError(f"{path} is not a WanTransformer3DModel config")
+    return config
+
+
+def load_transformer(folder: Path):
+    """Our VideoDiT with the weights of a diffusers WanTransformer3DModel folder (config.json +
+    safetensors, sharded or not), checked by the files' headers before any tensor is read, then
+    read shard by shard."""
+    from soragen.dit import VideoDiT
+    from soragen.weights import Mapping, load_into, weight_files
+    config = dit_config(read_transformer_config(folder), str(folder / "config.json"))
+    with torch.device("meta"):  # no memory and no random init: every weight comes from the files
+        dit = VideoDiT(config)
+    load_into(dit, weight_files(folder, "Wan transformer"), f"Wan transformer ({folder})",
+              Mapping(key_map(config.depth), mapped_shape, combine))
+    return dit.eval().requires_grad_(False)
