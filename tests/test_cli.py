@@ -209,7 +209,8 @@ def test_help_of_every_command_has_examples(capsys, command):
     (["--width", "100000"], ["--width", "multiple of 8", "nearest valid value: 2048"]),
     (["--height", "0"], ["--height", "nearest valid value: 8"]),
     (["--fps", "0"], ["--fps"]),
-    (["--sampler", "euler"], ["--sampler", "dpm++"]),
+    (["--sampler", "heun"], ["--sampler", "dpm++"]),
+    (["--sampler", "euler"], ["--sampler euler", "DDPM", "unipc"]),  # flow matching's, not for this model
     (["--dtype", "float8"], ["unknown dtype", "bfloat16"]),
 ])
 def test_generate_usage_errors(tiny_model, outdir, capfd, option, needles):

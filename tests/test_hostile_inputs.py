@@ -118,7 +118,7 @@ MODEL_FOLDERS = {
     # soragen.json
     "negative fps": (set_key("soragen.json", "video.fps", -5), ["soragen.json", "video.fps"]),
     "zero frames": (set_key("soragen.json", "video.frames", 0), ["soragen.json", "video.frames"]),
-    "unknown sampler": (set_key("soragen.json", "sampling.sampler", "euler"), ["soragen.json", "sampling.sampler"]),
+    "unknown sampler": (set_key("soragen.json", "sampling.sampler", "heun"), ["soragen.json", "sampling.sampler"]),
     "a billion steps": (set_key("soragen.json", "sampling.steps", 10**9), ["soragen.json", "sampling.steps"]),
     "guidance a word": (set_key("soragen.json", "sampling.guidance", "high"), ["sampling.guidance", "number"]),
     "format a string": (set_key("soragen.json", "format", "1"), ["soragen.json", "format"]),

@@ -85,3 +85,123 @@ def test_a_transformer_folder_whose_weights_miss_a_key_is_refused(tmp_path):
     save_file(state, str(victim), metadata={"format": "pt"})
     with pytest.raises(SoragenError, match="missing"):
         load_transformer(tmp_path / "transformer")
+
+
+# ---- the whole pipeline: a tiny WanPipeline folder, as diffusers saves one ---------------------------
+
+PROMPT, NEGATIVE = "a red ball moving right in the sky", "the sky"
+
+
+def tiny_umt5(seed=0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from test_text import WORDS
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=0)
+    return randomised(UMT5EncoderModel(config), seed).eval()
+
+
+def tiny_wan_vae(seed=0):
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                           latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.8, 2.0, 1.1],
+                           scale_factor_spatial=4, scale_factor_temporal=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """A WanPipeline (umT5 encoder, Wan VAE, UniPC with flow sigmas, transformer) saved by diffusers,
+    shards small, and the pipeline object itself as the reference."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import AutoTokenizer
+
+    from test_text import save_tokenizer
+    folder = tmp_path_factory.mktemp("wan") / "Wan-tiny"
+    save_tokenizer(folder / "tok")
+    torch.manual_seed(0)
+    transformer = randomised(WanTransformer3DModel(**tiny_transformer_config(text_dim=16))).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(folder / "tok"), text_encoder=tiny_umt5(),
+                       vae=tiny_wan_vae(), scheduler=scheduler, transformer=transformer)
+    pipe.save_pretrained(folder, max_shard_size="40KB")
+    return folder, pipe
+
+
+def test_the_text_encoder_gives_wanpipelines_prompt_embeddings(wan_folder):
+    from soragen.model_io import load_model
+    from soragen.text import TextEncoder
+    folder, pipe = wan_folder
+    encoder = TextEncoder(load_model(folder).text_spec)
+    assert type(encoder.model).__name__ == "UMT5EncoderModel"
+    with torch.no_grad():  # as WanPipeline.__call__ runs it
+        want, want_negative = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True,
+                                                 max_sequence_length=512, device=torch.device("cpu"))
+    for prompt, reference in ((PROMPT, want), (NEGATIVE, want_negative), ("", None)):
+        got = encoder.encode([prompt])
+        assert got.tokens.shape == (1, 512, 16)
+        if reference is not None:
+            assert torch.equal(got.tokens, reference.float())
+        assert not got.tokens[0, int(got.mask.sum()):].any()  # zeros past the prompt, as Wan was trained
+
+
+def test_umt5_runs_as_umt5_not_as_t5(wan_folder):
+    """T5EncoderModel loads umT5's weights without complaint and drops the relative attention bias
+    of every layer but the first: umT5 must run as UMT5EncoderModel."""
+    from transformers import T5EncoderModel, UMT5EncoderModel
+
+    from soragen.config import TextEncoderSpec
+    from soragen.text import TextEncoder
+    folder, _ = wan_folder
+    spec = TextEncoderSpec(source=str(folder), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+                           max_length=16, padding="zeros")
+    ids = torch.tensor([[3, 4, 5, 2]])
+    with torch.no_grad():
+        ours = TextEncoder(spec).model(input_ids=ids).last_hidden_state
+        umt5 = UMT5EncoderModel.from_pretrained(folder / "text_encoder")(input_ids=ids).last_hidden_state
+        t5 = T5EncoderModel.from_pretrained(folder / "text_encoder")(input_ids=ids).last_hidden_state
+    assert torch.equal(ours, umt5)
+    assert (t5 - umt5).abs().max() > 1e-3
+
+
+def test_generate_on_a_wan_folder_gives_wanpipelines_video(wan_folder, tmp_path):
+    import numpy as np
+
+    from conftest import cli
+    from soragen.pipeline import Pipeline
+    folder, pipe = wan_folder
+    run = dict(height=32, width=48, num_frames=5, num_inference_steps=4, guidance_scale=4.0)
+    want_latent = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(7),
+                       output_type="latent", **run).frames
+    want = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+                **run).frames[0]
+    ours = Pipeline.load(folder, device="cpu", dtype="float32")
+    assert ours.model.sampling.sampler == "unipc" and ours.model.video.fps == 16.0
+    settings = ours.sampling(steps=4, guidance=4.0, negative_prompt=NEGATIVE)
+    latent = ours.sample_latent(PROMPT, 5, 32, 48, settings, seed=7)
+    assert (latent - want_latent).abs().max() <= 1e-4, (latent - want_latent).abs().max()
+    out = tmp_path / "frames"
+    assert cli("generate", PROMPT, "--model", folder, "--frames", 5, "--height", 32, "--width", 48, "--steps", 4,
+               "--guidance", 4, "--negative-prompt", NEGATIVE, "--seed", 7, "--dtype", "float32", "--out", out) == 0
+    from PIL import Image
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(out.glob("frame_*.png"))])
+    reference = (want * 255).round().astype(np.int16)
+    assert frames.shape == reference.shape == (5, 32, 48, 3)
+    assert np.abs(frames.astype(np.int16) - reference).max() <= 2
+
+
+def test_ddim_is_refused_for_a_flow_model(wan_folder, tmp_path, capfd):
+    from conftest import assert_one_line_error, cli
+    folder, _ = wan_folder
+    rc = cli("generate", PROMPT, "--model", folder, "--sampler", "ddim", "--frames", 1, "--height", 32, "--width",
+             32, "--steps", 1, "--out", tmp_path / "x.mp4")
+    assert_one_line_error(capfd.readouterr(), 2, rc, "--sampler ddim", "flow")
+    assert not (tmp_path / "x.mp4").exists()

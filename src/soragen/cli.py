@@ -11,6 +11,7 @@ import time
 _STARTED = time.perf_counter()  # for the import time that generate --timings reports
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -176,7 +177,12 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
                                                       "(default: the model's).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc (default: the model's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc or euler (euler and not ddim for flow "
+                                                   "models such as Wan; default: the model's).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="What guidance steers away from (default: the "
+                                                           "model's own, empty for soragen's).")] = None,
+    shift: Annotated[Optional[float], typer.Option(help="A flow model's schedule shift (default: the model's; "
+                                                   "higher spends more steps at high noise).")] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed: the same seed gives the same video.")] = 0,
     fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
@@ -184,6 +190,8 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="On a GPU, keep only the running part (text encoder, "
+                                          "DiT, VAE) on it: for models larger than its memory.")] = False,
     timings: Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
                                                     "load, encode, denoise, decode, write) to this JSON file.")] = None,
 ) -> None:
@@ -200,13 +208,16 @@ def generate(
     from soragen.pipeline import Pipeline
     from soragen.video_io import write_video
     jobs = _generate_jobs(prompt, prompts, out, seed)
-    _check_overrides(sampler=sampler, steps=steps, guidance=guidance, frames=frames, fps=fps)  # sizes: below
+    _check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
+    if negative_prompt is not None:
+        _check_text(negative_prompt, "--negative-prompt")
     _check_choices(device=device, dtype=dtype, eta=eta)
     t0 = time.perf_counter()
     seconds = {"imports": t0 - _STARTED}
-    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile)
+    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload)
     seconds["load"] = time.perf_counter() - t0
-    settings, (frames, height, width) = pipe.sampling(sampler, steps, guidance), pipe.video_size(frames, height, width)
+    settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
+    frames, height, width = pipe.video_size(frames, height, width)
     console = _stderr()
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
                   f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g} "
@@ -216,8 +227,8 @@ def generate(
     for i, (text, path) in enumerate(jobs):
         start = time.perf_counter()
         with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
-            video = pipe.generate(text, frames, height, width, settings.sampler, settings.steps, settings.guidance,
-                                  eta=eta, seed=seed + i, progress=bars)
+            video = pipe.generate(text, frames, height, width, eta=eta, seed=seed + i, progress=bars,
+                                  **dataclasses.asdict(settings))
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
             bars("write", 1, 1)
@@ -372,7 +383,6 @@ def config_options(**configs: tuple[type, dict]):
     the dataclass declares (soragen.config), and hand it one instance of each: `cfg=(TrainConfig,
     {"batch_size": 4})` adds --data, --frames, ... (defaults overridden as given) and calls the
     command with cfg=TrainConfig(...). Values out of range are usage errors naming the option."""
-    import dataclasses
     import inspect
     import typing
 
@@ -559,7 +569,6 @@ def export(
 
       soragen export runs/dit my-model --weights-dtype bfloat16 --sampler dpm++ --steps 12
     """
-    import dataclasses
     from soragen.model_io import load_model, save_model
     from soragen.pipeline import DTYPES
     if weights_dtype not in DTYPES:

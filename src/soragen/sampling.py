@@ -32,7 +32,10 @@ SCHEDULE_LIMITS = {
     "beta_start": (float, dict(above=0, high=1)),
     "beta_end": (float, dict(above=0, high=1)),
     "beta_schedule": (str, dict(choices=("linear", "scaled_linear", "squaredcos_cap_v2"))),
-    "prediction_type": (str, dict(choices=PREDICTIONS)),
+    "prediction_type": (str, dict(choices=PREDICTIONS + ("flow_prediction",))),
+    "flow_shift": (float, dict(above=0, high=100)),
+    "use_flow_sigmas": (bool, {}),
+    "solver_order": (int, dict(low=1, high=3)),
     "timestep_spacing": (str, dict(choices=("linspace", "leading", "trailing"))),
     "steps_offset": (int, dict(low=0, high=1000)),
     "clip_sample": (bool, {}),
@@ -54,10 +57,23 @@ def training_scheduler(config: dict | None = None):
     return DDPMScheduler.from_config({**SCHEDULER_CONFIG, **(config or {})})
 
 
-def make_scheduler(name: str, config: dict | None = None):
-    """The sampler `name` built on the model's noise schedule."""
+def is_flow(config: dict | None) -> bool:
+    """A flow-matching schedule (Wan's): the model predicts the flow e - x0 along x_t = (1 - s) x0 + s e."""
+    return bool(config) and (config.get("prediction_type") == "flow_prediction" or bool(config.get("use_flow_sigmas")))
+
+
+def make_scheduler(name: str, config: dict | None = None, shift: float | None = None):
+    """The sampler `name` built on the model's noise schedule; `shift` overrides a flow schedule's
+    flow_shift (more of the steps at high noise as it grows)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if is_flow(config):
+        return _flow_scheduler(name, dict(config), shift)
+    if name == "euler":
+        raise UsageError("--sampler euler is flow matching's Euler, and this model's noise schedule is DDPM's: "
+                         "choose ddim, dpm++ or unipc")
     config = {**SCHEDULER_CONFIG, **(config or {})}
     if name == "ddim":
         return DDIMScheduler.from_config(config)
@@ -65,7 +81,20 @@ def make_scheduler(name: str, config: dict | None = None):
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config, solver_order=2)
-    raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _flow_scheduler(name: str, config: dict, shift: float | None):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    flow_shift = config.get("flow_shift", 1.0) if shift is None else shift
+    config.update(flow_shift=flow_shift, use_flow_sigmas=True, prediction_type="flow_prediction")
+    if name == "ddim":
+        raise UsageError("--sampler ddim cannot sample a flow-matching model (it steps a DDPM noise schedule); "
+                         "choose unipc, dpm++ or euler")
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=flow_shift)
 
 
 def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond, scheduler, steps: int,

@@ -7,7 +7,9 @@ prompt "" is the unconditional input for classifier-free guidance.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +36,12 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def _model_type(source: str) -> str:
-    config_file = Path(source) / "config.json"
+def _model_type(source: str, subfolder: str = "") -> str:
+    config_file = Path(source) / subfolder / "config.json"
     if config_file.is_file():
         return json.loads(config_file.read_text()).get("model_type", "")
     from transformers import AutoConfig  # a hub id: the config is small
-    return AutoConfig.from_pretrained(source).model_type
+    return AutoConfig.from_pretrained(source, subfolder=subfolder).model_type
 
 
 @dataclass
@@ -71,7 +73,7 @@ class TextEmbedding:
 # transformers' class for each model_type whose AutoModel is not the encoder alone: the encoder half
 # of an encoder-decoder, CLIP's text tower. Named, not imported: transformers imports a model's
 # module on first use, and importing every family's took seconds that no prompt needs.
-ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "T5EncoderModel", "umt5": "T5EncoderModel",
+ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                    "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}
 
 
@@ -101,6 +103,17 @@ def check_text_config(config_file: Path) -> None:
         raise SoragenError(f"{config_file}: {err}") from err
 
 
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning, as diffusers' WanPipeline does it: ftfy where it is installed, HTML
+    entities undone (twice), runs of whitespace made one space."""
+    try:
+        import ftfy
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
 class TextEncoder:
     """Tokenizer + frozen encoder. `encode(prompts)` runs without gradients."""
 
@@ -113,15 +126,18 @@ class TextEncoder:
 
         self.spec = spec
         source = resolve_source(spec.source)
+        folder = Path(source) / spec.subfolder
         if Path(source).exists():
-            if not (Path(source) / "config.json").is_file():
-                raise SoragenError(f"text encoder folder {source} has no config.json")
-            check_text_config(Path(source) / "config.json")
+            if not (folder / "config.json").is_file():
+                raise SoragenError(f"text encoder folder {folder} has no config.json")
+            check_text_config(folder / "config.json")
         try:
-            kind = _model_type(source)
+            kind = _model_type(source, spec.subfolder)
             model_class = getattr(transformers, ENCODER_CLASSES.get(kind, "AutoModel"))
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-            self.model, info = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source, subfolder=spec.tokenizer_subfolder or spec.subfolder)
+            self.model, info = model_class.from_pretrained(source, subfolder=spec.subfolder, use_safetensors=True,
+                                                           output_loading_info=True, dtype=getattr(torch, spec.dtype))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SoragenError(f"cannot load text encoder {spec.source!r}: {str(err).splitlines()[0]}") from err
         absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
@@ -138,12 +154,22 @@ class TextEncoder:
         config = self.model.config
         return getattr(config, "hidden_size", None) or getattr(config, "d_model")
 
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextEmbedding:
-        batch = self.tokenizer(list(prompts), padding="longest", truncation=True,
-                               max_length=self.spec.max_length, return_tensors="pt").to(self.device)
+        spec = self.spec
+        if spec.clean == "wan":
+            prompts = [clean_prompt(p) for p in prompts]
+        batch = self.tokenizer(list(prompts), padding="max_length" if spec.padding == "zeros" else "longest",
+                               truncation=True, max_length=spec.max_length, return_tensors="pt").to(self.device)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         tokens, mask = out.last_hidden_state.float(), batch["attention_mask"].bool()
+        if spec.padding == "zeros":  # the rows past the prompt are zeros, not the encoder's padding outputs
+            tokens = tokens.masked_fill(~mask[..., None], 0.0)
         if self.kind == "clip":
             pooled = out.pooler_output.float()  # CLIP's end-of-text token, what it was trained to pool
         else:  # mean over real tokens: how sentence-transformers pools MiniLM, and a fair summary for T5

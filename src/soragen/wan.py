@@ -135,3 +135,44 @@ def load_transformer(folder: Path):
     load_into(dit, weight_files(folder, "Wan transformer"), f"Wan transformer ({folder})",
               Mapping(key_map(config.depth), mapped_shape, combine))
     return dit.eval().requires_grad_(False)
+
+
+# What WanPipeline makes unless told otherwise (its __call__'s defaults), and Wan's frame rate.
+WAN_VIDEO = dict(frames=81, height=480, width=832, fps=16.0)
+WAN_SAMPLING = dict(sampler="unipc", steps=50, guidance=5.0, negative_prompt="")
+
+
+def load_pipeline_folder(folder: Path):
+    """A diffusers WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/) as our Model: the transformer as our DiT, the VAE as it is, the text
+    encoder by reference (it loads from the folder), its scheduler config, WanPipeline's defaults."""
+    from soragen.config import SamplingDefaults, TextEncoderSpec, VideoDefaults
+    from soragen.model_io import Model, _read_json, check_sampler
+    from soragen.sampling import check_schedule
+    from soragen.vae import load_vae
+
+    index = _read_json(folder / "model_index.json")
+    if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
+        raise SoragenError(f"{folder / 'model_index.json'}: soragen runs diffusers' WanPipeline (Wan 2.1 text to "
+                           f"video), not {index.get('_class_name') if isinstance(index, dict) else index!r}")
+    if (index.get("transformer_2") or [None])[0] is not None or index.get("boundary_ratio") is not None:
+        raise SoragenError(f"{folder / 'model_index.json'}: two transformers (Wan 2.2): soragen runs Wan 2.1")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file)
+    try:
+        check_schedule(scheduler_config)
+    except ValueError as err:
+        raise SoragenError(f"{scheduler_file}: {err}") from err
+    sampling = SamplingDefaults(**WAN_SAMPLING)
+    check_sampler(sampling.sampler, scheduler_config, scheduler_file)
+    encoder_config = _read_json(folder / "text_encoder" / "config.json")
+    dtype = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
+    text = TextEncoderSpec(source=str(folder.resolve()), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+                           max_length=512, padding="zeros", clean="wan",
+                           dtype="bfloat16" if dtype == "bfloat16" else "float32")
+    dit = load_transformer(folder / "transformer")
+    vae = load_vae(folder / "vae")
+    if vae.latent_channels != dit.config.in_channels:
+        raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, the transformer "
+                           f"takes {dit.config.in_channels}")
+    return Model(dit, vae, text, VideoDefaults(**WAN_VIDEO), scheduler_config, sampling, folder)
