@@ -205,3 +205,62 @@ def test_ddim_is_refused_for_a_flow_model(wan_folder, tmp_path, capfd):
              32, "--steps", 1, "--out", tmp_path / "x.mp4")
     assert_one_line_error(capfd.readouterr(), 2, rc, "--sampler ddim", "flow")
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_decoding_a_large_video_goes_tile_by_tile_and_gives_the_same_frames(monkeypatch):
+    import numpy as np
+
+    from soragen.vae import VideoVAE
+    vae = VideoVAE(tiny_wan_vae())
+    latent = torch.randn(1, 4, 2, 24, 20, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(VideoVAE, "TILE_ABOVE", 64)  # 96 x 80 pixels: above it, tiled
+    tiled = vae.decode_uint8(latent, 5)
+    assert vae.model.use_tiling
+    monkeypatch.setattr(VideoVAE, "TILE_ABOVE", 10_000)
+    whole = vae.decode_uint8(latent, 5)
+    assert tiled.shape == whole.shape == (1, 5, 96, 80, 3)
+    assert np.abs(tiled.astype(np.int16) - whole).max() <= 2  # tiles overlap and are blended
+
+
+def test_export_writes_a_soragen_folder_that_makes_the_same_latent(wan_folder, tmp_path):
+    import json
+
+    from conftest import cli
+    from soragen.pipeline import Pipeline
+    folder, _ = wan_folder
+    out = tmp_path / "wan-tiny"
+    assert cli("export", folder, out) == 0
+    assert (out / "soragen.json").is_file() and json.loads((out / "dit" / "config.json").read_text())["positions"] == "rope"
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["use_flow_sigmas"] is True
+    spec = json.loads((out / "text_encoder.json").read_text())
+    assert spec["source"] == str(folder.resolve()) and spec["subfolder"] == "text_encoder"  # referenced, not copied
+    latents = []
+    for model in (folder, out):
+        pipe = Pipeline.load(model, device="cpu", dtype="float32")
+        latents.append(pipe.sample_latent(PROMPT, 5, 32, 48, pipe.sampling(steps=2), seed=3))
+    assert torch.equal(*latents)
+
+
+def test_any_frame_count_and_inspect_patches_on_a_wan_folder(wan_folder, tmp_path, capfd):
+    import json
+
+    from conftest import cli, moving_square
+    from soragen.video_io import probe_video, write_video
+    folder, _ = wan_folder
+    video = tmp_path / "three.mp4"
+    assert cli("generate", PROMPT, "--model", folder, "--frames", 3, "--height", 32, "--width", 32, "--steps", 2,
+               "--out", video) == 0
+    assert probe_video(video).frames == 3  # decoded as 5 (4k + 1), trimmed
+    clip = write_video(tmp_path / "clip.mp4", moving_square(9, 32, 48), 8.0).path
+    capfd.readouterr()
+    assert cli("inspect-patches", clip, "--model", folder, "--frames", 5, "--out", tmp_path / "p.png", "--json") == 0
+    report = json.loads(capfd.readouterr().out)
+    assert report["latent_shape"][:2] == [4, 2] and report["patch_size"] == [1, 2, 2]
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line(tmp_path, capfd, monkeypatch):
+    from conftest import assert_one_line_error, cli
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = cli("generate", PROMPT, "--model", "Wan-AI/No-Such-Model-Diffusers", "--out", tmp_path / "x.mp4")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "cannot fetch model Wan-AI/No-Such-Model-Diffusers", "offline")
+    assert list(tmp_path.iterdir()) == []

@@ -154,7 +154,8 @@ def load_model(path: str | Path) -> Model:
     folder = resolve_model_dir(path)
     if (folder / "model_index.json").is_file() and not (folder / "soragen.json").is_file():
         from soragen.wan import load_pipeline_folder
-        return load_pipeline_folder(folder)
+        hub_id = None if Path(path).exists() else str(path)  # the text encoder is then named by it, not by the cache
+        return load_pipeline_folder(folder, hub_id)
     manifest = read_manifest(folder)
     if manifest.get("kind") == "vae":
         raise SoragenError(f"{folder} holds only a VAE (from soragen train-vae); pass it to soragen train --vae")

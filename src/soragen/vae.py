@@ -98,11 +98,22 @@ class VideoVAE:
     def denormalise(self, latent: torch.Tensor) -> torch.Tensor:
         return latent.float() * self.std.to(latent.device) + self.mean.to(latent.device)
 
+    # Above this many pixels a side (Wan's 480p and more) decoding goes tile by tile (diffusers' tiled
+    # decode, overlapping tiles blended): the memory of a decode then grows with the video, not its area.
+    TILE_ABOVE = 256
+
     @torch.no_grad()
     def decode_uint8(self, latent: torch.Tensor, frames: int | None = None) -> np.ndarray:
         """Normalised latent (B, C, T', H', W') -> (B, frames, H, W, 3) uint8, one latent frame at
         a time through the causal cache; `frames` trims the 1 + (T'-1)*s decoded frames."""
         model = self.model
+        side = max(latent.shape[-2:]) * self.spatial_factor
+        if side > self.TILE_ABOVE:
+            tile, stride = self.TILE_ABOVE, self.TILE_ABOVE * 3 // 4  # a quarter of each tile overlaps the next
+            model.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                                tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+            video = frames_to_uint8(model.decode(self.denormalise(latent).to(self.device, self.dtype)).sample)
+            return video[:, :frames] if frames is not None else video
         z = model.post_quant_conv(self.denormalise(latent).to(self.device, self.dtype))
         chunks = []
         model.clear_cache()

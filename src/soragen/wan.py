@@ -142,7 +142,7 @@ WAN_VIDEO = dict(frames=81, height=480, width=832, fps=16.0)
 WAN_SAMPLING = dict(sampler="unipc", steps=50, guidance=5.0, negative_prompt="")
 
 
-def load_pipeline_folder(folder: Path):
+def load_pipeline_folder(folder: Path, hub_id: str | None = None):
     """A diffusers WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/) as our Model: the transformer as our DiT, the VAE as it is, the text
     encoder by reference (it loads from the folder), its scheduler config, WanPipeline's defaults."""
@@ -167,7 +167,7 @@ def load_pipeline_folder(folder: Path):
     check_sampler(sampling.sampler, scheduler_config, scheduler_file)
     encoder_config = _read_json(folder / "text_encoder" / "config.json")
     dtype = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
-    text = TextEncoderSpec(source=str(folder.resolve()), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+    text = TextEncoderSpec(source=hub_id or str(folder.resolve()), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
                            max_length=512, padding="zeros", clean="wan",
                            dtype="bfloat16" if dtype == "bfloat16" else "float32")
     dit = load_transformer(folder / "transformer")
