@@ -4,6 +4,8 @@
     python bench/child.py compiled DTYPE [--quick]    the tiny step as --compile runs it, beside eager
     python bench/child.py step [--quick]              the tiny eager step in the auto dtype, ms
     python bench/child.py decode FRAMES [--model DIR] peak memory a VAE decode adds, MB
+    python bench/child.py load FOLDER                 peak memory of loading a Wan transformer folder
+    python bench/child.py wanpipe FOLDER JSON         diffusers' WanPipeline on a folder, as a user runs it
 
 A process's speed depends on its own history (allocations, compiled code), so these figures come
 from processes that did nothing else.
@@ -26,8 +28,7 @@ from workload import bench_vae, dit_inputs, make_dit, step_inputs
 
 
 def compiled(dtype: torch.dtype, settings: Settings) -> None:
-    """The tiny step as `--compile`
-    runs it (soragen.dit.compile_for_sampling), timed interleaved with eager and with the limit's
+    """The tiny step as `--compile` runs it (soragen.fast_paths.compile_for_sampling), timed interleaved with eager and with the limit's
     matmuls; its first call pays the compile (section e2e has it with an empty and a warm cache)."""
     from soragen.fast_paths import compile_for_sampling
     model = make_dit("tiny", dtype)
@@ -82,12 +83,57 @@ def resource_rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def load(folder: str) -> None:
+    """Our loader on a diffusers Wan transformer folder, into bf16: peak resident memory it adds
+    against the size of the weights it made."""
+    import gc
+
+    from soragen.wan import load_transformer
+    gc.collect()
+    reset = _reset_peak()
+    before = resource_rss_mb()
+    start = time.perf_counter()
+    dit = load_transformer(Path(folder), torch.bfloat16)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model_mb = sum(p.numel() * p.element_size() for p in dit.parameters()) / 2**20
+    print(json.dumps({"seconds": seconds, "peak_added_mb": peak - before, "model_mb": model_mb, "hwm_reset": reset,
+                      "dtype": "bfloat16"}))
+
+
+def wanpipe(folder: str, settings: str) -> None:
+    """diffusers' WanPipeline on a folder, from import to frames written as PNGs, as `soragen generate`
+    does (bench/run.py times the whole process)."""
+    from diffusers import WanPipeline
+    from diffusers.utils import export_to_video  # noqa: F401 (what a diffusers user imports to write)
+    args = json.loads(settings)
+    pipe = WanPipeline.from_pretrained(folder)
+    frames = pipe("a red ball moving right", height=args["height"], width=args["width"], num_frames=args["frames"],
+                  num_inference_steps=args["steps"], guidance_scale=5.0, output_type="pil",
+                  generator=torch.Generator("cpu").manual_seed(0)).frames[0]
+    out = Path(folder).parent / "theirs"
+    out.mkdir(exist_ok=True)
+    for i, frame in enumerate(frames):
+        frame.save(out / f"frame_{i:05d}.png")
+    print(json.dumps({"frames": len(frames)}))
+
+
+def _reset_peak() -> bool:
+    """Reset the RSS high-water mark (Linux), so ru_maxrss is the peak from here on."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def main(argv=None) -> int:
     from soragen.runtime import keep_freed_memory
     keep_freed_memory()  # as the soragen command does
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("compiled", "step", "decode"))
-    p.add_argument("arg", nargs="?", help="compiled: the dtype; decode: the frame count")
+    p.add_argument("what", choices=("compiled", "step", "decode", "load", "wanpipe"))
+    p.add_argument("arg", nargs="?", help="compiled: the dtype; decode: the frame count; load, wanpipe: a folder")
+    p.add_argument("settings", nargs="?", help="wanpipe: its settings as JSON")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model")
     args = p.parse_args(argv)
@@ -96,8 +142,12 @@ def main(argv=None) -> int:
         compiled(getattr(torch, args.arg), settings)
     elif args.what == "step":
         step(settings)
-    else:
+    elif args.what == "decode":
         decode(int(args.arg), args.model)
+    elif args.what == "load":
+        load(args.arg)
+    else:
+        wanpipe(args.arg, args.settings)
     return 0
 
 

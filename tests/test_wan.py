@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from soragen import fast_paths
-from soragen.wan import WAN_2_1_T2V_1_3B, dit_config, key_map, load_transformer, mapped_shape
+from soragen.wan import WAN_2_1_T2V_1_3B, dit_config, key_map, load_transformer, mapped_shape, tiny_pipeline
 
 
 def tiny_transformer_config(heads=2, head_dim=20, layers=2, text_dim=24, ffn=48, in_channels=4, patch=(1, 2, 2)):
+    """A WanTransformer3DModel config at a toy size (soragen.wan.tiny_pipeline's, text_dim apart)."""
     return dict(patch_size=list(patch), num_attention_heads=heads, attention_head_dim=head_dim,
                 in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, freq_dim=256, ffn_dim=ffn,
                 num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
@@ -92,46 +93,16 @@ def test_a_transformer_folder_whose_weights_miss_a_key_is_refused(tmp_path):
 PROMPT, NEGATIVE = "a red ball moving right in the sky", "the sky"
 
 
-def tiny_umt5(seed=0):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from test_text import WORDS
-    torch.manual_seed(seed)
-    config = UMT5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
-                        eos_token_id=2, decoder_start_token_id=0)
-    return randomised(UMT5EncoderModel(config), seed).eval()
-
-
-def tiny_wan_vae(seed=0):
-    from diffusers import AutoencoderKLWan
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
-                           latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.8, 2.0, 1.1],
-                           scale_factor_spatial=4, scale_factor_temporal=4)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return vae.eval()
+def tiny_wan_vae():
+    return tiny_pipeline().vae
 
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-    """A WanPipeline (umT5 encoder, Wan VAE, UniPC with flow sigmas, transformer) saved by diffusers,
-    shards small, and the pipeline object itself as the reference."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import AutoTokenizer
-
-    from test_text import save_tokenizer
+    """A tiny WanPipeline (umT5 encoder, Wan VAE, UniPC with flow sigmas, transformer; every weight
+    random) saved by diffusers, shards small, and the pipeline object itself as the reference."""
     folder = tmp_path_factory.mktemp("wan") / "Wan-tiny"
-    save_tokenizer(folder / "tok")
-    torch.manual_seed(0)
-    transformer = randomised(WanTransformer3DModel(**tiny_transformer_config(text_dim=16))).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        num_train_timesteps=1000)
-    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(folder / "tok"), text_encoder=tiny_umt5(),
-                       vae=tiny_wan_vae(), scheduler=scheduler, transformer=transformer)
+    pipe = tiny_pipeline()
     pipe.save_pretrained(folder, max_shard_size="40KB")
     return folder, pipe
 

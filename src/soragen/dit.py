@@ -388,14 +388,20 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def float32_modulation(self) -> None:
-        """Keep what makes adaLN's modulation in float32 while the rest runs in bf16, as Wan runs:
-        the timestep embedding, its shared projection and the tables (then modulate() and gated()
-        compute in float32 and hand the tokens back in bf16)."""
-        parts = [self.time_embed, getattr(self, "time_proj", None)] + [b.adaLN_modulation for b in self.blocks]
-        for part in [*parts, self.final.adaLN_modulation]:
-            if part is not None:
-                part.float()
+    def cast(self, device, dtype: torch.dtype) -> "VideoDiT":
+        """Move and cast, except that with `fp32_modulation` (Wan) what makes adaLN's modulation stays
+        float32 (the timestep embedding, its shared projection, the tables): modulate() and gated()
+        then compute in float32 and hand the tokens back in `dtype`. Works on the meta device too."""
+        keep = set()
+        if self.config.fp32_modulation:
+            parts = [self.time_embed, getattr(self, "time_proj", None), self.final.adaLN_modulation]
+            keep = {id(p) for part in parts + [b.adaLN_modulation for b in self.blocks] if part is not None
+                    for p in part.parameters()}
+        with torch.no_grad():
+            for p in self.parameters():
+                p.data = p.data.to(device, torch.float32 if id(p) in keep else dtype)
+        self._pos_cache.clear()
+        return self
 
     # ---- conditioning: what a forward takes besides the latent -----------------------------------
 

@@ -212,6 +212,20 @@ def _per_step_linears(model: nn.Module) -> set[int]:
     return {id(m) for part in parts for m in part.modules() if isinstance(m, nn.Linear)}
 
 
+# In float32 on CPUs without AVX-512 (an AVX2 AMD EPYC here) torch's own matmul ran the large linears
+# of Wan 1.3B faster than oneDNN's, and oneDNN's the small ones of soragen's own DiT: above this many
+# weights (in x out) such a CPU keeps torch's kernel. bench/ (sections wan and dit) times both.
+LARGE_FP32_WEIGHT = 1 << 21
+
+
+def onednn_suits(layer: nn.Linear) -> bool:
+    """Whether oneDNN's kernel is the one to install for this linear on this CPU (where it runs)."""
+    w = layer.weight
+    if w.dtype != torch.float32 or torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return True
+    return w.numel() < LARGE_FP32_WEIGHT
+
+
 def install(model: nn.Module) -> None:
     """Put every fast path this CPU runs onto `model`'s modules (a DiT, a VAE or any module tree).
     Linears are packed for their current dtype: install again after changing it."""
@@ -219,11 +233,12 @@ def install(model: nn.Module) -> None:
     if not enabled():
         return
     linears = _per_step_linears(model)
+    chosen = {id(m) for m in model.modules() if id(m) in linears and onednn_suits(m)}
     for module in model.modules():
-        if id(module) in linears:
+        if id(module) in chosen:
             pack(module)
             module.forward = types.MethodType(_linear_forward, module)
-        elif _is_gelu_mlp(module):
+        elif _is_gelu_mlp(module) and id(module[0]) in chosen:
             module.forward = types.MethodType(_mlp_forward, module)
         elif isinstance(module, dit_module.Attention):
             module.attend = materialised_attention

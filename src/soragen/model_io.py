@@ -140,10 +140,11 @@ def check_sampler(sampler: str, scheduler_config: dict, source: Path) -> None:
                            f"{'flow-matching' if flow else 'DDPM'} noise schedule")
 
 
-def load_model(path: str | Path) -> Model:
-    """The model in a folder (or a run's latest checkpoint). Everything a file says is checked
-    before it is used: configs for types and ranges, weights against the configs by their headers,
-    and only then is anything built or read."""
+def load_model(path: str | Path, dtype=None) -> Model:
+    """The model in a folder (or a run's latest checkpoint, a diffusers Wan pipeline, a hub id).
+    Everything a file says is checked before it is used: configs for types and ranges, weights
+    against the configs by their headers, and only then is anything built or read. The DiT's
+    weights are read into `dtype` (default float32), so a large one is held once, not twice."""
     import torch
 
     from soragen.dit import VideoDiT
@@ -155,7 +156,7 @@ def load_model(path: str | Path) -> Model:
     if (folder / "model_index.json").is_file() and not (folder / "soragen.json").is_file():
         from soragen.wan import load_pipeline_folder
         hub_id = None if Path(path).exists() else str(path)  # the text encoder is then named by it, not by the cache
-        return load_pipeline_folder(folder, hub_id)
+        return load_pipeline_folder(folder, hub_id, dtype or torch.float32)
     manifest = read_manifest(folder)
     if manifest.get("kind") == "vae":
         raise SoragenError(f"{folder} holds only a VAE (from soragen train-vae); pass it to soragen train --vae")
@@ -175,7 +176,7 @@ def load_model(path: str | Path) -> Model:
     weights = [folder / "dit" / "model.safetensors"]
     stored = read_header(weights)
     with torch.device("meta"):  # no memory and no random init: every weight comes from the file
-        dit = VideoDiT(dit_config)
+        dit = VideoDiT(dit_config).cast("meta", dtype or torch.float32)
     check_header(dit, stored, f"DiT ({dit_file})")
     vae = load_vae(folder / "vae")
     if vae.latent_channels != dit_config.in_channels:

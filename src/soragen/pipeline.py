@@ -101,7 +101,7 @@ class Pipeline:
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
              offload: bool = False) -> "Pipeline":
         dev = resolve_device(device)
-        model = load_model(model_dir)
+        model = load_model(model_dir, resolve_dtype(dtype, dev))
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
                               compile, offload)
@@ -113,9 +113,7 @@ class Pipeline:
             raise SoragenError(f"text encoder {model.text_spec.source!r} gives {text_encoder.dim}-d embeddings, "
                                f"the DiT expects {model.dit.config.text_dim}")
         home = torch.device("cpu") if offload else device
-        model.dit.to(home, dtype)
-        if model.dit.config.fp32_modulation and dtype != torch.float32:
-            model.dit.float32_modulation()
+        model.dit.cast(home, dtype)
         # The VAE decodes in the DiT's dtype too where that is bf16: on a CPU with bf16 matmuls its
         # convolutions run several times faster, within a few levels of 255 (tests/test_fast_paths.py).
         model.vae.to(home, dtype if dtype == torch.bfloat16 else torch.float32)
@@ -240,9 +238,9 @@ class CachedDiT:
     def _fill_table(self, start: int) -> None:
         """The modulations of timesteps[start : start + TABLE_STEPS], in place of the table's."""
         steps = self.timesteps[start:start + self.TABLE_STEPS]
-        batch = self.text.pooled.shape[0]
+        batch, pooled = self.text.tokens.shape[0], self.text.pooled
         t = torch.tensor(steps, device=self.device).repeat_interleave(batch)  # step-major, as pooled below
-        c = self.dit.condition_vector(t, self.text.pooled.repeat(len(steps), 1))
+        c = self.dit.condition_vector(t, None if pooled is None else pooled.repeat(len(steps), 1))
         blocks = [m.split(batch) for m in self.dit.block_modulations(c)]  # [block][step]
         final = self.dit.final.modulation(c).split(batch)
         self.table = {step: ([b[i] for b in blocks], final[i]) for i, step in enumerate(steps)}

@@ -123,15 +123,15 @@ def read_transformer_config(folder: Path) -> dict:
     return config
 
 
-def load_transformer(folder: Path):
+def load_transformer(folder: Path, dtype: torch.dtype = torch.float32):
     """Our VideoDiT with the weights of a diffusers WanTransformer3DModel folder (config.json +
     safetensors, sharded or not), checked by the files' headers before any tensor is read, then
-    read shard by shard."""
+    read shard by shard into `dtype`: memory never holds much more than the model."""
     from soragen.dit import VideoDiT
     from soragen.weights import Mapping, load_into, weight_files
     config = dit_config(read_transformer_config(folder), str(folder / "config.json"))
     with torch.device("meta"):  # no memory and no random init: every weight comes from the files
-        dit = VideoDiT(config)
+        dit = VideoDiT(config).cast("meta", dtype)
     load_into(dit, weight_files(folder, "Wan transformer"), f"Wan transformer ({folder})",
               Mapping(key_map(config.depth), mapped_shape, combine))
     return dit.eval().requires_grad_(False)
@@ -142,7 +142,7 @@ WAN_VIDEO = dict(frames=81, height=480, width=832, fps=16.0)
 WAN_SAMPLING = dict(sampler="unipc", steps=50, guidance=5.0, negative_prompt="")
 
 
-def load_pipeline_folder(folder: Path, hub_id: str | None = None):
+def load_pipeline_folder(folder: Path, hub_id: str | None = None, dtype: torch.dtype = torch.float32):
     """A diffusers WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/) as our Model: the transformer as our DiT, the VAE as it is, the text
     encoder by reference (it loads from the folder), its scheduler config, WanPipeline's defaults."""
@@ -166,13 +166,68 @@ def load_pipeline_folder(folder: Path, hub_id: str | None = None):
     sampling = SamplingDefaults(**WAN_SAMPLING)
     check_sampler(sampling.sampler, scheduler_config, scheduler_file)
     encoder_config = _read_json(folder / "text_encoder" / "config.json")
-    dtype = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
+    stored = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
     text = TextEncoderSpec(source=hub_id or str(folder.resolve()), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
                            max_length=512, padding="zeros", clean="wan",
-                           dtype="bfloat16" if dtype == "bfloat16" else "float32")
-    dit = load_transformer(folder / "transformer")
+                           dtype="bfloat16" if stored == "bfloat16" else "float32")
+    dit = load_transformer(folder / "transformer", dtype)
     vae = load_vae(folder / "vae")
     if vae.latent_channels != dit.config.in_channels:
         raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, the transformer "
                            f"takes {dit.config.in_channels}")
     return Model(dit, vae, text, VideoDefaults(**WAN_VIDEO), scheduler_config, sampling, folder)
+
+
+# ---- a tiny Wan pipeline, for trying the Wan path (and testing and benchmarking it) offline ------------
+
+TINY_WORDS = ["[PAD]", "[UNK]", "</s>", "a", "an", "the", "red", "blue", "green", "yellow", "ball", "box", "sky",
+              "grass", "moving", "falling", "right", "left", "in", "on", "at", "night", "sora", "is"]
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return module.eval()
+
+
+def tiny_pipeline(seed: int = 0, head_dim: int = 20):
+    """A diffusers WanPipeline of Wan 2.1's architecture at a toy size, every weight random: a
+    word-level tokenizer, a 2-layer umT5, a Wan VAE of x4 in time and space, a 2-block transformer,
+    UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+    g = torch.Generator().manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                               num_heads=2, relative_attention_num_buckets=8,
+                                               relative_attention_max_distance=16, pad_token_id=0, eos_token_id=2,
+                                               decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                           latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.8, 2.0, 1.1],
+                           scale_factor_spatial=4, scale_factor_temporal=4)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=48,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
+                       scheduler=scheduler, transformer=_randomise(transformer, g, 0.2))
+
+
+def from_diffusers(transformer) -> "torch.nn.Module":
+    """Our VideoDiT with the weights of a WanTransformer3DModel in memory (through the same key map
+    as the files), in its dtype."""
+    from soragen.dit import VideoDiT
+    config = dit_config(dict(transformer.config))
+    theirs = transformer.state_dict()
+    with torch.device("meta"):
+        dit = VideoDiT(config)
+    state = {rule.key: combine(rule, [theirs[s] for s in rule.sources]).clone() for rule in key_map(config.depth)}
+    dit.load_state_dict(state, strict=True, assign=True)
+    return dit.eval().requires_grad_(False)
