@@ -235,3 +235,26 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line(tmp_path, capfd, monkeypatc
     rc = cli("generate", PROMPT, "--model", "Wan-AI/No-Such-Model-Diffusers", "--out", tmp_path / "x.mp4")
     assert_one_line_error(capfd.readouterr(), 1, rc, "cannot fetch model Wan-AI/No-Such-Model-Diffusers", "offline")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm++"])
+def test_the_other_flow_samplers_match_wanpipeline_with_diffusers_same_scheduler(wan_folder, sampler):
+    """--sampler euler is diffusers' FlowMatchEulerDiscreteScheduler at the folder's shift, dpm++
+    its DPMSolverMultistepScheduler on the folder's flow config: WanPipeline with that scheduler
+    lands on the same latent."""
+    import copy
+
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    from soragen.pipeline import Pipeline
+    folder, pipe = wan_folder
+    pipe = copy.copy(pipe)
+    config = pipe.scheduler.config
+    pipe.scheduler = (FlowMatchEulerDiscreteScheduler(shift=config.flow_shift) if sampler == "euler" else
+                      DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2))
+    want = pipe(PROMPT, negative_prompt=NEGATIVE, height=32, width=32, num_frames=5, num_inference_steps=3,
+                guidance_scale=3.0, generator=torch.Generator("cpu").manual_seed(2), output_type="latent").frames
+    ours = Pipeline.load(folder, device="cpu", dtype="float32")
+    latent = ours.sample_latent(PROMPT, 5, 32, 32, ours.sampling(sampler=sampler, steps=3, guidance=3.0,
+                                                                 negative_prompt=NEGATIVE), seed=2)
+    assert (latent - want).abs().max() <= 1e-4, (latent - want).abs().max()

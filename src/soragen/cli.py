@@ -186,7 +186,8 @@ def generate(
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed: the same seed gives the same video.")] = 0,
     fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model folder or training run (default: the built-in model).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
+                                                  "pipeline folder, or a hub id (default: the built-in model).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
@@ -204,6 +205,8 @@ def generate(
       soragen generate "sora is sky" --frames 16 --steps 20 --seed 3 --out sky.gif
 
       soragen generate --prompts prompts.txt --out videos/
+
+      soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
     """
     from soragen.pipeline import Pipeline
     from soragen.video_io import write_video
@@ -555,7 +558,8 @@ def make_dataset(
 
 @command()
 def export(
-    model: Annotated[Path, typer.Argument(help="A model folder, checkpoint or training run.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="A model folder, checkpoint or training run, a diffusers Wan pipeline "
+                                          "folder or a hub id.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="Where to write the model folder.", show_default=False)],
     weights_dtype: Annotated[str, typer.Option(help="Store DiT weights as float32, bfloat16 or float16.")] = "float32",
     sampler: Annotated[Optional[str], typer.Option(help="Default sampler of the exported model.")] = None,
@@ -568,6 +572,8 @@ def export(
     Example:
 
       soragen export runs/dit my-model --weights-dtype bfloat16 --sampler dpm++ --steps 12
+
+      soragen export Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan13b --weights-dtype bfloat16
     """
     from soragen.model_io import load_model, save_model
     from soragen.pipeline import DTYPES

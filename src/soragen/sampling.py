@@ -109,9 +109,11 @@ def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond
     guided = guidance != 1.0
     text = cond.cat(uncond) if guided else cond
     step_kwargs = {"eta": eta, "generator": generator} if "eta" in _step_params(scheduler) else {}
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedules start at the noise itself
     for i, t in enumerate(scheduler.timesteps):
-        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        model_in = torch.cat([x, x]) if guided else x
+        if hasattr(scheduler, "scale_model_input"):
+            model_in = scheduler.scale_model_input(model_in, t)
         t_batch = torch.full((model_in.shape[0],), float(t), device=x.device)
         out = model(model_in, t_batch, text).float()
         if guided:
