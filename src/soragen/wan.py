@@ -102,6 +102,17 @@ def mapped_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return shapes[0]
 
 
+def rows(rule: Rule, shapes: list[tuple[int, ...]]) -> list[slice] | None:
+    """The rows of our tensor each source fills (a fused projection: one after the other), or None
+    where the sources must be combined after reading (the patch kernel's reordering)."""
+    if rule.how == "conv":
+        return None
+    starts = [0]
+    for shape in shapes:
+        starts.append(starts[-1] + shape[0])
+    return [slice(a, b) for a, b in zip(starts, starts[1:])] if rule.how == "cat" else [slice(None)]
+
+
 def combine(rule: Rule, tensors: list[torch.Tensor]) -> torch.Tensor:
     if rule.how == "cat":
         return torch.cat(tensors, dim=0)
@@ -133,7 +144,7 @@ def load_transformer(folder: Path, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):  # no memory and no random init: every weight comes from the files
         dit = VideoDiT(config).cast("meta", dtype)
     load_into(dit, weight_files(folder, "Wan transformer"), f"Wan transformer ({folder})",
-              Mapping(key_map(config.depth), mapped_shape, combine))
+              Mapping(key_map(config.depth), mapped_shape, combine, rows))
     return dit.eval().requires_grad_(False)
 
 

@@ -9,6 +9,7 @@ does not fit its weights fails at once, and a sharded checkpoint never sits in m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -93,6 +94,7 @@ class Mapping:
     rules: list | None = None
     shape: Callable | None = None
     combine: Callable | None = None
+    rows: Callable | None = None  # (rule, source shapes) -> the rows of our weight each source fills, or None
 
     def resolve(self, module_keys) -> list:
         if self.rules is not None:
@@ -139,36 +141,99 @@ def check_header(module: torch.nn.Module, stored: dict[str, StoredTensor], what:
     return rules
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _entries(file: Path) -> tuple[int, list[tuple[str, dict]]]:
+    """(where the data starts, [(name, header entry)] in file order) of a safetensors file, with
+    every entry's offsets checked against its shape and the file's size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if not 0 < header_len <= min(size - 8, 100 << 20):
+            raise ValueError(f"header length {header_len} does not fit the file ({size} bytes)")
+        header = json.loads(f.read(header_len))
+    start = 8 + header_len
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda e: e[1]["data_offsets"][0])
+    for name, entry in entries:
+        dtype, (begin, end) = _DTYPES.get(entry["dtype"]), entry["data_offsets"]
+        if dtype is None:
+            raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which soragen does not read")
+        if not (0 <= begin <= end <= size - start and end - begin == math.prod(entry["shape"]) * dtype.itemsize):
+            raise ValueError(f"tensor {name}'s offsets {begin}..{end} do not fit its shape or the file")
+    return start, entries
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in t, checked a slice at a time: a mask of a whole weight per weight would
+    leave the heap scattered with freed masks between the weights kept."""
+    flat = t.reshape(-1)
+    step = 1 << 20
+    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
+
+
+def _read_into(f, start: int, entry: dict, dest: torch.Tensor) -> None:
+    """Read one stored tensor into `dest` (contiguous, of its shape): straight from the file where
+    the dtypes agree, through one tensor-sized buffer where they do not."""
+    dtype, (begin, end) = _DTYPES[entry["dtype"]], entry["data_offsets"]
+    f.seek(start + begin)
+    if dest.dtype == dtype and dest.is_contiguous():
+        if end > begin:
+            f.readinto(memoryview(dest.view(torch.uint8).reshape(-1).numpy()))
+        return
+    data = bytearray(f.read(end - begin))
+    dest.copy_(torch.frombuffer(data, dtype=dtype).reshape(dest.shape) if end > begin else dest)
+
+
 def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Mapping | None = None) -> None:
     """Load weights into `module` with strict key, shape and dtype checks from the headers, then a
-    finiteness check per tensor, one file at a time: a tensor made of several stored ones (fused
-    projections) is made when the last of them has been read. A module built on the meta device
-    (no random init first) is given copies of the loaded tensors, in its own dtypes."""
-    from safetensors import SafetensorError, safe_open
-
+    finiteness check per tensor, one file and one tensor at a time. Each weight is made once in its
+    own dtype and the file read into it (the parts of a fused projection into their rows), so
+    loading holds the model and at most a tensor more, never a mapped shard. A module built on the
+    meta device (no random init first) takes these tensors as its weights."""
     mapping = mapping or Mapping()
     stored = read_header(files)
     rules = check_header(module, stored, what, mapping)
     expected = module.state_dict()
     on_meta = any(t.is_meta for t in expected.values())
-    waiting = {s: rule for rule in rules for s in rule.sources}
-    read: dict[str, torch.Tensor] = {}
+    where = {}  # source -> (rule, rows of the weight it fills, or None: read whole, combined after)
+    for rule in rules:
+        shapes = [stored[s].shape for s in rule.sources]
+        rows = mapping.rows(rule, shapes) if mapping.rows else [slice(None)] * len(shapes)
+        for source, part in zip(rule.sources, rows or [None] * len(shapes)):
+            where[source] = (rule, part)
+    by_key = {rule.key: rule for rule in rules}
+    made: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}  # sources read whole, for a rule combined after
     for file in files:
-        part: dict[str, torch.Tensor] = {}
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    tensor = f.get_tensor(name)
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            start, entries = _entries(file)
+            with open(file, "rb") as f:
+                for name, entry in entries:
+                    rule, part = where[name]
+                    target = expected[rule.key]
+                    if part is None:
+                        buf = torch.empty(entry["shape"], dtype=target.dtype)
+                        _read_into(f, start, entry, buf)
+                        region, pending[name] = buf, buf
+                    else:
+                        if rule.key not in made:
+                            made[rule.key] = torch.empty(target.shape, dtype=target.dtype)
+                        region = made[rule.key][part]
+                        _read_into(f, start, entry, region)
+                    if region.is_floating_point() and not _finite(region):
                         raise SoragenError(f"{what} weight {name} in {file} holds NaN or infinite values")
-                    rule = waiting[name]
-                    # copy: a loaded tensor is a private map of the file; a weight must not depend on it
-                    read[name] = tensor.to(expected[rule.key].dtype, copy=True) if on_meta else tensor
-                    if all(s in read for s in rule.sources):
-                        part[rule.key] = mapping.tensor_of(rule, [read.pop(s) for s in rule.sources])
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                    if part is None and all(s in pending for s in rule.sources):
+                        made[rule.key] = mapping.tensor_of(rule, [pending.pop(s) for s in rule.sources])
+        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
             raise _invalid(file, err) from err
-        module.load_state_dict(part, strict=False, assign=on_meta)
+        read_so_far = set(files[:files.index(file) + 1])
+        done = {k: t for k, t in made.items() if all(stored[s].file in read_so_far for s in by_key[k].sources)}
+        module.load_state_dict(done, strict=False, assign=on_meta)
+        for k in done:
+            del made[k]
 
 
 def assert_finite(module: torch.nn.Module, what: str) -> None:
