@@ -6,7 +6,8 @@ import torch
 
 from soragen.config import DiTObjective, dit_preset
 from soragen.dit import VideoDiT
-from soragen.objectives import detail_mask, diffusion_loss, diffusion_target, object_weighted_mse
+from soragen.objectives import (detail_mask, diffusion_loss, diffusion_target, flow_levels, flow_loss,
+                                object_weighted_mse)
 from soragen.sampling import training_scheduler
 from soragen.text import TextEmbedding
 
@@ -43,7 +44,7 @@ def test_the_loss_is_the_mse_to_the_schedules_target_at_the_noised_latent(predic
 def test_training_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = VideoDiT(dit_preset("test", in_channels=4, text_dim=16))
-    scheduler = training_scheduler(DiTObjective().schedule())
+    scheduler = training_scheduler(DiTObjective(prediction="v_prediction").schedule())
     latents, text = batch(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -57,10 +58,47 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     assert loss().item() < 0.7 * first
 
 
+def test_the_flow_loss_is_zero_for_the_true_flow_and_the_level_is_what_the_dit_is_told():
+    latents, text = batch()
+    schedule = DiTObjective(prediction="flow").schedule()
+    assert schedule == {"num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                        "flow_shift": 3.0}
+
+    def oracle(noisy, t, tokens, mask, pooled):  # knows x0: along x_s = (1 - s) x0 + s e the flow is (x_s - x0) / s
+        s = (t / 1000).view(-1, 1, 1, 1, 1)
+        return (noisy - latents) / s
+    assert flow_loss(oracle, schedule, latents, text, torch.Generator().manual_seed(7)).item() < 1e-8
+
+    def zero(noisy, t, tokens, mask, pooled):
+        return torch.zeros_like(noisy)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=g)
+    want = ((noise - latents) ** 2).mean()  # a zero prediction's MSE to the flow e - x0
+    assert torch.allclose(flow_loss(zero, schedule, latents, text, torch.Generator().manual_seed(7)), want, atol=1e-6)
+
+
+def test_flow_levels_are_logit_normal_and_the_shift_moves_them_toward_the_noise():
+    plain = flow_levels(20000, torch.Generator().manual_seed(0), 1.0)
+    shifted = flow_levels(20000, torch.Generator().manual_seed(0), 3.0)
+    assert 0 < plain.min() and plain.max() < 1 and abs(plain.median().item() - 0.5) < 0.02
+    assert abs(shifted.median().item() - 0.75) < 0.02  # shift 3 takes the middle level 0.5 to 0.75
+    assert bool((shifted >= plain).all())
+
+
+def test_auto_is_flow_for_a_flow_model_and_the_velocity_otherwise():
+    assert DiTObjective().resolved(flow_model=True).prediction == "flow"
+    assert DiTObjective().resolved(flow_model=False).prediction == "v_prediction"
+    wan = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 5.0, "solver_order": 2}
+    assert DiTObjective(prediction="flow").schedule(wan)["flow_shift"] == 5.0  # the --init model's own
+    assert DiTObjective(prediction="flow", flow_shift=2.0).schedule(wan) == {**wan, "flow_shift": 2.0}
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        DiTObjective(zero_terminal_snr=True).resolved(flow_model=True)
+
+
 def test_zero_terminal_snr_needs_the_velocity():
     with pytest.raises(ValueError, match="zero_terminal_snr"):
         DiTObjective(prediction="epsilon", zero_terminal_snr=True)
-    assert DiTObjective(zero_terminal_snr=True).schedule() == {"prediction_type": "v_prediction",
+    assert DiTObjective(prediction="v_prediction", zero_terminal_snr=True).schedule() == {"prediction_type": "v_prediction",
                                                                "rescale_betas_zero_snr": True}
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from soragen.atomic import atomic_path
-from soragen.config import TrainConfig, from_dict
+from soragen.config import LoRAConfig, TrainConfig, from_dict
 from soragen.errors import SoragenError, UsageError
 from soragen.model_io import CHECKPOINT_RE, latest_checkpoint
 from soragen.weights import assert_finite, read_safetensors
@@ -37,11 +37,17 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def whole(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return module.state_dict()
+
+
 def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None], raw: torch.nn.Module,
-                    ema: torch.nn.Module, optimizer, record: dict, keep_last: int) -> Path:
+                    ema: torch.nn.Module, optimizer, record: dict, keep_last: int,
+                    trained: Callable[[torch.nn.Module], dict] = whole) -> Path:
     """checkpoint-STEP/: the model (`write_model` writes the EMA's model folder) + train_state/,
     complete before it gets its name. `record` is what state.json holds besides the step (the
-    kind of run, counters, the config and objective)."""
+    kind of run, counters, the config and objective); `trained(module)` the tensors that training
+    changes (all of them, or a LoRA's)."""
     from safetensors.torch import save_file
     assert_finite(raw, "the model")
     assert_finite(ema, "the EMA model")
@@ -50,9 +56,9 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
         write_model(staging)
         state_dir = staging / "train_state"
         state_dir.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in trained(raw).items()},
                   str(state_dir / "model.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in trained(ema).items()},
                   str(state_dir / "ema.safetensors"))
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(state_dir / "optimizer.safetensors"))
@@ -106,12 +112,29 @@ def check_resumable(checkpoint: Path) -> None:
                                    f"({len(wanted - set(stored))} tensors missing, e.g. {sorted(wanted - set(stored))[0]})")
 
 
-def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer) -> dict:
+def _load_trained(module: torch.nn.Module, file: Path, what: str, trained: Callable) -> None:
+    """Load the tensors `trained(module)` names (a LoRA's: a few MB) from `file`, strictly."""
     from soragen.weights import load_into
+    if trained is whole:
+        load_into(module, [file], what)
+        return
+    want, stored = trained(module), read_safetensors([file])
+    if set(want) != set(stored) or any(stored[k].shape != want[k].shape for k in want):
+        raise _damaged(file.parent.parent, f"cannot resume: {file} does not hold this run's adapter "
+                                           f"({len(set(want) ^ set(stored))} names or shapes differ)")
+    with torch.no_grad():
+        for name, tensor in stored.items():
+            if not torch.isfinite(tensor).all():
+                raise _damaged(file.parent.parent, f"cannot resume: {what} {name} in {file} holds NaN or infinity")
+            want[name].copy_(tensor)
+
+
+def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer,
+                     trained: Callable[[torch.nn.Module], dict] = whole) -> dict:
     state_dir = checkpoint / "train_state"
     state = _state_json(checkpoint, "state.json")
-    load_into(raw, [state_dir / "model.safetensors"], "checkpoint model")
-    load_into(ema, [state_dir / "ema.safetensors"], "checkpoint EMA")
+    _load_trained(raw, state_dir / "model.safetensors", "checkpoint model", trained)
+    _load_trained(ema, state_dir / "ema.safetensors", "checkpoint EMA", trained)
     meta = _state_json(checkpoint, "optimizer.json")
     try:
         _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
@@ -150,3 +173,12 @@ def stored_run(checkpoint: Path, objective_class: type, older_defaults: dict | N
         return from_dict(TrainConfig, config), from_dict(objective_class, objective)
     except (KeyError, TypeError, ValueError) as err:
         raise _damaged(checkpoint, f"cannot resume: {path}: {err}") from err
+
+
+def stored_lora(checkpoint: Path) -> LoRAConfig:
+    """The LoRA a checkpoint's run trains (rank 0: none; runs from before LoRA stored none)."""
+    state = _state_json(checkpoint, "state.json")
+    try:
+        return from_dict(LoRAConfig, state.get("lora", {}))
+    except (TypeError, ValueError) as err:
+        raise _damaged(checkpoint, f"cannot resume: {checkpoint / 'train_state' / 'state.json'}: {err}") from err

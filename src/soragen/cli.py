@@ -23,7 +23,8 @@ from typing import Annotated, Optional
 import typer
 
 from soragen import __version__
-from soragen.config import MAX_SEED, ConfigError, DiTObjective, TrainConfig, VAEObjective  # stdlib only: cheap
+from soragen.config import (MAX_SEED, ConfigError, DiTObjective, LoRAConfig, TrainConfig,  # stdlib only: cheap
+                            VAEObjective)
 from soragen.errors import SoragenError, UsageError
 
 app = typer.Typer(
@@ -188,6 +189,10 @@ def generate(
     fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
                                                   "pipeline folder, or a hub id (default: the built-in model).")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
+                                                      "(diffusers' Wan layout, or the original Wan or musubi-tuner "
+                                                      "ones) or a LoRA run; FILE:WEIGHT scales it. Repeatable.",
+                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
@@ -207,6 +212,8 @@ def generate(
       soragen generate --prompts prompts.txt --out videos/
 
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
+
+      soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
     """
     from soragen.pipeline import Pipeline
     from soragen.video_io import write_video
@@ -217,7 +224,9 @@ def generate(
     _check_choices(device=device, dtype=dtype, eta=eta)
     t0 = time.perf_counter()
     seconds = {"imports": t0 - _STARTED}
-    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload)
+    from soragen.lora import parse
+    loras = [parse(spec) for spec in lora or []]
+    pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
     seconds["load"] = time.perf_counter() - t0
     settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
     frames, height, width = pipe.video_size(frames, height, width)
@@ -379,6 +388,7 @@ def _usage_error(err: Exception, renames: dict[str, str] | None = None) -> Usage
 
 
 OPTION_NAMES = {"warmup_steps": "warmup"}  # config fields whose option is named otherwise
+OPTION_ALIASES = {"prediction": ("--objective",)}  # further names of a field's option
 
 
 def config_options(**configs: tuple[type, dict]):
@@ -401,7 +411,8 @@ def config_options(**configs: tuple[type, dict]):
                 added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                                default=defaults.get(f.name, f.default),
                                                annotation=Annotated[hints[f.name], typer.Option(
-                                                   option, help=f.metadata["help"], **limits)]))
+                                                   option, *OPTION_ALIASES.get(f.name, ()), help=f.metadata["help"],
+                                                   **limits)]))
 
         @functools.wraps(func)
         def run(**params):
@@ -425,10 +436,11 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
 @command()
-@config_options(cfg=(TrainConfig, {}), objective=(DiTObjective, {}))
+@config_options(cfg=(TrainConfig, {}), objective=(DiTObjective, {}), lora=(LoRAConfig, {}))
 def train(
     cfg: TrainConfig,
     objective: DiTObjective,
+    lora: LoRAConfig,
     out: Out = Path("runs/dit"),
     vae: Annotated[Optional[str], typer.Option(help="The frozen VAE: a train-vae run, a model folder, a VAE "
                                                "folder or hub id (default: the built-in model's, or with --init "
@@ -436,8 +448,9 @@ def train(
     text_encoder: Annotated[str, typer.Option(help="The frozen text encoder: 'default' (all-MiniLM-L6-v2), "
                                               "a hub id or a folder.")] = "default",
     preset: Annotated[str, typer.Option(help="DiT size: test, tiny, small, base, large.")] = "tiny",
-    init: Annotated[Optional[Path], typer.Option(help="Start from this model folder's weights; its checkpoints "
-                                                "keep its sampling settings.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this model's weights: what generate --model takes "
+                                               "(a soragen folder or run, a diffusers Wan folder, a hub id); its "
+                                               "checkpoints keep its sampling settings.")] = None,
     resume: Resume = False,
     cache: Annotated[bool, typer.Option(help="Cache VAE latents and text embeddings.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default ~/.cache/soragen).")] = None,
@@ -456,6 +469,8 @@ def train(
       soragen train --data clips/ --out runs/dit --resume --max-steps 4000
 
       soragen train --data clips/ --init runs/dit --vae runs/vae2 --out runs/dit2
+
+      soragen train --init Wan-AI/Wan2.1-T2V-1.3B-Diffusers --data clips/ --out runs/corgi --lora-rank 32
     """
     from soragen.train import run_train
     if vae is None and init is None and not resume:
@@ -466,9 +481,9 @@ def train(
         vae = str(default / "vae")
     with _train_progress(cfg.max_steps) as progress:
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
-                           init=str(init) if init else None, resume=resume,
-                           cache_dir=(cache_dir or _default_cache()) if cache else None, windows=windows,
-                           device=device, sample_prompts=_sample_prompts(samples), progress=progress)
+                           init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
+                           windows=windows, device=device, sample_prompts=_sample_prompts(samples), progress=progress,
+                           lora=lora)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"trained to step {result['step']} (last loss {result['loss']:.4f}, "
                    f"{result['skipped_nonfinite']} non-finite steps skipped); model: {out}")

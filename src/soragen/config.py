@@ -20,6 +20,8 @@ DEFAULT_TEXT_ENCODER = "default"
 
 SAMPLERS = ("ddim", "dpm++", "unipc", "euler")  # euler: flow matching's (Wan); ddim: DDPM models only
 PREDICTIONS = ("epsilon", "v_prediction")  # what the DiT outputs: the noise, or the velocity
+OBJECTIVES = ("auto", "flow") + PREDICTIONS  # flow: flow matching (Wan's); auto: flow for flow models
+LORA_TARGETS = ("attn", "cross", "ffn")  # the linears a LoRA adapts: self-attention, cross-attention, the FFN
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16")
 MAX_FRAMES = 512
@@ -298,24 +300,68 @@ class DiTObjective:
     """How the DiT learns (soragen.objectives): what it predicts, how much more the cells of small
     objects weigh, and whether the noise schedule ends in pure noise. Stored with a run's checkpoints."""
 
-    prediction: str = bounded("v_prediction", choices=PREDICTIONS, help="What the DiT learns to output: "
-                              "v_prediction (the velocity) or epsilon (the noise).")
+    prediction: str = bounded("auto", choices=OBJECTIVES, help="What the DiT learns to output: flow (flow "
+                              "matching: the flow noise - x0), v_prediction (the velocity) or epsilon (the noise); "
+                              "auto: flow for a flow model such as Wan, else v_prediction.")
     object_weight: float = bounded(0.0, low=0, high=1000, help="Extra loss weight of latent cells that stand out "
                                    "from their row's and column's median (small objects), so the DiT cannot "
                                    "ignore what tells one shape from another.")
     zero_terminal_snr: bool = bounded(False, help="Rescale the noise schedule so its last step is pure noise, as "
                                       "sampling starts (needs v_prediction).")
+    flow_shift: float = bounded(0.0, low=0, high=100, help="Flow matching: the shift of the noise levels trained "
+                                "on, as sampling shifts them (0: the --init model's flow_shift, or 3).")
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.zero_terminal_snr and self.prediction != "v_prediction":
+        if self.zero_terminal_snr and self.prediction not in ("v_prediction", "auto"):
             raise ConfigError("zero_terminal_snr", "needs prediction v_prediction: at its last step the input is "
                                                    "all noise, so predicting the noise says nothing about the clip")
 
-    def schedule(self) -> dict:
-        """The noise-schedule settings (a diffusers scheduler config) this objective trains on."""
+    def resolved(self, flow_model: bool) -> "DiTObjective":
+        """This objective with "auto" made concrete for a model whose schedule is (or is not) flow matching."""
+        if self.prediction != "auto":
+            return self
+        if flow_model and self.zero_terminal_snr:
+            raise ConfigError("zero_terminal_snr", "is for DDPM schedules; a flow schedule ends in pure noise already")
+        return dataclasses.replace(self, prediction="flow" if flow_model else "v_prediction")
+
+    def schedule(self, base: dict | None = None) -> dict:
+        """The noise-schedule settings (a diffusers scheduler config) this objective trains on; `base`,
+        an --init model's flow schedule, is kept as it is (with this objective's shift, if set)."""
+        if self.prediction == "auto":
+            raise ValueError("resolve prediction 'auto' first (DiTObjective.resolved)")
+        if self.prediction == "flow":
+            config = dict(base or {"num_train_timesteps": 1000})
+            config.update(prediction_type="flow_prediction", use_flow_sigmas=True,
+                          flow_shift=self.flow_shift or config.get("flow_shift", 3.0))
+            return config
         return {"prediction_type": self.prediction, **({"rescale_betas_zero_snr": True} if self.zero_terminal_snr
                                                         else {})}
+
+
+@dataclass
+class LoRAConfig:
+    """A low-rank adapter on the DiT's linears (soragen.lora): rank 0 trains every weight instead."""
+
+    lora_rank: int = bounded(0, low=0, high=4096, help="Train a LoRA of this rank on the frozen DiT (0: a full "
+                             "fine-tune).")
+    lora_alpha: float = bounded(0.0, low=0, high=1e6, help="LoRA scale alpha: the update is alpha/rank x B A "
+                                "(0: alpha = rank).")
+    lora_targets: str = bounded("attn,cross,ffn", help="Comma-separated linears the LoRA adapts: attn (self-attention "
+                                "q, k, v, out), cross (cross-attention), ffn.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        unknown = sorted(set(self.targets()) - set(LORA_TARGETS))
+        if unknown or not self.targets():
+            raise ConfigError("lora_targets", f"must name some of {', '.join(LORA_TARGETS)}, not {self.lora_targets!r}")
+
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha or float(self.lora_rank)
 
 
 @dataclass

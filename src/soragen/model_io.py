@@ -140,7 +140,44 @@ def check_sampler(sampler: str, scheduler_config: dict, source: Path) -> None:
                            f"{'flow-matching' if flow else 'DDPM'} noise schedule")
 
 
-def load_model(path: str | Path, dtype=None) -> Model:
+MAX_LORA_CHAIN = 8  # a LoRA run's base may be a LoRA run: this many, no cycle
+
+
+def _load_lora_model(folder: Path, manifest: dict, dtype, depth: int) -> Model:
+    """A LoRA run's checkpoint: its base model with the adapter merged into the DiT's weights."""
+    from soragen.lora import FILE, apply
+    base = manifest.get("base")
+    if not isinstance(base, str) or not base:
+        raise SoragenError(f"{folder / 'soragen.json'}: a LoRA checkpoint must name its base model (\"base\")")
+    if depth >= MAX_LORA_CHAIN:
+        raise SoragenError(f"{folder}: more than {MAX_LORA_CHAIN} LoRA runs built on one another (a cycle?)")
+    video = _config(VideoDefaults, folder / "soragen.json", manifest.get("video", {}), "video.")
+    sampling = _config(SamplingDefaults, folder / "soragen.json", manifest.get("sampling", {}), "sampling.")
+    if not (folder / FILE).is_file():
+        raise SoragenError(f"model folder is incomplete: {folder / FILE} is missing")
+    model = load_model(base, dtype, _depth=depth + 1)
+    apply(model.dit, folder / FILE, 1.0, what=f"{folder / FILE}")
+    return dataclasses.replace(model, video=video, sampling=sampling, path=folder)
+
+
+def save_lora_model(folder: str | Path, dit, base: str, lora, video: VideoDefaults,
+                    sampling: SamplingDefaults | None = None) -> Path:
+    """A LoRA run's model folder: the adapter (diffusers' Wan layout) and a manifest naming the base
+    model, written under a temporary name and renamed into place."""
+    from soragen.lora import FILE, save
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save(dit, tmp / FILE)
+        manifest = {"format": FORMAT, "soragen_version": __version__, "kind": "lora", "base": base,
+                    "lora": dataclasses.asdict(lora), "video": dataclasses.asdict(video),
+                    "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
+        (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def load_model(path: str | Path, dtype=None, _depth: int = 0) -> Model:
     """The model in a folder (or a run's latest checkpoint, a diffusers Wan pipeline, a hub id).
     Everything a file says is checked before it is used: configs for types and ranges, weights
     against the configs by their headers, and only then is anything built or read. The DiT's
@@ -160,6 +197,8 @@ def load_model(path: str | Path, dtype=None) -> Model:
     manifest = read_manifest(folder)
     if manifest.get("kind") == "vae":
         raise SoragenError(f"{folder} holds only a VAE (from soragen train-vae); pass it to soragen train --vae")
+    if manifest.get("kind") == "lora":
+        return _load_lora_model(folder, manifest, dtype, _depth)
     dit_file = folder / "dit" / "config.json"
     dit_config = _config(DiTConfig, dit_file)
     text_spec = _config(TextEncoderSpec, folder / "text_encoder.json")

@@ -11,7 +11,18 @@ The diffusion objective, in the scheduler's notation (alpha_bar_t: the signal ke
 
 Measured in x0 terms, the epsilon loss weighs a step by its SNR and the velocity loss by SNR + 1:
 at high noise, where a video's layout and colours are decided, the epsilon loss is close to no
-signal at all, so soragen trains v-prediction by default.
+signal at all, so soragen trains v-prediction by default for DDPM models.
+
+Flow matching (Wan's objective, `flow_loss`) draws a straight line from the clip to the noise:
+
+    s = shift u / (1 + (shift - 1) u),  u = sigmoid(n), n ~ N(0, 1)      the noise level, one per clip
+    x_s = (1 - s) x0 + s e                                              t = 1000 s is what the DiT is told
+    target = e - x0                                                     the flow, the same all along the line
+    loss = mean (DiT(x_s, t, text) - target)^2
+
+The levels are logit-normal (SD3's finding: the middle levels, where the flow is hardest to
+guess, are worth the most steps), then shifted by the model's flow_shift, the shift its sampler
+applies to its steps, so training spends its steps at the noise levels sampling visits.
 """
 
 from __future__ import annotations
@@ -44,6 +55,26 @@ def diffusion_loss(dit, scheduler, latents: torch.Tensor, text, generator: torch
     prediction = dit(noisy, t, text.tokens, text.mask, text.pooled)
     return object_weighted_mse(prediction.float(), diffusion_target(scheduler, latents, noise, t), latents,
                                object_weight)
+
+
+def flow_levels(count: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+    """Noise levels s in (0, 1) to train at: logit-normal, shifted toward the noise by `shift`."""
+    u = torch.sigmoid(torch.randn(count, generator=generator))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_loss(dit, schedule: dict, latents: torch.Tensor, text, generator: torch.Generator,
+              object_weight: float = 0.0) -> torch.Tensor:
+    """The flow-matching loss of one batch (`schedule`: the flow scheduler config, its flow_shift and
+    num_train_timesteps); all randomness from `generator`."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    s = flow_levels(latents.shape[0], generator, float(schedule.get("flow_shift", 1.0))).to(device)
+    level = s.view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1 - level) * latents + level * noise
+    t = s * schedule.get("num_train_timesteps", 1000)
+    prediction = dit(noisy, t, text.tokens, text.mask, text.pooled)
+    return object_weighted_mse(prediction.float(), noise - latents, latents, object_weight)
 
 
 def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:

@@ -99,9 +99,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
-             offload: bool = False) -> "Pipeline":
+             offload: bool = False, loras: list[tuple[str, float]] = ()) -> "Pipeline":
+        """`loras`: (adapter file or LoRA run, weight) merged into the DiT's weights before it runs."""
+        from soragen import lora
         dev = resolve_device(device)
+        files = [(lora.resolve_file(path), weight) for path, weight in loras]  # before the heavy load
         model = load_model(model_dir, resolve_dtype(dtype, dev))
+        for file, weight in files:
+            lora.apply(model.dit, file, weight)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
                               compile, offload)

@@ -29,14 +29,17 @@ import numpy as np
 import torch
 
 from soragen.atomic import atomic_path
-from soragen.checkpoints import check_resumable, load_train_state, prepare_run_dir, save_checkpoint, stored_run
-from soragen.config import (DiTObjective, SamplingDefaults, TextEncoderSpec, TrainConfig, VAEObjective,
+from soragen.checkpoints import (check_resumable, load_train_state, prepare_run_dir, save_checkpoint, stored_lora,
+                                 stored_run, whole)
+from soragen.config import (DiTObjective, LoRAConfig, SamplingDefaults, TextEncoderSpec, TrainConfig, VAEObjective,
                             VideoDefaults, dit_preset, vae_preset_config)
 from soragen.data import Clip, load_clip, require_clips, scan_clips
 from soragen.errors import SoragenError, UsageError
 from soragen.latent_cache import LatentSamples, build_samples
-from soragen.model_io import latest_checkpoint, load_model, save_model
-from soragen.objectives import VAEWithLoss, diffusion_loss
+from soragen.lora import add_lora, trainable_state
+from soragen.model_io import latest_checkpoint, load_model, read_manifest, save_lora_model, save_model
+from soragen.objectives import VAEWithLoss, diffusion_loss, flow_loss
+from soragen.sampling import is_flow
 from soragen.vae import VideoVAE, load_vae, new_vae, save_vae, uint8_to_frames
 
 MAX_BAD_STEPS_IN_A_ROW = 20
@@ -125,6 +128,7 @@ class Task:
 
     kind: str
     module: torch.nn.Module
+    trained = staticmethod(whole)  # the tensors training changes, which train_state/ keeps
 
     def loss(self, module: torch.nn.Module, items: list[int], generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -138,19 +142,25 @@ class Task:
     def after_save(self, folder: Path, ema: torch.nn.Module, step: int) -> None:
         pass
 
+    def stored(self) -> dict:
+        """What state.json keeps of this run besides its config and objective."""
+        return {}
+
 
 class DiTTask(Task):
     kind = "dit"
 
-    def __init__(self, dit, vae: VideoVAE, text_spec: TextEncoderSpec, video: VideoDefaults,
-                 samples: LatentSamples, caption_dropout: float, objective: DiTObjective,
-                 sampling: SamplingDefaults | None = None):
+    def __init__(self, dit, start: "Start", video: VideoDefaults, samples: LatentSamples, caption_dropout: float,
+                 objective: DiTObjective, lora: LoRAConfig):
         from soragen.sampling import training_scheduler
-        self.module, self.vae, self.text_spec, self.video = dit, vae, text_spec, video
+        self.module, self.vae, self.text_spec, self.video = dit, start.vae, start.text_spec, video
         self.samples, self.caption_dropout, self.objective = samples, caption_dropout, objective
-        self.sampling = sampling  # None: the generic defaults; with --init, the tuned ones of that model
-        self.scheduler_config = objective.schedule()
-        self.scheduler = training_scheduler(self.scheduler_config)
+        self.sampling = start.sampling  # None: the generic defaults; with --init, the tuned ones of that model
+        self.lora, self.base = lora, start.base_ref
+        self.scheduler_config = objective.schedule(start.schedule if is_flow(start.schedule) else None)
+        self.scheduler = None if objective.prediction == "flow" else training_scheduler(self.scheduler_config)
+        if lora.lora_rank:
+            self.trained = trainable_state
         self.sample_hook: Callable[[Path, int], None] | None = None
 
     def num_items(self) -> int:
@@ -159,11 +169,19 @@ class DiTTask(Task):
     def loss(self, module, items, generator):
         latents, text = self.samples.batch(items, generator, self.caption_dropout)
         device = next(module.parameters()).device
-        return diffusion_loss(module, self.scheduler, latents.to(device), text.to(device, torch.float32), generator,
-                              self.objective.object_weight)
+        latents, text = latents.to(device), text.to(device, torch.float32)
+        if self.scheduler is None:
+            return flow_loss(module, self.scheduler_config, latents, text, generator, self.objective.object_weight)
+        return diffusion_loss(module, self.scheduler, latents, text, generator, self.objective.object_weight)
+
+    def stored(self) -> dict:
+        return {"lora": dataclasses.asdict(self.lora)}
 
     def write_model(self, folder, ema):
-        save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling)
+        if self.lora.lora_rank:
+            save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling)
+        else:
+            save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling)
 
     def after_save(self, folder, ema, step):
         if self.sample_hook:
@@ -236,12 +254,15 @@ class VAETask(Task):
 def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
                progress: Progress | None) -> dict:
     module = task.module.to(dist.device)
-    ema = copy.deepcopy(module).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    # The EMA shares the frozen weights (a LoRA's base model): only what trains is held twice.
+    frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
+    ema = copy.deepcopy(module, memo=frozen).eval().requires_grad_(False)
+    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), module.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     step, counters = 0, {"skipped_nonfinite": 0}
     if resume_from is not None:
-        state = load_train_state(resume_from, module, ema, optimizer)
+        state = load_train_state(resume_from, module, ema, optimizer, task.trained)
         step, counters = state["step"], {"skipped_nonfinite": state.get("skipped_nonfinite", 0)}
     model = module
     if dist.world > 1:
@@ -268,7 +289,7 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
                 loss = task.loss(model, items, generator) / cfg.grad_accum
             loss.backward()
             total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
         finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
         if dist.world > 1:  # every rank must agree to skip, or DDP falls out of step
             flag = torch.tensor([float(finite)], device=dist.device)
@@ -279,7 +300,7 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
             optimizer.step()
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), module.parameters()):
+                for e, p in ema_pairs:
                     e.lerp_(p.detach(), 1 - decay)
             bad_in_a_row, loss_value = 0, total
         else:
@@ -301,9 +322,9 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             if dist.main:
                 record = {"kind": task.kind, **counters, "config": dataclasses.asdict(cfg),
-                          "objective": dataclasses.asdict(task.objective)}
+                          "objective": dataclasses.asdict(task.objective), **task.stored()}
                 ckpt = save_checkpoint(run_dir, step, lambda folder: task.write_model(folder, ema), module, ema,
-                                       optimizer, record, cfg.keep_last)
+                                       optimizer, record, cfg.keep_last, task.trained)
                 task.after_save(ckpt, ema, step)
                 if progress:
                     progress("message", f"saved {ckpt}")
@@ -382,59 +403,109 @@ def scan(cfg: TrainConfig, progress: Progress | None):
     return report
 
 
-def _dit_start(cfg: TrainConfig, preset: str, text_source: str, vae_source: str | None, init: str | None,
-               resume_from: Path | None):
-    """(VAE, text encoder spec, DiT config, sampling defaults, the --init model or None) of a run."""
+@dataclass
+class Start:
+    """What a DiT run starts from: the frozen VAE and text encoder, the DiT (None: a new one of
+    `dit_config`), the sampling defaults and noise schedule it keeps, and for a LoRA run the base
+    model its adapter belongs to (a folder or a hub id)."""
+
+    vae: VideoVAE
+    text_spec: TextEncoderSpec
+    dit: torch.nn.Module | None = None
+    dit_config: object = None
+    sampling: SamplingDefaults | None = None
+    schedule: dict | None = None
+    base_ref: str | None = None
+
+
+def base_reference(init: str, model) -> str:
+    """How a LoRA run names its base model: a hub id as given, a folder by its absolute path."""
+    return str(Path(model.path).resolve()) if Path(init).exists() else init
+
+
+def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init: str | None,
+               resume_from: Path | None, lora: LoRAConfig) -> Start:
     if resume_from is not None:
+        manifest = read_manifest(resume_from)
+        if manifest.get("kind") == "lora":  # the base model, unmerged; the adapter comes from train_state/
+            base = load_model(manifest["base"])
+            return Start(base.vae, base.text_spec, base.dit, base.dit.config, base.sampling, base.scheduler_config,
+                         manifest["base"])
         model = load_model(resume_from)
-        return model.vae, model.text_spec, model.dit.config, model.sampling, None
+        return Start(model.vae, model.text_spec, None, model.dit.config, model.sampling, model.scheduler_config)
+    if lora.lora_rank and not init:
+        raise UsageError("--lora-rank adapts a pretrained model: give it --init (a model folder, a diffusers Wan "
+                         "folder or a hub id)")
     if init:
         base = load_model(init)
         vae = base.vae
         if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
+            if lora.lora_rank:
+                raise UsageError("--vae with --lora-rank: a LoRA keeps its base model's VAE")
             vae = resolve_vae(vae_source)
             if vae.latent_channels != base.dit.config.in_channels:
                 raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
                                  f"DiT takes {base.dit.config.in_channels}")
-        return vae, base.text_spec, base.dit.config, base.sampling, base
+        return Start(vae, base.text_spec, base.dit, base.dit.config, base.sampling, base.scheduler_config,
+                     base_reference(init, base) if lora.lora_rank else None)
     if not vae_source:
         raise UsageError("soragen train needs a VAE: --vae RUN_DIR_OR_MODEL (train one with soragen "
                          "train-vae) or a pretrained Wan 2.1 VAE folder or hub id")
-    return resolve_vae(vae_source), TextEncoderSpec(source=text_source), None, None, None
+    return Start(resolve_vae(vae_source), TextEncoderSpec(source=text_source))
+
+
+def resolve_objective(objective: DiTObjective, start: Start) -> DiTObjective:
+    """"auto" made concrete for the model trained; an objective that cannot train it refused."""
+    from soragen.config import ConfigError
+    flow = is_flow(start.schedule)
+    try:
+        objective = objective.resolved(flow)
+    except ConfigError as err:
+        raise UsageError(f"--{err.field.replace('_', '-')} {str(err)[len(err.field) + 1:]}") from None
+    if flow and objective.prediction != "flow":
+        raise UsageError(f"--prediction {objective.prediction}: this model was trained by flow matching (its "
+                         f"schedule is a flow's); fine-tune it with --prediction flow")
+    return objective
 
 
 def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: str = "tiny",
               text_encoder: str = "default", vae: str | None = None, init: str | None = None, resume: bool = False,
               cache_dir: Path | None = None, windows: int = 4, device: str = "auto",
-              sample_prompts: list[str] = (), progress: Progress | None = None) -> dict:
-    """Train the DiT of a new run, an --init model's, or a resumed run's, to cfg.max_steps."""
+              sample_prompts: list[str] = (), progress: Progress | None = None,
+              lora: LoRAConfig | None = None) -> dict:
+    """Train the DiT of a new run, an --init model's (all of it, or a LoRA on it), or a resumed run's,
+    to cfg.max_steps."""
     from soragen import fast_paths
     from soragen.dit import VideoDiT
     from soragen.text import TextEncoder
 
+    lora = lora or LoRAConfig()
     dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
-    video_vae, text_spec, dit_config, sampling, base = _dit_start(cfg, preset, text_encoder, vae, init, resume_from)
-    encoder = TextEncoder(text_spec)
-    if dit_config is None:
-        dit_config = dit_preset(preset, in_channels=video_vae.latent_channels, text_dim=encoder.dim)
-    check_size(cfg, video_vae.spatial_factor * dit_config.patch_size[1])
+    if resume_from is not None:
+        lora = stored_lora(resume_from)
+    start = _dit_start(cfg, text_encoder, vae, init, resume_from, lora)
+    objective = resolve_objective(objective, start)
+    encoder = TextEncoder(start.text_spec)
+    dit_config = start.dit_config or dit_preset(preset, in_channels=start.vae.latent_channels, text_dim=encoder.dim)
+    check_size(cfg, start.vae.spatial_factor * dit_config.patch_size[1])
     torch.manual_seed(cfg.seed)  # the initial weights
-    dit = VideoDiT(dit_config)
-    if base is not None:
-        dit.load_state_dict(base.dit.state_dict())
+    dit = VideoDiT(dit_config) if start.dit is None else start.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train().requires_grad_(True)
+    if lora.lora_rank:
+        torch.manual_seed(cfg.seed)  # the adapter's initial A
+        add_lora(dit, lora)
 
     report = scan(cfg, progress)
-    fast_paths.install(video_vae.model)  # encoding the clips is inference
+    fast_paths.install(start.vae.model)  # encoding the clips is inference
     if dist.main:
-        samples = build_samples(report.clips, video_vae, encoder, cfg, cache_dir, windows, progress)
+        samples = build_samples(report.clips, start.vae, encoder, cfg, cache_dir, windows, progress)
     dist.barrier()
     if not dist.main:  # the cache is complete now: read it back
-        samples = build_samples(report.clips, video_vae, encoder, cfg, cache_dir, windows, None)
-    fast_paths.uninstall(video_vae.model)
+        samples = build_samples(report.clips, start.vae, encoder, cfg, cache_dir, windows, None)
+    fast_paths.uninstall(start.vae.model)
     defaults = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    task = DiTTask(dit, video_vae, text_spec, defaults, samples, cfg.caption_dropout, objective, sampling)
+    task = DiTTask(dit, start, defaults, samples, cfg.caption_dropout, objective, lora)
     if sample_prompts:
         task.sample_hook = _sample_hook(out, encoder, cfg, sample_prompts)
     return _run(task, cfg, objective, out, dist, resume_from, progress)

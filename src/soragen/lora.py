@@ -1,0 +1,210 @@
+"""LoRA: low-rank adapters on the DiT's linears, trained with peft, stored as diffusers stores Wan's.
+
+A LoRA leaves a linear's weight W frozen and learns a low-rank change to it:
+
+    y = W x + (alpha / r) B A x         A: (r, in), random at start;  B: (out, r), zero at start
+
+so training starts from the base model exactly and moves only r (in + out) numbers per linear.
+
+On disk an adapter is diffusers' Wan LoRA layout (`transformer.blocks.0.attn1.to_q.lora_A.weight`,
+...), which diffusers' `WanPipeline.load_lora_weights` and the ComfyUI-style tools read. Our q, k
+and v are one fused linear, diffusers' three: one LoRA on the fused weight is three that share A,
+each with its rows of B. The other way, three LoRAs of rank r with their own A are one of rank 3r
+on the fused weight, which is how adapters made elsewhere are merged. The scale alpha / r is
+multiplied into B when saving, so a file means the same in every tool (a file without alphas is
+read at scale 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from soragen.config import LoRAConfig
+from soragen.errors import SoragenError, UsageError
+
+ADAPTER = "default"
+FILE = "lora.safetensors"
+# Our linears in each block that a target adapts (soragen.config.LORA_TARGETS)
+TARGETS = {"attn": ("attn.qkv", "attn.proj"), "cross": ("cross.q", "cross.kv", "cross.proj"), "ffn": ("mlp.0", "mlp.2")}
+
+
+def target_names(dit, lora: LoRAConfig) -> list[str]:
+    return [f"blocks.{i}.{name}" for i in range(len(dit.blocks)) for t in lora.targets() for name in TARGETS[t]]
+
+
+def add_lora(dit, lora: LoRAConfig):
+    """Freeze `dit` and give the target linears a trainable LoRA (peft's LoRA layers, in place)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    dit.requires_grad_(False)
+    config = LoraConfig(r=lora.lora_rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                        target_modules=target_names(dit, lora))
+    inject_adapter_in_model(config, dit, adapter_name=ADAPTER)
+    return dit
+
+
+def lora_layers(dit) -> dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+    return {name: m for name, m in dit.named_modules() if isinstance(m, LoraLayer)}
+
+
+def trainable_state(dit) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by their names in `dit` (what a LoRA run's checkpoints keep; also of
+    its EMA copy, whose tensors do not require grad)."""
+    return {name: p for name, p in dit.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
+def merge(dit):
+    """Fold every LoRA into its linear's weight and put the plain linear back: the model runs at
+    the base model's speed, through the same fast paths."""
+    for name, layer in lora_layers(dit).items():
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(dit.get_submodule(parent) if parent else dit, child, layer.get_base_layer())
+    return dit
+
+
+# ---- diffusers' layout ------------------------------------------------------------------------
+
+def _their_names(depth: int) -> dict[str, tuple[str, int, int]]:
+    """diffusers' Wan linear name -> (our linear, which part of its rows, of how many parts)."""
+    from soragen.wan import key_map
+    out = {}
+    for rule in key_map(depth):
+        if not rule.key.endswith(".weight") or rule.how == "conv":
+            continue
+        for i, source in enumerate(rule.sources):
+            out[source.removesuffix(".weight")] = (rule.key.removesuffix(".weight"), i, len(rule.sources))
+    return out
+
+
+def to_diffusers(dit) -> dict[str, torch.Tensor]:
+    """The adapter of `dit` in diffusers' Wan LoRA layout, its scale multiplied into B."""
+    grouped: dict[str, list] = {}  # our linear -> [(part, parts, diffusers' name)]
+    for theirs, (name, part, parts) in _their_names(len(dit.blocks)).items():
+        grouped.setdefault(name, []).append((part, parts, theirs))
+    state = {}
+    for name, layer in lora_layers(dit).items():
+        a = layer.lora_A[ADAPTER].weight.detach().float()
+        b = layer.lora_B[ADAPTER].weight.detach().float() * layer.scaling[ADAPTER]
+        for part, parts, theirs in grouped[name]:
+            rows = b.shape[0] // parts
+            state[f"transformer.{theirs}.lora_A.weight"] = a.clone().contiguous()
+            state[f"transformer.{theirs}.lora_B.weight"] = b[part * rows:(part + 1) * rows].clone().contiguous()
+    return state
+
+
+def save(dit, path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file(to_diffusers(dit), str(path), metadata={"format": "pt"})
+
+
+def resolve_file(source: str | Path) -> Path:
+    """--lora's path: an adapter file, a LoRA checkpoint folder, or a LoRA run (its latest checkpoint's)."""
+    from soragen.model_io import latest_checkpoint
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = latest_checkpoint(path) or path
+        path = checkpoint / FILE
+        if not path.is_file():
+            raise SoragenError(f"--lora {source}: no {FILE} there (a LoRA run or checkpoint has one)")
+    elif not path.is_file():
+        raise SoragenError(f"--lora {source}: no such file or folder")
+    if path.suffix != ".safetensors":
+        raise SoragenError(f"--lora {source}: soragen reads adapters from .safetensors files only")
+    return path
+
+
+def parse(spec: str) -> tuple[str, float]:
+    """'adapter.safetensors:0.8' -> (path, 0.8); a bare path weighs 1."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            value = float(weight)
+        except ValueError:
+            return spec, 1.0
+        if not -100 <= value <= 100:
+            raise UsageError(f"--lora {spec}: the weight after ':' must be a number between -100 and 100")
+        return path, value
+    return spec, 1.0
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise SoragenError(f"--lora {path} is not a readable safetensors file: {err}") from err
+    raw = metadata.get("lora_adapter_metadata")
+    try:
+        config = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        config = {}
+    return tensors, config if isinstance(config, dict) else {}
+
+
+def _scale(config: dict, module: str, rank: int, alphas: dict) -> float:
+    """alpha / r of one module: from the file's LoRA config (diffusers writes its peft config), from
+    kohya-style `.alpha` tensors, else 1 (diffusers' and peft's reading of a file without alphas)."""
+    if f"{module}.alpha" in alphas:
+        return float(alphas[f"{module}.alpha"]) / rank
+    if not config:
+        return 1.0
+    short = module.removeprefix("transformer.")
+    r = next((v for k, v in (config.get("transformer.rank_pattern") or {}).items() if short.endswith(k)),
+             config.get("transformer.r", rank))
+    alpha = next((v for k, v in (config.get("transformer.alpha_pattern") or {}).items() if short.endswith(k)),
+                 config.get("transformer.lora_alpha", r))
+    return float(alpha) / float(r)
+
+
+def apply(dit, path: Path, weight: float = 1.0, what: str | None = None) -> int:
+    """Merge the adapter in `path` (diffusers' Wan layout, or the original Wan / musubi-tuner layouts
+    diffusers converts) into `dit`'s weights at `weight`; returns how many linears it changed. An
+    adapter for another model is refused before any weight changes."""
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    what = what or f"--lora {path}"
+    tensors, config = _read(path)
+    alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    try:  # diffusers' own conversion of the other layouts (given tensors, never a file to unpickle)
+        converted = WanLoraLoaderMixin.lora_state_dict({k: v for k, v in tensors.items() if k not in alphas})
+    except Exception as err:  # diffusers raises many kinds on an unknown layout
+        raise SoragenError(f"{what}: not a Wan LoRA that diffusers can read ({type(err).__name__}: {err})") from err
+    names = _their_names(len(dit.blocks))
+    weights = dict(dit.named_parameters())
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in converted if ".lora_" in k})
+    unknown = [k for k in converted if ".lora_A.weight" not in k and ".lora_B.weight" not in k]
+    if unknown or not modules:
+        raise SoragenError(f"{what} holds no Wan LoRA (e.g. {unknown[:1] or list(converted)[:1]}); soragen merges "
+                           f"lora_A / lora_B pairs of the transformer's linears")
+    updates = []
+    for module in modules:
+        theirs = module.removeprefix("transformer.")
+        if theirs not in names:
+            raise SoragenError(f"{what} adapts {theirs}, which this model ({len(dit.blocks)} blocks) does not have: "
+                               f"an adapter for another model")
+        a, b = converted.get(f"{module}.lora_A.weight"), converted.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise SoragenError(f"{what}: {theirs} has lora_{'A' if a is None else 'B'} but not its pair")
+        ours, part, parts = names[theirs]
+        target = weights[f"{ours}.weight"]
+        rows = target.shape[0] // parts
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[1] != target.shape[1] \
+                or b.shape[0] != rows:
+            raise SoragenError(f"{what} does not fit this model: its {theirs} maps {a.shape[1] if a.dim() == 2 else '?'}"
+                               f" -> {b.shape[0] if b.dim() == 2 else '?'} features, the model's "
+                               f"{target.shape[1]} -> {rows} (an adapter for another model)")
+        delta = (b.float() @ a.float()) * (weight * _scale(config, module, a.shape[0], alphas))
+        if not torch.isfinite(delta).all():
+            raise SoragenError(f"{what}: {theirs} holds NaN or infinite values")
+        updates.append((target, slice(part * rows, (part + 1) * rows), delta))
+    with torch.no_grad():
+        for target, rows, delta in updates:
+            target[rows] = (target[rows].float() + delta.to(target.device)).to(target.dtype)
+    return len({id(t) for t, _, _ in updates})
