@@ -210,3 +210,71 @@ def test_our_own_model_trains_by_flow_matching_and_samples_its_flow(clips, tmp_p
                    "--out", tmp_path / f"{sampler}.mp4") == 0
     assert cli("generate", PROMPT, "--model", out, "--steps", 2, "--sampler", "ddim",
                "--out", tmp_path / "ddim.mp4") == 2
+
+
+def _allocated_peak(run) -> int:
+    """Peak bytes in use by malloc (the heap's and mmapped blocks: every CPU tensor) while `run` runs,
+    above what was in use before, sampled by a thread."""
+    import ctypes
+    import threading
+    import time
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+
+    def used():
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    start, top, done = used(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            top[0] = max(top[0], used())
+            time.sleep(0.0002)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return top[0] - start
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
+@pytest.mark.parametrize("rank, checkpointing", [(0, False), (16, True)])
+def test_the_dry_run_plan_is_within_a_quarter_of_what_a_training_step_allocates(rank, checkpointing):
+    from soragen.config import DiTConfig
+    from soragen.dit import VideoDiT
+    from soragen.plan import training_plan
+    from soragen.wan import WAN_SWITCHES
+    config = DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=384, depth=3, num_heads=4, ffn_dim=1536,
+                       text_dim=64, **WAN_SWITCHES)
+    batch, latent, text_tokens = 2, (4, 3, 32, 32), 32
+    lora = LoRAConfig(lora_rank=rank)
+    plan = training_plan(config, latent, batch, text_tokens, 64, lora, checkpointing)
+    g = torch.Generator().manual_seed(0)
+    latents, tokens = torch.randn(batch, *latent, generator=g), torch.randn(batch, text_tokens, 64, generator=g)
+    text = TextEmbedding(tokens, torch.ones(batch, text_tokens, dtype=torch.bool), None)
+
+    def train():  # what soragen.train's loop holds: the DiT, its adapter, the EMA, AdamW; two steps
+        dit = VideoDiT(config).train()
+        dit.gradient_checkpointing = checkpointing
+        if rank:
+            lora_io.add_lora(dit, lora)
+        trained = [p for p in dit.parameters() if p.requires_grad]
+        ema = copy.deepcopy(dit, memo={id(p): p for p in dit.parameters() if not p.requires_grad})
+        optimizer = torch.optim.AdamW(trained, lr=1e-4)
+        for step in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            flow_loss(dit, {"flow_shift": 3.0}, latents, text, torch.Generator().manual_seed(step)).backward()
+            optimizer.step()
+        del ema
+    measured = _allocated_peak(train)
+    assert plan.parameters == sum(p.numel() for p in VideoDiT(config).parameters()) + plan.trainable * bool(rank)
+    assert plan.trainable == plan.parameters if not rank else plan.trainable < plan.parameters / 10
+    print(f"plan {plan.total / 2**20:.1f} MiB, allocated {measured / 2**20:.1f} MiB: {plan.total / measured:.2f}")
+    assert 0.75 <= plan.total / measured <= 1.25, (plan.total, measured, plan.bytes)

@@ -457,6 +457,8 @@ def train(
     windows: Annotated[int, typer.Option(min=1, max=64, help="Temporal crops cached per clip.")] = 4,
     samples: Annotated[Optional[Path], typer.Option(help="Prompts for sample videos, one per line.")] = None,
     device: Device = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, trained parameters, "
+                                          "tokens per clip, memory per device) and stop.")] = False,
 ) -> None:
     """Train the DiT on a folder of captioned clips (VAE and text encoder frozen).
 
@@ -479,6 +481,14 @@ def train(
         if default is None:
             raise UsageError("no --vae given and this install has no default model; train one with soragen train-vae")
         vae = str(default / "vae")
+    if dry_run:
+        from soragen.plan import plan_run
+        if resume:
+            from soragen.model_io import latest_checkpoint
+            init = str(latest_checkpoint(out) or out)
+        for line in plan_run(cfg, lora, init, vae, preset, text_encoder).lines():
+            typer.echo(line)
+        return
     with _train_progress(cfg.max_steps) as progress:
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
                            init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
