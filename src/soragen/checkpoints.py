@@ -67,12 +67,16 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
             "step": step, **record,
             "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
         }, indent=2) + "\n")
-    # Only now, with the new one complete, may old checkpoints go.
+    prune(run_dir, keep_last)  # only now, with the new one complete, may old checkpoints go
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Remove all but the last `keep_last` checkpoints (0: keep all)."""
     steps = sorted(int(CHECKPOINT_RE.match(p.name).group(1)) for p in run_dir.iterdir()
                    if CHECKPOINT_RE.match(p.name))
     for old in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(run_dir / f"checkpoint-{old}", ignore_errors=True)
-    return final
 
 
 def _damaged(checkpoint: Path, what: str) -> SoragenError:
@@ -98,7 +102,15 @@ def check_resumable(checkpoint: Path) -> None:
     when the run starts, so a damaged one is named before the clips are scanned and encoded."""
     from soragen.weights import read_header
     state_dir = checkpoint / "train_state"
-    _state_json(checkpoint, "state.json")
+    shards = _state_json(checkpoint, "state.json").get("sharded")
+    if shards:  # an FSDP run's: one safetensors file of shards per process (soragen.fsdp)
+        files = sorted((state_dir / "dcp").glob("*.safetensors"))
+        if not isinstance(shards, int) or len(files) != shards:
+            raise _damaged(checkpoint, f"cannot resume: {state_dir / 'dcp'} holds {len(files)} shard files, "
+                                       f"its state.json says {shards}")
+        for file in files:  # each whole (the shards of one tensor share its name across files)
+            read_header([file])
+        return
     meta = _state_json(checkpoint, "optimizer.json")
     read_header([state_dir / "model.safetensors"])
     read_header([state_dir / "ema.safetensors"])

@@ -457,6 +457,9 @@ def train(
     windows: Annotated[int, typer.Option(min=1, max=64, help="Temporal crops cached per clip.")] = 4,
     samples: Annotated[Optional[Path], typer.Option(help="Prompts for sample videos, one per line.")] = None,
     device: Device = "auto",
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun, shard weights, gradients and optimizer "
+                                       "state across the processes (FSDP2), for models one device cannot hold; "
+                                       "checkpoints are sharded too.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, trained parameters, "
                                           "tokens per clip, memory per device) and stop.")] = False,
 ) -> None:
@@ -467,6 +470,8 @@ def train(
       soragen train --data clips/ --vae runs/vae --out runs/dit --max-steps 2000
 
       torchrun --nproc_per_node=2 -m soragen train --data clips/ --out runs/dit
+
+      torchrun --nnodes=2 --nproc_per_node=8 ... -m soragen train --init ... --data clips/ --fsdp
 
       soragen train --data clips/ --out runs/dit --resume --max-steps 4000
 
@@ -493,7 +498,7 @@ def train(
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
                            init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
                            windows=windows, device=device, sample_prompts=_sample_prompts(samples), progress=progress,
-                           lora=lora)
+                           lora=lora, fsdp=fsdp)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"trained to step {result['step']} (last loss {result['loss']:.4f}, "
                    f"{result['skipped_nonfinite']} non-finite steps skipped); model: {out}")

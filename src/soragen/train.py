@@ -177,6 +177,12 @@ class DiTTask(Task):
     def stored(self) -> dict:
         return {"lora": dataclasses.asdict(self.lora)}
 
+    def build(self):
+        """A new module of the trained one's structure (an FSDP run's EMA is gathered into it)."""
+        from soragen.dit import VideoDiT
+        dit = VideoDiT(self.module.config)
+        return add_lora(dit, self.lora) if self.lora.lora_rank else dit
+
     def write_model(self, folder, ema):
         if self.lora.lora_rank:
             save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling)
@@ -252,22 +258,30 @@ class VAETask(Task):
 # ---- the shared loop ---------------------------------------------------------------------------
 
 def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
-               progress: Progress | None) -> dict:
+               progress: Progress | None, fsdp: bool = False) -> dict:
+    from soragen import fsdp as sharded
     module = task.module.to(dist.device)
+    amp = autocast_dtype(cfg.mixed_precision, dist.device)
+    if fsdp:
+        sharded.shard(module, dist.device, amp)
     trained = [p for p in module.parameters() if p.requires_grad]
-    # The EMA shares the frozen weights (a LoRA's base model): only what trains is held twice.
-    frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
-    ema = copy.deepcopy(module, memo=frozen).eval().requires_grad_(False)
-    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), module.parameters()) if p.requires_grad]
+    if fsdp:
+        ema = sharded.ShardedEMA(module)
+    else:  # the EMA shares the frozen weights (a LoRA's base model): only what trains is held twice
+        frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
+        ema = copy.deepcopy(module, memo=frozen).eval().requires_grad_(False)
+        ema_pairs = [(e, p) for e, p in zip(ema.parameters(), module.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     step, counters = 0, {"skipped_nonfinite": 0}
     if resume_from is not None:
-        state = load_train_state(resume_from, module, ema, optimizer, task.trained)
+        if fsdp:
+            state = sharded.load_train_state(resume_from, module, ema, optimizer, set(task.trained(module)))
+        else:
+            state = load_train_state(resume_from, module, ema, optimizer, task.trained)
         step, counters = state["step"], {"skipped_nonfinite": state.get("skipped_nonfinite", 0)}
     model = module
-    if dist.world > 1:
+    if dist.world > 1 and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(module)
-    amp = autocast_dtype(cfg.mixed_precision, dist.device)
     metrics_file = run_dir / "metrics.jsonl"
     if dist.main:
         dropped = _truncate_metrics(metrics_file, step)
@@ -299,9 +313,12 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
         if finite:
             optimizer.step()
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in ema_pairs:
-                    e.lerp_(p.detach(), 1 - decay)
+            if fsdp:
+                ema.update(1 - decay)
+            else:
+                with torch.no_grad():
+                    for e, p in ema_pairs:
+                        e.lerp_(p.detach(), 1 - decay)
             bad_in_a_row, loss_value = 0, total
         else:
             counters["skipped_nonfinite"] += 1
@@ -319,7 +336,17 @@ def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_f
                 f.write(json.dumps(record) + "\n")
             if progress:
                 progress("step", record)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if (step % cfg.save_every == 0 or step == cfg.max_steps) and fsdp:
+            record = {"kind": task.kind, **counters, "config": dataclasses.asdict(cfg),
+                      "objective": dataclasses.asdict(task.objective), **task.stored()}
+            ckpt = sharded.save_checkpoint(run_dir, step, task.write_model, task.build, module, ema, optimizer,
+                                           record, cfg.keep_last, dist, set(task.trained(module)))
+            if dist.main:
+                task.after_save(ckpt, None, step)
+                if progress:
+                    progress("message", f"saved {ckpt}")
+            dist.barrier()
+        elif step % cfg.save_every == 0 or step == cfg.max_steps:
             if dist.main:
                 record = {"kind": task.kind, **counters, "config": dataclasses.asdict(cfg),
                           "objective": dataclasses.asdict(task.objective), **task.stored()}
@@ -472,7 +499,7 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
               text_encoder: str = "default", vae: str | None = None, init: str | None = None, resume: bool = False,
               cache_dir: Path | None = None, windows: int = 4, device: str = "auto",
               sample_prompts: list[str] = (), progress: Progress | None = None,
-              lora: LoRAConfig | None = None) -> dict:
+              lora: LoRAConfig | None = None, fsdp: bool = False) -> dict:
     """Train the DiT of a new run, an --init model's (all of it, or a LoRA on it), or a resumed run's,
     to cfg.max_steps."""
     from soragen import fast_paths
@@ -480,6 +507,9 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
     from soragen.text import TextEncoder
 
     lora = lora or LoRAConfig()
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UsageError("--fsdp shards the model across processes: start them with torchrun "
+                         "(torchrun --nproc_per_node=N -m soragen train ... --fsdp)")
     dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
     if resume_from is not None:
         lora = stored_lora(resume_from)
@@ -508,17 +538,17 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
     task = DiTTask(dit, start, defaults, samples, cfg.caption_dropout, objective, lora)
     if sample_prompts:
         task.sample_hook = _sample_hook(out, encoder, cfg, sample_prompts)
-    return _run(task, cfg, objective, out, dist, resume_from, progress)
+    return _run(task, cfg, objective, out, dist, resume_from, progress, fsdp)
 
 
 def _run(task: Task, cfg: TrainConfig, objective, out: Path, dist: Dist, resume_from: Path | None,
-         progress: Progress | None) -> dict:
+         progress: Progress | None, fsdp: bool = False) -> dict:
     task.objective = objective
     if dist.main:
         with atomic_path(out / "train_config.json") as tmp:
             tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective)},
                                       indent=2) + "\n")
-    result = train_loop(task, cfg, out, dist, resume_from, progress)
+    result = train_loop(task, cfg, out, dist, resume_from, progress, fsdp)
     if dist.main:
         _finish(out, progress)
     return result
