@@ -43,13 +43,15 @@ def num_tokens(model, latent_thw) -> int:
     return math.prod(token_grid(tuple(latent_thw), model.config.patch_size))
 
 
-def make_dit(preset: str, dtype: torch.dtype):
+def make_dit(preset: str, dtype: torch.dtype, install: bool = True):
+    """The preset's DiT with seed 0's weights, CPU fast paths installed as the pipeline does (or not)."""
     from soragen.config import dit_preset
     from soragen import fast_paths
     from soragen.dit import VideoDiT
     torch.manual_seed(0)
     model = VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
-    fast_paths.install(model)  # as the pipeline does
+    if install:
+        fast_paths.install(model)
     return model
 
 
