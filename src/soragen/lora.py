@@ -57,16 +57,6 @@ def trainable_state(dit) -> dict[str, torch.Tensor]:
     return {name: p for name, p in dit.named_parameters() if ".lora_A." in name or ".lora_B." in name}
 
 
-def merge(dit):
-    """Fold every LoRA into its linear's weight and put the plain linear back: the model runs at
-    the base model's speed, through the same fast paths."""
-    for name, layer in lora_layers(dit).items():
-        layer.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(dit.get_submodule(parent) if parent else dit, child, layer.get_base_layer())
-    return dit
-
-
 # ---- diffusers' layout ------------------------------------------------------------------------
 
 def _their_names(depth: int) -> dict[str, tuple[str, int, int]]:

@@ -207,7 +207,7 @@ def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Ma
     by_key = {rule.key: rule for rule in rules}
     made: dict[str, torch.Tensor] = {}
     pending: dict[str, torch.Tensor] = {}  # sources read whole, for a rule combined after
-    for file in files:
+    for count, file in enumerate(files, 1):
         try:
             start, entries = _entries(file)
             with open(file, "rb") as f:
@@ -229,7 +229,7 @@ def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Ma
                         made[rule.key] = mapping.tensor_of(rule, [pending.pop(s) for s in rule.sources])
         except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
             raise _invalid(file, err) from err
-        read_so_far = set(files[:files.index(file) + 1])
+        read_so_far = set(files[:count])
         done = {k: t for k, t in made.items() if all(stored[s].file in read_so_far for s in by_key[k].sources)}
         module.load_state_dict(done, strict=False, assign=on_meta)
         for k in done:
