@@ -297,7 +297,9 @@ def torchrun(port: int, *args) -> subprocess.CompletedProcess:
 def test_fsdp_over_two_gloo_processes_matches_ddp_resumes_bit_for_bit_and_survives_a_cut_save(wan, clips, tmp_path):
     cache = tmp_path / "cache"
     sharded, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
-    one_each = ["--batch-size", 1]  # two processes, one clip each: a global batch of two
+    # two processes, one clip each: a global batch of two; float32 on every CPU (with bf16 autocast FSDP
+    # would gather bf16 weights where DDP keeps float32 ones, so the two would differ by more than rounding)
+    one_each = ["--batch-size", 1, "--mixed-precision", "no"]
     result = torchrun(29561, *train_args(clips, sharded, wan, cache, 4, *one_each, "--fsdp"))
     assert result.stdout.count("trained to step 4") == 1
     state = json.loads((sharded / "checkpoint-4" / "train_state" / "state.json").read_text())
