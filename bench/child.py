@@ -30,7 +30,7 @@ from workload import bench_vae, dit_inputs, make_dit, step_inputs
 def compiled(dtype: torch.dtype, settings: Settings) -> None:
     """The tiny step as `--compile` runs it (soragen.fast_paths.compile_for_sampling), timed interleaved with eager and with the limit's
     matmuls; its first call pays the compile (section e2e has it with an empty and a warm cache)."""
-    from soragen.fast_paths import compile_for_sampling
+    from soragen.models.fast_paths import compile_for_sampling
     model = make_dit("tiny", dtype)
     prepared = step_inputs(model, dit_inputs(dtype=dtype, text_dim=model.config.text_dim))
     compiled = compile_for_sampling(model)
@@ -88,7 +88,7 @@ def load(folder: str) -> None:
     against the size of the weights it made."""
     import gc
 
-    from soragen.wan import load_transformer
+    from soragen.families.wan import load_transformer
     gc.collect()
     reset = _reset_peak()
     before = resource_rss_mb()
@@ -128,7 +128,7 @@ def _reset_peak() -> bool:
 
 
 def main(argv=None) -> int:
-    from soragen.runtime import keep_freed_memory
+    from soragen.core.runtime import keep_freed_memory
     keep_freed_memory()  # as the soragen command does
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("compiled", "step", "decode", "load", "wanpipe"))

@@ -122,7 +122,7 @@ def cpu_model() -> str:
 
 
 def machine_line() -> str:
-    from soragen.fast_paths import has_fast_bf16
+    from soragen.models.fast_paths import has_fast_bf16
     load = ", load average %.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     return (f"Machine: {cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
             f"fast bf16: {'yes' if has_fast_bf16() else 'no'}, torch {torch.__version__}, "
@@ -132,7 +132,7 @@ def machine_line() -> str:
 def cpu_kind() -> str:
     """The kind of CPU a run's figures belong to: AVX512-BF16 (fast bf16), or torch's name for the
     vector units it dispatches to (AVX512, AVX2, ...)."""
-    from soragen.fast_paths import has_fast_bf16
+    from soragen.models.fast_paths import has_fast_bf16
     return "AVX512-BF16" if has_fast_bf16() else torch.backends.cpu.get_cpu_capability()
 
 
@@ -199,7 +199,7 @@ def print_section(console, s: Section) -> None:
 
 
 def find_model(arg: str | None) -> tuple[Path | None, str]:
-    from soragen.model_io import default_model_dir, resolve_model_dir
+    from soragen.io.folders import default_model_dir, resolve_model_dir
     if arg:
         return resolve_model_dir(arg), "--model"
     default = default_model_dir()

@@ -18,8 +18,8 @@ _limit_cache: dict[torch.dtype, float] = {}
 
 def matmul_kernels(dtype: torch.dtype) -> list[Callable]:
     """Every way this CPU can run x @ W^T in `dtype`: F.linear, and oneDNN's kernel that the DiT
-    calls at inference where it runs that dtype here (soragen.fast_paths); the limit is the fastest."""
-    from soragen import fast_paths
+    calls at inference where it runs that dtype here (soragen.models.fast_paths); the limit is the fastest."""
+    from soragen.models import fast_paths
     kernels = [lambda a, w: torch.nn.functional.linear(a, w)]
     if fast_paths.onednn_linear(dtype):
         kernels.append(lambda a, w: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))

@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from soragen.runtime import keep_freed_memory
+    from soragen.core.runtime import keep_freed_memory
     keep_freed_memory()  # as the soragen command does
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)

@@ -30,7 +30,7 @@ def step_inputs(model, inputs) -> tuple:
     pipeline's CachedDiT: the text's keys/values, the adaLN modulations and the positions made before
     the loop (once per video, all steps' modulations in one batch)."""
     from soragen.pipeline import CachedDiT
-    from soragen.text import TextEmbedding
+    from soragen.models.text import TextEmbedding
     x, t, text, mask, pooled = inputs
     cached = CachedDiT(model, model.predict, t[:1], x.device, x.dtype)
     with torch.inference_mode():
@@ -39,15 +39,15 @@ def step_inputs(model, inputs) -> tuple:
 
 def num_tokens(model, latent_thw) -> int:
     """Tokens the DiT makes of a latent of (T, H, W) cells."""
-    from soragen.dit import token_grid
+    from soragen.models.dit import token_grid
     return math.prod(token_grid(tuple(latent_thw), model.config.patch_size))
 
 
 def make_dit(preset: str, dtype: torch.dtype, install: bool = True):
     """The preset's DiT with seed 0's weights, CPU fast paths installed as the pipeline does (or not)."""
-    from soragen.config import dit_preset
-    from soragen import fast_paths
-    from soragen.dit import VideoDiT
+    from soragen.core.config import dit_preset
+    from soragen.models import fast_paths
+    from soragen.models.dit import VideoDiT
     torch.manual_seed(0)
     model = VideoDiT(dit_preset(preset)).eval().requires_grad_(False).to(dtype)
     if install:
@@ -79,9 +79,9 @@ def figure_cells(f: dict) -> list[str]:
 def bench_vae(model_dir: str | Path | None):
     """The model's VAE, or a fresh `tiny` one where there is no model (speed and memory do not
     depend on the weights)."""
-    from soragen import fast_paths
-    from soragen.config import vae_preset_config
-    from soragen.vae import load_vae, new_vae
+    from soragen.models import fast_paths
+    from soragen.core.config import vae_preset_config
+    from soragen.models.vae import load_vae, new_vae
     vae = load_vae(Path(model_dir) / "vae") if model_dir else new_vae(vae_preset_config("tiny"))
     fast_paths.install(vae.model)  # as the pipeline does
     return vae

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from soragen.model_io import default_model_dir
+from soragen.io.folders import default_model_dir
 from soragen.pipeline import Pipeline
 
 PROMPTS = [

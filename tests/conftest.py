@@ -20,10 +20,10 @@ def make_tiny_model(folder, seed: int = 0, perturb: float = 0.0, dit_dtype=None,
     """A complete model folder with random weights: test-size DiT and VAE, the packaged text encoder.
     `perturb` adds noise to every weight so the zero-initialised paths do something; `dit_dtype`
     stores the DiT in another precision, as a shipped model is."""
-    from soragen.config import TextEncoderSpec, VideoDefaults, dit_preset, vae_preset_config
-    from soragen.dit import VideoDiT
-    from soragen.model_io import save_model
-    from soragen.vae import new_vae
+    from soragen.core.config import TextEncoderSpec, VideoDefaults, dit_preset, vae_preset_config
+    from soragen.models.dit import VideoDiT
+    from soragen.io.model_folder import save_model
+    from soragen.models.vae import new_vae
 
     torch.manual_seed(seed)
     dit = VideoDiT(dit_preset("test", in_channels=4, text_dim=384, **dit_overrides))
@@ -53,7 +53,7 @@ def moving_square(frames: int = 9, height: int = 32, width: int = 48) -> np.ndar
 
 @pytest.fixture
 def tiny_clip(tmp_path):
-    from soragen.video_io import write_video
+    from soragen.io.video import write_video
     return write_video(tmp_path / "clip.mp4", moving_square(), 8.0).path
 
 

@@ -22,7 +22,7 @@ import torch
 
 from conftest import assert_one_line_error, cli, listing, moving_square
 from soragen import __version__
-from soragen.video_io import probe_video, read_video, write_video
+from soragen.io.video import probe_video, read_video, write_video
 
 FAST = ["--steps", "2"]
 COMMANDS = ["generate", "inspect-patches", "train", "train-vae", "make-dataset", "eval"]

@@ -1,4 +1,4 @@
-"""Tests for soragen.data: finding, captioning, checking and loading training clips."""
+"""Tests for soragen.train.data: finding, captioning, checking and loading training clips."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soragen.data import (
+from soragen.train.data import (
     Clip,
     ScanReport,
     describe_resize,
@@ -25,8 +25,8 @@ from soragen.data import (
     sample_frame_indices,
     scan_clips,
 )
-from soragen.errors import SoragenError, UsageError
-from soragen.video_io import write_video
+from soragen.core.errors import SoragenError, UsageError
+from soragen.io.video import write_video
 
 
 def frames_array(t: int = 8, h: int = 32, w: int = 32) -> np.ndarray:
@@ -307,7 +307,7 @@ def test_load_clip_shape_and_dtype(tmp_path):
 
 
 def test_load_clip_when_probe_overcounts(tmp_path, good_mp4):
-    from soragen.video_io import probe_video
+    from soragen.io.video import probe_video
 
     info = probe_video(good_mp4)
     lying = Clip(path=good_mp4, caption="", info=dataclasses.replace(info, frames=info.frames + 20))

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from soragen.cli import run
-from soragen.model_io import default_model_dir, load_model
-from soragen.video_io import probe_video
+from soragen.io.folders import default_model_dir
+from soragen.io.model_folder import load_model
+from soragen.io.video import probe_video
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_eval_runs_on_two_prompts(tmp_path, capfd):
 
 def test_inspect_patches_uses_the_default_model(tmp_path, capfd):
     from conftest import moving_square
-    from soragen.video_io import write_video
+    from soragen.io.video import write_video
     clip = write_video(tmp_path / "c.mp4", moving_square(16, 64, 64), 8.0).path
     capfd.readouterr()
     assert run(["inspect-patches", str(clip), "--json", "--out", str(tmp_path / "p.png")]) == 0

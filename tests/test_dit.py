@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from soragen.config import DiTConfig, dit_preset
-from soragen.dit import VideoDiT, patchify, sincos_3d, token_grid, unpatchify
+from soragen.core.config import DiTConfig, dit_preset
+from soragen.models.dit import VideoDiT, patchify, sincos_3d, token_grid, unpatchify
 
 
 def tiny_dit(**overrides) -> VideoDiT:
@@ -128,7 +128,7 @@ def test_a_loaded_dit_holds_exactly_the_files_weights(tmp_path):
     the file: float32 on the CPU, equal to the saved values, also when stored in bfloat16."""
     from safetensors.torch import load_file
 
-    from soragen.model_io import load_model
+    from soragen.io.model_folder import load_model
 
     folder = make_tiny_model(tmp_path / "m", perturb=0.02, dit_dtype=torch.bfloat16)
     saved = load_file(str(folder / "dit" / "model.safetensors"))

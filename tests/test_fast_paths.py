@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from soragen import fast_paths
-from soragen.config import dit_preset
-from soragen.dit import VideoDiT, attention, mask_bias
-from soragen.fast_paths import has_fast_bf16, linear
+from soragen.models import fast_paths
+from soragen.core.config import dit_preset
+from soragen.models.dit import VideoDiT, attention, mask_bias
+from soragen.models.fast_paths import has_fast_bf16, linear
 from soragen.pipeline import CachedDiT, Pipeline, resolve_dtype
-from soragen.sampling import make_scheduler, sample
-from soragen.text import TextEmbedding
+from soragen.diffusion.sampling import make_scheduler, sample
+from soragen.models.text import TextEmbedding
 
 
 def model_and_inputs(seed=0):
@@ -127,8 +127,8 @@ def test_bf16_on_a_cpu_whose_onednn_refuses_bf16_runs_through_torch(tiny_model, 
 
 
 def test_with_fast_paths_off_every_layer_is_torchs_own(monkeypatch):
-    from soragen.config import vae_preset_config
-    from soragen.vae import new_vae
+    from soragen.core.config import vae_preset_config
+    from soragen.models.vae import new_vae
     monkeypatch.setenv("SORAGEN_FAST_PATHS", "off")
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(64, 96), torch.randn(2, 10, 64)
@@ -217,8 +217,8 @@ def test_matmul_attention_matches_sdpa_with_a_padding_mask():
 
 
 def test_vae_decode_in_bf16_stays_within_a_few_levels_of_float32():
-    from soragen.config import vae_preset_config
-    from soragen.vae import new_vae
+    from soragen.core.config import vae_preset_config
+    from soragen.models.vae import new_vae
 
     torch.manual_seed(0)
     vae = new_vae(vae_preset_config("test"))
@@ -231,8 +231,8 @@ def test_vae_decode_in_bf16_stays_within_a_few_levels_of_float32():
 
 
 def test_onednn_conv3d_matches_torchs_choice_and_leaves_training_alone():
-    from soragen.config import vae_preset_config
-    from soragen.vae import new_vae
+    from soragen.core.config import vae_preset_config
+    from soragen.models.vae import new_vae
 
     torch.manual_seed(0)
     vae = new_vae(dict(vae_preset_config("test"), base_dim=16))
@@ -336,7 +336,7 @@ def test_compiled_predict_with_onednn_linears_matches_eager():
 # ---- the rest of the process --------------------------------------------------------------------------
 
 def test_written_out_rms_norm_matches_torchs_on_strided_bf16_and_float32():
-    from soragen.dit import RMSNorm
+    from soragen.models.dit import RMSNorm
     norm = RMSNorm(64)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(64) + 0.5)
@@ -351,7 +351,7 @@ def test_written_out_rms_norm_matches_torchs_on_strided_bf16_and_float32():
 
 
 def test_keep_freed_memory_sets_glibc_malloc_and_can_be_turned_off(monkeypatch):
-    from soragen import runtime
+    from soragen.core import runtime
     if not runtime._glibc():
         pytest.skip("glibc's mallopt only")
     assert runtime.keep_freed_memory()  # mallopt accepted both settings

@@ -16,12 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, cli, make_tiny_model
-from soragen import lora as lora_io
-from soragen.config import LoRAConfig
-from soragen.model_io import latest_checkpoint, load_model
-from soragen.objectives import flow_loss
-from soragen.text import TextEmbedding
-from soragen.wan import from_diffusers, tiny_pipeline
+from soragen.models import lora as lora_io
+from soragen.core.config import LoRAConfig
+from soragen.io.folders import latest_checkpoint
+from soragen.io.model_folder import load_model
+from soragen.diffusion.objectives import flow_loss
+from soragen.models.text import TextEmbedding
+from soragen.families.wan import FAMILY as WAN
+from soragen.families.wan import from_diffusers
+from soragen.io import lora_file
+from soragen.tools.tiny_wan import tiny_pipeline
 
 PROMPT = "a red ball moving right"
 
@@ -35,7 +39,7 @@ def wan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from soragen.shapes import make_dataset
+    from soragen.tools.shapes import make_dataset
     folder = tmp_path_factory.mktemp("data") / "clips"
     make_dataset(folder, n=4, seed=0, frames=9, size=32)
     return folder
@@ -107,12 +111,12 @@ def test_our_adapter_in_diffusers_and_merged_give_the_same_prediction(tmp_path):
     with torch.no_grad():
         plain = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
         ours = ours_forward(dit, x, t, text)
-        lora_io.save(dit, tmp_path / "a.safetensors")
+        lora_file.save(dit, tmp_path / "a.safetensors", WAN)
         pipe.load_lora_weights(str(tmp_path / "a.safetensors"))
         theirs = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
         assert (ours - plain).abs().max() > 0.1  # the adapter does something
         assert (ours - theirs).abs().max() <= 1e-4, (ours - theirs).abs().max()
-        lora_io.apply(merged, tmp_path / "a.safetensors")
+        lora_file.apply(merged, tmp_path / "a.safetensors", WAN)
         assert not lora_io.lora_layers(merged)
         assert (ours_forward(merged, x, t, text) - ours).abs().max() <= 1e-5
 
@@ -134,7 +138,7 @@ def test_an_adapter_made_by_diffusers_merges_into_ours(tmp_path):
     WanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
                                   transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
     file = tmp_path / "pytorch_lora_weights.safetensors"
-    assert lora_io.apply(base, file) == 2 * 7 + 1  # per block: qkv, proj, q, kv, proj, two FFN; and the output
+    assert lora_file.apply(base, file, WAN) == 2 * 7 + 1  # per block: qkv, proj, q, kv, proj, two FFN; and the output
     x, t, text = inputs()
     with torch.no_grad():
         want = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
@@ -182,7 +186,7 @@ def test_wrong_adapters_and_objectives_are_one_line(wan, clips, tmp_path, capfd)
     other = from_diffusers(tiny_pipeline(head_dim=16).transformer).float()  # another model: 32-d, not 40-d
     torch.manual_seed(0)
     lora_io.add_lora(other, LoRAConfig(lora_rank=2))
-    lora_io.save(other, tmp_path / "other.safetensors")
+    lora_file.save(other, tmp_path / "other.safetensors", WAN)
     args = ["--frames", 1, "--height", 32, "--width", 32, "--steps", 1, "--out", tmp_path / "v.mp4"]
     capfd.readouterr()
     rc = cli("generate", PROMPT, "--model", wan, "--lora", tmp_path / "other.safetensors", *args)
@@ -252,10 +256,10 @@ def _allocated_peak(run) -> int:
 @pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
 @pytest.mark.parametrize("rank, checkpointing", [(0, False), (16, True)])
 def test_the_dry_run_plan_is_within_a_quarter_of_what_a_training_step_allocates(rank, checkpointing):
-    from soragen.config import DiTConfig
-    from soragen.dit import VideoDiT
-    from soragen.plan import training_plan
-    from soragen.wan import WAN_SWITCHES
+    from soragen.core.config import DiTConfig
+    from soragen.models.dit import VideoDiT
+    from soragen.train.plan import training_plan
+    from soragen.families.wan import WAN_SWITCHES
     config = DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=384, depth=3, num_heads=4, ffn_dim=1536,
                        text_dim=64, **WAN_SWITCHES)
     batch, latent, text_tokens = 2, (4, 3, 32, 32), 32
@@ -265,7 +269,7 @@ def test_the_dry_run_plan_is_within_a_quarter_of_what_a_training_step_allocates(
     latents, tokens = torch.randn(batch, *latent, generator=g), torch.randn(batch, text_tokens, 64, generator=g)
     text = TextEmbedding(tokens, torch.ones(batch, text_tokens, dtype=torch.bool), None)
 
-    def train():  # what soragen.train's loop holds: the DiT, its adapter, the EMA, AdamW; two steps
+    def train():  # what soragen.train.run's loop holds: the DiT, its adapter, the EMA, AdamW; two steps
         dit = VideoDiT(config).train()
         dit.gradient_checkpointing = checkpointing
         if rank:

@@ -155,7 +155,7 @@ def test_a_hostile_model_folder_is_refused_before_any_heavy_work(tiny_model, tmp
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
     damage(folder)
-    from soragen import text
+    from soragen.models import text
     loaded = []
     if case != "encoder of a billion layers":  # that one is caught inside the encoder's own loading
         monkeypatch.setattr(text.TextEncoder, "__init__", lambda *a, **k: loaded.append(a) or 1 / 0)
@@ -257,7 +257,7 @@ def test_a_hostile_option_of_any_command_is_a_usage_error(tiny_model, tiny_clip,
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from soragen.shapes import make_dataset
+    from soragen.tools.shapes import make_dataset
     folder = tmp_path_factory.mktemp("data") / "clips"
     make_dataset(folder, n=4, seed=0, frames=9, size=32)
     return folder
@@ -317,7 +317,7 @@ def test_a_damaged_checkpoint_is_named_and_nothing_is_lost(tiny_model, clips, tm
 
 
 def latest_name(run_dir: Path) -> str:
-    from soragen.model_io import latest_checkpoint
+    from soragen.io.folders import latest_checkpoint
     return latest_checkpoint(run_dir).name
 
 
@@ -383,7 +383,7 @@ def test_a_killed_checkpoint_save_is_swept_by_the_next_save(tiny_model, clips, t
 def test_replacing_a_folder_swaps_it_whole(tmp_path, exchange):
     """With the exchange (Linux renameat2) the folder is never missing; the fallback moves the old
     one aside first and must still end with the new folder and no leftovers."""
-    from soragen.atomic import publish
+    from soragen.core.atomic import publish
     target = tmp_path / "frames"
     target.mkdir()
     (target / "frame_00000.png").write_text("old")

@@ -4,12 +4,12 @@ schedule says, the MSE; and on a fixed batch, training lowers it."""
 import pytest
 import torch
 
-from soragen.config import DiTObjective, dit_preset
-from soragen.dit import VideoDiT
-from soragen.objectives import (detail_mask, diffusion_loss, diffusion_target, flow_levels, flow_loss,
+from soragen.core.config import DiTObjective, dit_preset
+from soragen.models.dit import VideoDiT
+from soragen.diffusion.objectives import (detail_mask, diffusion_loss, diffusion_target, flow_levels, flow_loss,
                                 object_weighted_mse)
-from soragen.sampling import training_scheduler
-from soragen.text import TextEmbedding
+from soragen.diffusion.sampling import training_scheduler
+from soragen.models.text import TextEmbedding
 
 
 def batch(seed=0):

@@ -4,9 +4,9 @@ runs as one batch; the same seed gives the same result."""
 import pytest
 import torch
 
-from soragen.errors import UsageError
-from soragen.sampling import make_scheduler, sample, training_scheduler
-from soragen.text import TextEmbedding
+from soragen.core.errors import UsageError
+from soragen.diffusion.sampling import make_scheduler, sample, training_scheduler
+from soragen.models.text import TextEmbedding
 
 
 def test_ddim_with_the_true_noise_recovers_the_clean_latent():

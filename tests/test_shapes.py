@@ -11,9 +11,9 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from soragen import shapes
-from soragen.errors import SoragenError, UsageError
-from soragen.shapes import (
+from soragen.tools import shapes
+from soragen.core.errors import SoragenError, UsageError
+from soragen.tools.shapes import (
     BACKGROUNDS,
     COLORS,
     DIRECTIONS,
@@ -190,7 +190,7 @@ def test_judge_reads_shapes_under_strong_blur():
 
 
 def test_judge_mp4_round_trip(tmp_path):
-    from soragen.video_io import read_video, write_video
+    from soragen.io.video import read_video, write_video
 
     rng = random.Random(7)
     specs = rng.sample(all_specs(), 18)
@@ -339,7 +339,7 @@ def test_dataset_plan_is_balanced():
 
 
 def test_make_dataset_deterministic_and_safe(tmp_path):
-    from soragen.video_io import read_video
+    from soragen.io.video import read_video
 
     calls = []
     a = make_dataset(tmp_path / "a" / "nested", 4, seed=11, frames=8, size=32,

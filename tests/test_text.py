@@ -4,9 +4,9 @@ here (config + tokenizer files), and the packaged all-MiniLM-L6-v2."""
 import pytest
 import torch
 
-from soragen.config import TextEncoderSpec
-from soragen.errors import SoragenError
-from soragen.text import TextEncoder
+from soragen.core.config import TextEncoderSpec
+from soragen.core.errors import SoragenError
+from soragen.models.text import TextEncoder
 
 WORDS = ["[PAD]", "[UNK]", "</s>", "a", "red", "ball", "in", "the", "sky", "sora", "is", "moving", "right"]
 

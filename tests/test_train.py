@@ -14,14 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from soragen.cli import run
-from soragen.model_io import latest_checkpoint, load_model
+from soragen.io.folders import latest_checkpoint
+from soragen.io.model_folder import load_model
 
 from conftest import make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from soragen.shapes import make_dataset
+    from soragen.tools.shapes import make_dataset
     folder = tmp_path_factory.mktemp("data") / "clips"
     make_dataset(folder, n=6, seed=0, frames=9, size=32)
     return folder
@@ -54,7 +55,7 @@ def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, 
     assert load_model(out).scheduler_config["prediction_type"] == "v_prediction"
     video = tmp_path / "v.mp4"
     assert run(["generate", "a red ball", "--model", str(out), "--steps", "2", "--out", str(video)]) == 0
-    from soragen.video_io import probe_video
+    from soragen.io.video import probe_video
     info = probe_video(video)
     assert (info.frames, info.height, info.width) == (9, 32, 32)
 
@@ -65,7 +66,7 @@ def test_a_zero_terminal_snr_run_keeps_its_schedule_in_the_model(clips, model_fo
     assert run(args) == 0
     config = load_model(out).scheduler_config
     assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
-    from soragen.sampling import training_scheduler
+    from soragen.diffusion.sampling import training_scheduler
     assert training_scheduler(config).alphas_cumprod[-1] == 0
     assert run(["generate", "a red ball", "--model", str(out), "--steps", "2", "--out", str(tmp_path / "v.mp4")]) == 0
     # Resumed, the run keeps the schedule it started with.
@@ -200,8 +201,8 @@ def test_train_vae_decoder_only_keeps_the_latents_and_changes_the_decoder(clips,
 
 
 def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model_for_vae, tmp_path, capfd):
-    from soragen.config import vae_preset_config
-    from soragen.vae import new_vae, save_vae
+    from soragen.core.config import vae_preset_config
+    from soragen.models.vae import new_vae, save_vae
     other = make_tiny_model(tmp_path / "other", seed=1)  # same sizes, other weights
     base = make_tiny_model(tmp_path / "base")
     manifest = json.loads((base / "soragen.json").read_text())
@@ -226,10 +227,10 @@ def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model
 
 
 def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_for_vae, tmp_path, capfd):
-    from soragen.config import TrainConfig, VAEObjective
-    from soragen.data import scan_clips
-    from soragen.train import VAETask
-    from soragen.vae import load_vae
+    from soragen.core.config import TrainConfig, VAEObjective
+    from soragen.train.data import scan_clips
+    from soragen.train.run import VAETask
+    from soragen.models.vae import load_vae
 
     found = scan_clips(clips, 5, 8.0).clips
     vae = load_vae(model_for_vae / "vae")
@@ -257,7 +258,7 @@ def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_f
 
 
 def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, tmp_path, capfd):
-    from soragen.model_io import default_model_dir
+    from soragen.io.folders import default_model_dir
     vae = default_model_dir() / "vae"  # a trained VAE: a random one's latents show no objects to weigh
     cache = tmp_path / "cache"
     plain, weighted = tmp_path / "plain", tmp_path / "weighted"
@@ -273,8 +274,8 @@ def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, tmp_p
 
 
 def test_cosine_schedule_warms_up_then_falls_to_zero_at_max_steps():
-    from soragen.config import TrainConfig
-    from soragen.train import learning_rate
+    from soragen.core.config import TrainConfig
+    from soragen.train.run import learning_rate
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     assert learning_rate(cfg, 0) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup
     assert learning_rate(cfg, 10) == pytest.approx(1e-3)
@@ -291,7 +292,7 @@ def test_the_python_api_the_cli_and_training_samples_make_the_same_video(clips, 
     Pipeline.load(CHECKPOINT).generate(...) give the same frames for the same prompt and seed."""
     import numpy as np
     from soragen.pipeline import Pipeline
-    from soragen.video_io import read_video, write_video
+    from soragen.io.video import read_video, write_video
     out = tmp_path / "run"
     assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 2)) == 0
     prompt = SAMPLES.read_text().splitlines()[0]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from soragen.config import vae_preset_config
-from soragen.errors import SoragenError
-from soragen.vae import load_vae, new_vae, save_vae
+from soragen.core.config import vae_preset_config
+from soragen.core.errors import SoragenError
+from soragen.models.vae import load_vae, new_vae, save_vae
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_save_and_load_through_the_diffusers_layout(vae, tmp_path):
 def test_wan21_sized_config_loads_through_the_same_path(tmp_path):
     """The pretrained Wan 2.1 VAE's config (x8 space, x4 time, z_dim 16), at a tiny width."""
     from diffusers import AutoencoderKLWan
-    from soragen.weights import save_module
+    from soragen.core.weights import save_module
     model = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                              temperal_downsample=[False, True, True])
     folder = tmp_path / "wan"

@@ -1,4 +1,4 @@
-"""Tests for soragen.video_io: round trips, padding, atomic writes, bad inputs."""
+"""Tests for soragen.io.video: round trips, padding, atomic writes, bad inputs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from soragen import video_io
-from soragen.errors import SoragenError, UsageError
-from soragen.video_io import (
+from soragen.io import video as video_io
+from soragen.core.errors import SoragenError, UsageError
+from soragen.io.video import (
     VIDEO_SUFFIXES,
     VideoError,
     VideoInfo,

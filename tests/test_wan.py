@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soragen import fast_paths
-from soragen.wan import WAN_2_1_T2V_1_3B, dit_config, key_map, load_transformer, mapped_shape, tiny_pipeline
+from soragen.models import fast_paths
+from soragen.families.wan import WAN_2_1_T2V_1_3B, dit_config, key_map, load_transformer, mapped_shape
+from soragen.tools.tiny_wan import tiny_pipeline
 
 
 def tiny_transformer_config(heads=2, head_dim=20, layers=2, text_dim=24, ffn=48, in_channels=4, patch=(1, 2, 2)):
-    """A WanTransformer3DModel config at a toy size (soragen.wan.tiny_pipeline's, text_dim apart)."""
+    """A WanTransformer3DModel config at a toy size (soragen.tools.tiny_wan's, text_dim apart)."""
     return dict(patch_size=list(patch), num_attention_heads=heads, attention_head_dim=head_dim,
                 in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, freq_dim=256, ffn_dim=ffn,
                 num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
@@ -62,7 +63,7 @@ def test_the_real_1_3b_config_maps_onto_ours_key_for_key(tmp_path):
     through our key map, are exactly our DiT's."""
     from diffusers import WanTransformer3DModel
 
-    from soragen.dit import VideoDiT
+    from soragen.models.dit import VideoDiT
     with torch.device("meta"):
         theirs = WanTransformer3DModel(**WAN_2_1_T2V_1_3B).state_dict()
         ours = VideoDiT(dit_config(WAN_2_1_T2V_1_3B)).state_dict()
@@ -77,7 +78,7 @@ def test_the_real_1_3b_config_maps_onto_ours_key_for_key(tmp_path):
 def test_a_transformer_folder_whose_weights_miss_a_key_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from soragen.errors import SoragenError
+    from soragen.core.errors import SoragenError
     diffusers_transformer(tmp_path)
     victim = sorted((tmp_path / "transformer").glob("*.safetensors"))[0]
     state = load_file(str(victim))
@@ -108,8 +109,8 @@ def wan_folder(tmp_path_factory):
 
 
 def test_the_text_encoder_gives_wanpipelines_prompt_embeddings(wan_folder):
-    from soragen.model_io import load_model
-    from soragen.text import TextEncoder
+    from soragen.io.model_folder import load_model
+    from soragen.models.text import TextEncoder
     folder, pipe = wan_folder
     encoder = TextEncoder(load_model(folder).text_spec)
     assert type(encoder.model).__name__ == "UMT5EncoderModel"
@@ -129,8 +130,8 @@ def test_umt5_runs_as_umt5_not_as_t5(wan_folder):
     of every layer but the first: umT5 must run as UMT5EncoderModel."""
     from transformers import T5EncoderModel, UMT5EncoderModel
 
-    from soragen.config import TextEncoderSpec
-    from soragen.text import TextEncoder
+    from soragen.core.config import TextEncoderSpec
+    from soragen.models.text import TextEncoder
     folder, _ = wan_folder
     spec = TextEncoderSpec(source=str(folder), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
                            max_length=16, padding="zeros")
@@ -181,7 +182,7 @@ def test_ddim_is_refused_for_a_flow_model(wan_folder, tmp_path, capfd):
 def test_decoding_a_large_video_goes_tile_by_tile_and_gives_the_same_frames(monkeypatch):
     import numpy as np
 
-    from soragen.vae import VideoVAE
+    from soragen.models.vae import VideoVAE
     vae = VideoVAE(tiny_wan_vae())
     latent = torch.randn(1, 4, 2, 24, 20, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(VideoVAE, "TILE_ABOVE", 64)  # 96 x 80 pixels: above it, tiled
@@ -216,7 +217,7 @@ def test_any_frame_count_and_inspect_patches_on_a_wan_folder(wan_folder, tmp_pat
     import json
 
     from conftest import cli, moving_square
-    from soragen.video_io import probe_video, write_video
+    from soragen.io.video import probe_video, write_video
     folder, _ = wan_folder
     video = tmp_path / "three.mp4"
     assert cli("generate", PROMPT, "--model", folder, "--frames", 3, "--height", 32, "--width", 32, "--steps", 2,

@@ -19,7 +19,7 @@ MFU_TARGET = 0.60
 def linear_calls(model, step: Callable[[], object]) -> list[tuple]:
     """(input, layer) of every nn.Linear applied in one call of `step`, to replay them on their own:
     those called as modules, and the first linear of each MLP, which an installed MLP runs inside
-    its own forward (GELU fused, soragen.fast_paths)."""
+    its own forward (GELU fused, soragen.models.fast_paths)."""
     calls: list[tuple] = []
     hooks = []
     for m in model.modules():
@@ -45,7 +45,7 @@ def run(settings: Settings) -> Section:
             model = make_dit(preset, dtype)
             inputs = dit_inputs(dtype=dtype, text_dim=model.config.text_dim)
             prepared = step_inputs(model, inputs)
-            # the same weights in the plain modules of soragen.dit (a model with packed oneDNN weights
+            # the same weights in the plain modules of soragen.models.dit (a model with packed oneDNN weights
             # cannot be copied: they are opaque tensors)
             plain = make_dit(preset, dtype, install=False)
             fns = {"step": lambda: model.predict(*prepared), "whole": lambda: model(*inputs),
@@ -58,7 +58,7 @@ def run(settings: Settings) -> Section:
             s.rows.append([f"{preset}, fast paths off", dtype_name(dtype), *figure_cells(off), ""])
             s.data[f"{preset}/{dtype_name(dtype)}/plain"] = off
             s.notes.append(f"'fast paths off': the {preset} {dtype_name(dtype)} step through the plain modules "
-                           f"(soragen.fast_paths not installed, same weights), timed interleaved with the installed one: "
+                           f"(soragen.models.fast_paths not installed, same weights), timed interleaved with the installed one: "
                            f"{off['ms']:.1f} against {f['ms']:.1f} ms, {off['ms'] / f['ms']:.2f}x.")
             if preset == "tiny" and dtype == default:
                 whole = step_figures(model, inputs, dtype, times["whole"], settings, whole=True)
@@ -131,7 +131,7 @@ def linears_row(s: Section, model, step: Callable[[], object], step_seconds: flo
                 settings: Settings) -> None:
     """The step's nn.Linear calls replayed back to back with nothing between them: the most an
     eager step of this size could reach, whatever the rest of the block costs."""
-    from soragen.fast_paths import linear
+    from soragen.models.fast_paths import linear
     calls = linear_calls(model, step)
     flops = sum(2 * x.numel() // x.shape[-1] * layer.weight.numel() for x, layer in calls)
 

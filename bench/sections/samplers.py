@@ -14,9 +14,9 @@ def run(settings: Settings) -> Section:
     if settings.model_dir is None:
         s.notes.append(f"skipped: {settings.model_note}")
         return s
-    from soragen.evaluate import evaluate_pipeline
+    from soragen.tools.evaluate import evaluate_pipeline
     from soragen.pipeline import Pipeline
-    from soragen.shapes import load_prompt_set
+    from soragen.tools.shapes import load_prompt_set
 
     n = 6 if settings.quick else 20
     rows = load_prompt_set("eval")[:n]

@@ -19,9 +19,9 @@ def latent_frames(frames: int, temporal_factor: int = 4) -> int:
 
 
 def decode_kernels_row(s: Section, settings: Settings) -> None:
-    """A 16-frame decode with our oneDNN route for Conv3d (soragen.fast_paths) against torch's own
+    """A 16-frame decode with our oneDNN route for Conv3d (soragen.models.fast_paths) against torch's own
     choice, which at batch 1 is its reference slow_conv3d; timed interleaved, same VAE."""
-    from soragen import fast_paths
+    from soragen.models import fast_paths
     vae = bench_vae(settings.model_dir)
     if vae.dtype != torch.float32 or not fast_paths.onednn_conv3d(torch.float32):
         return

@@ -58,10 +58,10 @@ def run(settings: Settings) -> Section:
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
-    from soragen.config import LoRAConfig
-    from soragen.lora import add_lora
-    from soragen.train import autocast_dtype
-    from soragen.wan import from_diffusers
+    from soragen.core.config import LoRAConfig
+    from soragen.models.lora import add_lora
+    from soragen.train.run import autocast_dtype
+    from soragen.families.wan import from_diffusers
 
     amp = autocast_dtype("auto", torch.device("cpu"))
     s = Section("train", "Fine-tuning step: our DiT against diffusers' Wan transformer with peft",

@@ -24,11 +24,11 @@ TEXT_TOKENS, PROMPT_TOKENS = 512, 24  # umT5's 512, zeros past the prompt
 
 def models(dtype: torch.dtype):
     """diffusers' transformer at the 1.3B configuration, random (its own init), and our DiT with
-    the same weights through soragen.wan's key map, CPU fast paths installed."""
+    the same weights through soragen.families.wan's key map, CPU fast paths installed."""
     from diffusers import WanTransformer3DModel
 
-    from soragen import fast_paths
-    from soragen.wan import WAN_2_1_T2V_1_3B, from_diffusers
+    from soragen.models import fast_paths
+    from soragen.families.wan import WAN_2_1_T2V_1_3B, from_diffusers
     torch.manual_seed(0)
     theirs = WanTransformer3DModel(**WAN_2_1_T2V_1_3B).eval().requires_grad_(False).to(dtype)
     ours = from_diffusers(theirs)
@@ -62,7 +62,7 @@ def step_flops(ours, tokens: int) -> int:
 
 def step_rows(s: Section, settings: Settings) -> None:
     from soragen.pipeline import CachedDiT
-    from soragen.text import TextEmbedding
+    from soragen.models.text import TextEmbedding
     dtype = auto_dtype()
     theirs, ours = models(dtype)
     x, t, text = step_inputs(dtype)
@@ -105,7 +105,7 @@ def load_row(s: Section) -> None:
     """Our loader on the 1.3B transformer saved as diffusers saves it (bf16 shards), in a fresh process."""
     from diffusers import WanTransformer3DModel
 
-    from soragen.wan import WAN_2_1_T2V_1_3B
+    from soragen.families.wan import WAN_2_1_T2V_1_3B
     with tempfile.TemporaryDirectory(prefix="soragen-bench-wan-") as tmp:
         torch.manual_seed(0)
         model = WanTransformer3DModel(**WAN_2_1_T2V_1_3B).to(torch.bfloat16)
@@ -121,7 +121,7 @@ def load_row(s: Section) -> None:
 
 def e2e_rows(s: Section, settings: Settings) -> None:
     """A tiny random Wan pipeline, end to end in fresh processes: soragen generate against WanPipeline."""
-    from soragen.wan import tiny_pipeline
+    from soragen.tools.tiny_wan import tiny_pipeline
     args = dict(frames=9, height=64, width=64, steps=4 if settings.quick else 10)
     with tempfile.TemporaryDirectory(prefix="soragen-bench-wan-") as tmp:
         folder = Path(tmp) / "wan-tiny"
@@ -139,7 +139,7 @@ def e2e_rows(s: Section, settings: Settings) -> None:
                    f"peak RSS {theirs['maxrss_mb']:,.0f} MB"])
     s.data["e2e"] = {"ours": {k: ours[k] for k in ("wall", "maxrss_mb")},
                      "theirs": {k: theirs[k] for k in ("wall", "maxrss_mb")}, "args": args}
-    s.notes.append(f"Tiny pipeline (soragen.wan.tiny_pipeline, random weights): {args['frames']} frames at "
+    s.notes.append(f"Tiny pipeline (soragen.tools.tiny_wan, random weights): {args['frames']} frames at "
                    f"{args['width']}x{args['height']}, {args['steps']} UniPC steps, each a whole new process from "
                    "the command line (imports, load, text, sampling, decode, write).")
 

@@ -23,9 +23,9 @@ from typing import Annotated, Optional
 import typer
 
 from soragen import __version__
-from soragen.config import (MAX_SEED, ConfigError, DiTObjective, LoRAConfig, TrainConfig,  # stdlib only: cheap
+from soragen.core.config import (MAX_SEED, ConfigError, DiTObjective, LoRAConfig, TrainConfig,  # stdlib only: cheap
                             VAEObjective)
-from soragen.errors import SoragenError, UsageError
+from soragen.core.errors import SoragenError, UsageError
 
 app = typer.Typer(
     name="soragen",
@@ -81,8 +81,8 @@ def command(*args, **kwargs):
 
 def _check_overrides(**options) -> None:
     """Options that override a model's defaults pass the checks the model's own values pass
-    (soragen.config's SamplingDefaults and VideoDefaults), before anything is loaded."""
-    from soragen.config import ConfigError, SamplingDefaults, VideoDefaults
+    (soragen.core.config's SamplingDefaults and VideoDefaults), before anything is loaded."""
+    from soragen.core.config import ConfigError, SamplingDefaults, VideoDefaults
     for cls in (SamplingDefaults, VideoDefaults):
         names = {f for f in cls.__dataclass_fields__}
         try:
@@ -102,7 +102,7 @@ def _check_text(text: str, what: str) -> None:
 
 
 def _model_dir(model: Optional[Path]) -> Path:
-    from soragen.model_io import default_model_dir
+    from soragen.io.folders import default_model_dir
     if model is not None:
         return model
     default = default_model_dir()
@@ -153,7 +153,7 @@ class StageProgress:
 def _note_emulated_bf16(console, device, dtype) -> None:
     """bf16 asked for on a CPU that only emulates it: it runs (torch's own kernels), but slowly."""
     import torch
-    from soragen.fast_paths import has_fast_bf16
+    from soragen.models.fast_paths import has_fast_bf16
     if device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16():
         console.print("note: this CPU has no bf16 matmul units (AVX512-BF16 or AMX): bfloat16 runs through "
                       "torch's emulated kernels, slower than float32 (--dtype auto picks float32 here)")
@@ -216,7 +216,7 @@ def generate(
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
     """
     from soragen.pipeline import Pipeline
-    from soragen.video_io import write_video
+    from soragen.io.video import write_video
     jobs = _generate_jobs(prompt, prompts, out, seed)
     _check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
     if negative_prompt is not None:
@@ -224,7 +224,7 @@ def generate(
     _check_choices(device=device, dtype=dtype, eta=eta)
     t0 = time.perf_counter()
     seconds = {"imports": t0 - _STARTED}
-    from soragen.lora import parse
+    from soragen.io.lora_file import parse
     loras = [parse(spec) for spec in lora or []]
     pipe = Pipeline.load(_model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
     seconds["load"] = time.perf_counter() - t0
@@ -260,7 +260,7 @@ def generate(
 
 def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, seed: int) -> list[tuple[str, Path]]:
     """(prompt, output path) of each video to make, checked before anything is loaded."""
-    from soragen.video_io import check_output
+    from soragen.io.video import check_output
     if (prompt is None) == (prompts is None):
         raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
     if prompts is not None:
@@ -319,8 +319,8 @@ def inspect_patches(
 
       soragen inspect-patches clip.mp4 --frames 9 --out patches.png --json
     """
-    from soragen.patches import analyse, draw_patches
-    from soragen.model_io import load_model
+    from soragen.tools.patches import analyse, draw_patches
+    from soragen.io.model_folder import load_model
     _check_overrides(frames=frames)
     out = out or Path(f"{video.stem}.patches.png")
     if out.suffix.lower() != ".png":
@@ -393,7 +393,7 @@ OPTION_ALIASES = {"prediction": ("--objective",)}  # further names of a field's 
 
 def config_options(**configs: tuple[type, dict]):
     """Give a command one option per field of config dataclasses, with the name, type, range and help
-    the dataclass declares (soragen.config), and hand it one instance of each: `cfg=(TrainConfig,
+    the dataclass declares (soragen.core.config), and hand it one instance of each: `cfg=(TrainConfig,
     {"batch_size": 4})` adds --data, --frames, ... (defaults overridden as given) and calls the
     command with cfg=TrainConfig(...). Values out of range are usage errors naming the option."""
     import inspect
@@ -479,17 +479,17 @@ def train(
 
       soragen train --init Wan-AI/Wan2.1-T2V-1.3B-Diffusers --data clips/ --out runs/corgi --lora-rank 32
     """
-    from soragen.train import run_train
+    from soragen.train.run import run_train
     if vae is None and init is None and not resume:
-        from soragen.model_io import default_model_dir
+        from soragen.io.folders import default_model_dir
         default = default_model_dir()
         if default is None:
             raise UsageError("no --vae given and this install has no default model; train one with soragen train-vae")
         vae = str(default / "vae")
     if dry_run:
-        from soragen.plan import plan_run
+        from soragen.train.plan import plan_run
         if resume:
-            from soragen.model_io import latest_checkpoint
+            from soragen.io.folders import latest_checkpoint
             init = str(latest_checkpoint(out) or out)
         for line in plan_run(cfg, lora, init, vae, preset, text_encoder).lines():
             typer.echo(line)
@@ -506,7 +506,7 @@ def train(
 
 def _sample_prompts(path: Optional[Path]) -> list[str]:
     if path is None:
-        from soragen.shapes import load_sample_prompts
+        from soragen.tools.shapes import load_sample_prompts
         return load_sample_prompts()
     if not path.is_file():
         raise UsageError(f"--samples {path}: no such file")
@@ -547,7 +547,7 @@ def train_vae(
 
       soragen train-vae --data clips/ --init runs/vae --decoder-only --out runs/vae-dec
     """
-    from soragen.train import run_train_vae
+    from soragen.train.run import run_train_vae
     with _train_progress(cfg.max_steps) as progress:
         result = run_train_vae(cfg, objective, out=out, preset=preset, init=init, resume=resume, device=device,
                                progress=progress)
@@ -573,7 +573,7 @@ def make_dataset(
 
       soragen make-dataset shapes data/shapes --n 720 --seed 0
     """
-    from soragen.shapes import make_dataset as make
+    from soragen.tools.shapes import make_dataset as make
     if world != "shapes":
         raise UsageError(f"unknown world {world!r}; available: shapes")
     if n < 1 or frames < 2 or size < 16:
@@ -605,7 +605,7 @@ def export(
 
       soragen export Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan13b --weights-dtype bfloat16
     """
-    from soragen.model_io import load_model, save_model
+    from soragen.io.model_folder import family, load_model, save_model
     from soragen.pipeline import DTYPES
     if weights_dtype not in DTYPES:
         raise UsageError(f"unknown --weights-dtype {weights_dtype!r}; choose {', '.join(DTYPES)}")
@@ -615,7 +615,7 @@ def export(
     sampling = dataclasses.replace(loaded.sampling, **overrides)
     scheduler = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}
     save_model(out, loaded.dit, loaded.vae, loaded.text_spec, loaded.video, scheduler, sampling,
-               dit_dtype=DTYPES[weights_dtype])
+               dit_dtype=DTYPES[weights_dtype], family_name=family(loaded).name)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB; {sampling.sampler} {sampling.steps} steps, "
                f"guidance {sampling.guidance:g})")
@@ -651,7 +651,7 @@ def evaluate(
 
       soragen eval --reconstruct
     """
-    from soragen.evaluate import run_eval
+    from soragen.tools.evaluate import run_eval
     _check_overrides(sampler=sampler, steps=steps, guidance=guidance)
     results = run_eval(_model_dir(model), prompts, prompt_set, out, limit, steps, sampler, guidance, seed,
                        device, dtype, progress_factory=StageProgress, compile=compile, reconstruct=reconstruct)
@@ -685,8 +685,8 @@ def evaluate(
 # ---- entry point -------------------------------------------------------------------------------
 
 def main() -> None:
-    from soragen.runtime import keep_freed_memory
-    keep_freed_memory()  # glibc keeps freed memory for the next step (soragen.runtime)
+    from soragen.core.runtime import keep_freed_memory
+    keep_freed_memory()  # glibc keeps freed memory for the next step (soragen.core.runtime)
     code = run(sys.argv[1:])
     # Leaving: move every object into the permanent generation, so that the interpreter's last
     # garbage collection skips the millions that torch, transformers and diffusers create (an exit

@@ -1,6 +1,6 @@
 """From prompt to frames: text encoding, noise, the sampling loop, VAE decode, uint8.
 
-The pipeline owns device and dtype, installs the CPU fast paths (`soragen.fast_paths`) and takes
+The pipeline owns device and dtype, installs the CPU fast paths (`soragen.models.fast_paths`) and takes
 its sampling defaults from the model. It reports progress through a callback
 `progress(stage, done, total)` and never prints.
 """
@@ -17,14 +17,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from soragen import fast_paths
-from soragen.config import MAX_SIDE, ConfigError, SamplingDefaults
-from soragen.dit import Conditioning, token_grid
-from soragen.errors import SoragenError, UsageError
-from soragen.fast_paths import has_fast_bf16
-from soragen.model_io import Model, load_model
-from soragen.sampling import make_scheduler, sample
-from soragen.text import TextEncoder
+from soragen.models import fast_paths
+from soragen.core.config import MAX_SIDE, ConfigError, SamplingDefaults
+from soragen.models.dit import Conditioning, token_grid
+from soragen.core.errors import SoragenError, UsageError
+from soragen.models.fast_paths import has_fast_bf16
+from soragen.io.model_folder import family, load_model
+from soragen.models.model import Model
+from soragen.diffusion.sampling import make_scheduler, sample
+from soragen.models.text import TextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,12 +102,12 @@ class Pipeline:
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
              offload: bool = False, loras: list[tuple[str, float]] = ()) -> "Pipeline":
         """`loras`: (adapter file or LoRA run, weight) merged into the DiT's weights before it runs."""
-        from soragen import lora
+        from soragen.io import lora_file as lora
         dev = resolve_device(device)
         files = [(lora.resolve_file(path), weight) for path, weight in loras]  # before the heavy load
         model = load_model(model_dir, resolve_dtype(dtype, dev))
         for file, weight in files:
-            lora.apply(model.dit, file, weight)
+            lora.apply(model.dit, file, family(model), weight)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
                               compile, offload)

@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from soragen.errors import SoragenError, UsageError
-from soragen.video_io import VIDEO_SUFFIXES, VideoError, VideoInfo, probe_video, read_video
+from soragen.core.errors import SoragenError, UsageError
+from soragen.io.video import VIDEO_SUFFIXES, VideoError, VideoInfo, probe_video, read_video
 
 __all__ = [
     "Clip",

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from soragen.data import describe_resize, resize_and_crop
-from soragen.dit import token_grid
-from soragen.model_io import Model
-from soragen.vae import uint8_to_frames
-from soragen.video_io import read_video
+from soragen.train.data import describe_resize, resize_and_crop
+from soragen.models.dit import token_grid
+from soragen.models.model import Model
+from soragen.models.vae import uint8_to_frames
+from soragen.io.video import read_video
 
 
 def analyse(path: Path, model: Model, frames: int | None = None) -> tuple[dict, dict]:
@@ -107,7 +107,7 @@ def draw_patches(picture: dict, report: dict, out: Path, max_frames: int = 8, zo
             img = Image.fromarray(grey).resize((lw, lh), Image.NEAREST)
             canvas.paste(img, (pad + c * (lw + pad), y0 + t * (lh + pad)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    from soragen.atomic import atomic_path
+    from soragen.core.atomic import atomic_path
     with atomic_path(out, ".png") as tmp:  # never a half-written picture
         canvas.save(tmp)
     return out

@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageSequence
 
-from soragen.atomic import atomic_path
-from soragen.errors import SoragenError, UsageError
+from soragen.core.atomic import atomic_path
+from soragen.core.errors import SoragenError, UsageError
 
 # Larger frames are refused on reading: one 16k x 16k RGB frame alone is 768 MB.
 MAX_PIXELS = 8192 * 8192

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from soragen.config import DEFAULT_TEXT_ENCODER, TextEncoderSpec
-from soragen.errors import SoragenError
+from soragen.core.config import DEFAULT_TEXT_ENCODER, TextEncoderSpec
+from soragen.core.errors import SoragenError
 
 
 def default_encoder_path() -> Path:
@@ -92,7 +92,7 @@ TEXT_CONFIG_LIMITS = {
 
 def check_text_config(config_file: Path) -> None:
     """SoragenError naming the file and the field if a local encoder's config is unfit to build."""
-    from soragen.config import check_keys
+    from soragen.core.config import check_keys
     try:
         config = json.loads(config_file.read_text())
         if not isinstance(config, dict):

@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import SoragenError, UsageError
+from soragen.core.errors import SoragenError, UsageError
 
 # --------------------------------------------------------------------------- world
 
@@ -347,7 +347,7 @@ def make_dataset(
     """
     if n < 1:
         raise UsageError(f"the number of clips must be at least 1 (got {n})")
-    from .video_io import write_video  # lazy: keeps this module importable without video deps
+    from soragen.io.video import write_video  # lazy: keeps this module importable without video deps
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -375,7 +375,7 @@ def make_dataset(
         paths.append(path)
         if progress is not None:
             progress(i + 1, n)
-    from soragen.atomic import atomic_path
+    from soragen.core.atomic import atomic_path
     with atomic_path(out / "metadata.jsonl") as tmp:
         tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return paths

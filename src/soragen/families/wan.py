@@ -9,15 +9,17 @@ embedding is a Conv3d whose kernel is the patch, which is our Linear on the flat
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from soragen.config import DiTConfig
-from soragen.errors import SoragenError
+from soragen.core.config import DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults
+from soragen.core.errors import SoragenError
+from soragen.core.jsonfile import read_json
+from soragen.diffusion.sampling import check_sampler, check_schedule
+from soragen.families.base import Family
 
 # diffusers' WanTransformer3DModel configs of the released text-to-video models (their config.json)
 WAN_2_1_T2V_1_3B = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -123,12 +125,7 @@ def combine(rule: Rule, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def read_transformer_config(folder: Path) -> dict:
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SoragenError(f"{folder} has no config.json (a diffusers transformer folder)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SoragenError(f"{path} is not valid JSON: {err}") from err
+    config = read_json(path, missing=f"{folder} has no config.json (a diffusers transformer folder)")
     if not isinstance(config, dict) or config.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
         raise SoragenError(f"{path} is not a WanTransformer3DModel config")
     return config
@@ -138,8 +135,8 @@ def load_transformer(folder: Path, dtype: torch.dtype = torch.float32):
     """Our VideoDiT with the weights of a diffusers WanTransformer3DModel folder (config.json +
     safetensors, sharded or not), checked by the files' headers before any tensor is read, then
     read shard by shard into `dtype`: memory never holds much more than the model."""
-    from soragen.dit import VideoDiT
-    from soragen.weights import Mapping, load_into, weight_files
+    from soragen.models.dit import VideoDiT
+    from soragen.core.weights import Mapping, load_into, weight_files
     config = dit_config(read_transformer_config(folder), str(folder / "config.json"))
     with torch.device("meta"):  # no memory and no random init: every weight comes from the files
         dit = VideoDiT(config).cast("meta", dtype)
@@ -153,88 +150,55 @@ WAN_VIDEO = dict(frames=81, height=480, width=832, fps=16.0)
 WAN_SAMPLING = dict(sampler="unipc", steps=50, guidance=5.0, negative_prompt="")
 
 
-def load_pipeline_folder(folder: Path, hub_id: str | None = None, dtype: torch.dtype = torch.float32):
-    """A diffusers WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
-    tokenizer/, scheduler/) as our Model: the transformer as our DiT, the VAE as it is, the text
-    encoder by reference (it loads from the folder), its scheduler config, WanPipeline's defaults."""
-    from soragen.config import SamplingDefaults, TextEncoderSpec, VideoDefaults
-    from soragen.model_io import Model, _read_json, check_sampler
-    from soragen.sampling import check_schedule
-    from soragen.vae import load_vae
+def text_encoder_spec(folder: Path, source: str) -> TextEncoderSpec:
+    """umT5 from the pipeline folder (named by `source`, the folder or hub id the user gave), its
+    prompts cleaned as WanPipeline cleans them, zero-padded to 512 tokens, in the dtype it is stored in."""
+    encoder_config = read_json(folder / "text_encoder" / "config.json")
+    stored = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
+    return TextEncoderSpec(source=source, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+                           max_length=512, padding="zeros", clean="wan",
+                           dtype="bfloat16" if stored == "bfloat16" else "float32")
 
-    index = _read_json(folder / "model_index.json")
+
+def read_pipeline_index(folder: Path) -> dict:
+    index = read_json(folder / "model_index.json")
     if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
         raise SoragenError(f"{folder / 'model_index.json'}: soragen runs diffusers' WanPipeline (Wan 2.1 text to "
                            f"video), not {index.get('_class_name') if isinstance(index, dict) else index!r}")
     if (index.get("transformer_2") or [None])[0] is not None or index.get("boundary_ratio") is not None:
         raise SoragenError(f"{folder / 'model_index.json'}: two transformers (Wan 2.2): soragen runs Wan 2.1")
+    return index
+
+
+def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.float32):
+    """A diffusers WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/) as our Model: the transformer as our DiT, the VAE as it is, the text
+    encoder by reference (it loads from the folder), its scheduler config, WanPipeline's defaults."""
+    from soragen.models.model import Model
+    from soragen.models.vae import load_vae
+
+    read_pipeline_index(folder)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file)
+    scheduler_config = read_json(scheduler_file)
     try:
         check_schedule(scheduler_config)
     except ValueError as err:
         raise SoragenError(f"{scheduler_file}: {err}") from err
     sampling = SamplingDefaults(**WAN_SAMPLING)
     check_sampler(sampling.sampler, scheduler_config, scheduler_file)
-    encoder_config = _read_json(folder / "text_encoder" / "config.json")
-    stored = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
-    text = TextEncoderSpec(source=hub_id or str(folder.resolve()), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
-                           max_length=512, padding="zeros", clean="wan",
-                           dtype="bfloat16" if stored == "bfloat16" else "float32")
+    text = text_encoder_spec(folder, source)
     dit = load_transformer(folder / "transformer", dtype)
     vae = load_vae(folder / "vae")
     if vae.latent_channels != dit.config.in_channels:
         raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, the transformer "
                            f"takes {dit.config.in_channels}")
-    return Model(dit, vae, text, VideoDefaults(**WAN_VIDEO), scheduler_config, sampling, folder)
-
-
-# ---- a tiny Wan pipeline, for trying the Wan path (and testing and benchmarking it) offline ------------
-
-TINY_WORDS = ["[PAD]", "[UNK]", "</s>", "a", "an", "the", "red", "blue", "green", "yellow", "ball", "box", "sky",
-              "grass", "moving", "falling", "right", "left", "in", "on", "at", "night", "sora", "is"]
-
-
-def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return module.eval()
-
-
-def tiny_pipeline(seed: int = 0, head_dim: int = 20):
-    """A diffusers WanPipeline of Wan 2.1's architecture at a toy size, every weight random: a
-    word-level tokenizer, a 2-layer umT5, a Wan VAE of x4 in time and space, a 2-block transformer,
-    UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
-    g = torch.Generator().manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                               num_heads=2, relative_attention_num_buckets=8,
-                                               relative_attention_max_distance=16, pad_token_id=0, eos_token_id=2,
-                                               decoder_start_token_id=0))
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
-                           latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.8, 2.0, 1.1],
-                           scale_factor_spatial=4, scale_factor_temporal=4)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=48,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        num_train_timesteps=1000)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
-                       scheduler=scheduler, transformer=_randomise(transformer, g, 0.2))
+    return Model(dit, vae, text, VideoDefaults(**WAN_VIDEO), scheduler_config, sampling, folder, FAMILY)
 
 
 def from_diffusers(transformer) -> "torch.nn.Module":
     """Our VideoDiT with the weights of a WanTransformer3DModel in memory (through the same key map
     as the files), in its dtype."""
-    from soragen.dit import VideoDiT
+    from soragen.models.dit import VideoDiT
     config = dit_config(dict(transformer.config))
     theirs = transformer.state_dict()
     with torch.device("meta"):
@@ -242,3 +206,41 @@ def from_diffusers(transformer) -> "torch.nn.Module":
     state = {rule.key: combine(rule, [theirs[s] for s in rule.sources]).clone() for rule in key_map(config.depth)}
     dit.load_state_dict(state, strict=True, assign=True)
     return dit.eval().requires_grad_(False)
+
+
+# ---- the family: what the registry asks ----------------------------------------------------------
+
+class WanFamily(Family):
+    """Wan 2.1 text-to-video: diffusers WanPipeline folders (a hub id is fetched into one), and
+    soragen folders exported from them."""
+
+    name = "wan"
+
+    def recognises(self, folder: Path) -> bool:
+        return (folder / "model_index.json").is_file()
+
+    def load(self, folder: Path, source: str, dtype: torch.dtype):
+        return load_pipeline_folder(folder, source, dtype)
+
+    def configs(self, folder: Path) -> tuple[DiTConfig, TextEncoderSpec]:
+        read_pipeline_index(folder)
+        return dit_config(read_json(folder / "transformer" / "config.json")), text_encoder_spec(folder, str(folder))
+
+    def lora_names(self, depth: int) -> dict[str, tuple[str, int, int]]:
+        """diffusers' Wan linear names, from the weights' key map (a fused q/k/v is three parts)."""
+        out = {}
+        for rule in key_map(depth):
+            if not rule.key.endswith(".weight") or rule.how == "conv":
+                continue
+            for i, source in enumerate(rule.sources):
+                out[source.removesuffix(".weight")] = (rule.key.removesuffix(".weight"), i, len(rule.sources))
+        return out
+
+    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' own conversion of the original Wan and musubi-tuner layouts (given tensors,
+        never a file to unpickle)."""
+        from diffusers.loaders import WanLoraLoaderMixin
+        return WanLoraLoaderMixin.lora_state_dict(tensors)
+
+
+FAMILY = WanFamily()

@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from soragen.atomic import atomic_path
-from soragen.config import LoRAConfig, TrainConfig, from_dict
-from soragen.errors import SoragenError, UsageError
-from soragen.model_io import CHECKPOINT_RE, latest_checkpoint
-from soragen.weights import assert_finite, read_safetensors
+from soragen.core.atomic import atomic_path
+from soragen.core.config import LoRAConfig, TrainConfig, from_dict
+from soragen.core.errors import SoragenError, UsageError
+from soragen.io.folders import CHECKPOINT_RE, latest_checkpoint
+from soragen.core.weights import assert_finite, read_safetensors
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -100,10 +100,10 @@ def _state_json(checkpoint: Path, name: str) -> dict:
 def check_resumable(checkpoint: Path) -> None:
     """The checkpoint's training state is whole, by its JSON files and its tensors' headers: checked
     when the run starts, so a damaged one is named before the clips are scanned and encoded."""
-    from soragen.weights import read_header
+    from soragen.core.weights import read_header
     state_dir = checkpoint / "train_state"
     shards = _state_json(checkpoint, "state.json").get("sharded")
-    if shards:  # an FSDP run's: one safetensors file of shards per process (soragen.fsdp)
+    if shards:  # an FSDP run's: one safetensors file of shards per process (soragen.train.fsdp)
         files = sorted((state_dir / "dcp").glob("*.safetensors"))
         if not isinstance(shards, int) or len(files) != shards:
             raise _damaged(checkpoint, f"cannot resume: {state_dir / 'dcp'} holds {len(files)} shard files, "
@@ -126,7 +126,7 @@ def check_resumable(checkpoint: Path) -> None:
 
 def _load_trained(module: torch.nn.Module, file: Path, what: str, trained: Callable) -> None:
     """Load the tensors `trained(module)` names (a LoRA's: a few MB) from `file`, strictly."""
-    from soragen.weights import load_into
+    from soragen.core.weights import load_into
     if trained is whole:
         load_into(module, [file], what)
         return

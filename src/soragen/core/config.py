@@ -297,7 +297,7 @@ class TrainConfig:
 
 @dataclass
 class DiTObjective:
-    """How the DiT learns (soragen.objectives): what it predicts, how much more the cells of small
+    """How the DiT learns (soragen.diffusion.objectives): what it predicts, how much more the cells of small
     objects weigh, and whether the noise schedule ends in pure noise. Stored with a run's checkpoints."""
 
     prediction: str = bounded("auto", choices=OBJECTIVES, help="What the DiT learns to output: flow (flow "
@@ -341,7 +341,7 @@ class DiTObjective:
 
 @dataclass
 class LoRAConfig:
-    """A low-rank adapter on the DiT's linears (soragen.lora): rank 0 trains every weight instead."""
+    """A low-rank adapter on the DiT's linears (soragen.models.lora): rank 0 trains every weight instead."""
 
     lora_rank: int = bounded(0, low=0, high=4096, help="Train a LoRA of this rank on the frozen DiT (0: a full "
                              "fine-tune).")

@@ -10,10 +10,11 @@ import json
 import time
 from pathlib import Path
 
-from soragen.errors import UsageError
-from soragen.model_io import Model, load_model
+from soragen.core.errors import UsageError
+from soragen.io.model_folder import load_model
+from soragen.models.model import Model
 from soragen.pipeline import Pipeline, StageTimes
-from soragen.shapes import judge_video, load_prompt_set, mistakes, parse_prompt_set, score
+from soragen.tools.shapes import judge_video, load_prompt_set, mistakes, parse_prompt_set, score
 
 
 def read_prompts(path: Path | None, name: str) -> list[dict]:
@@ -28,7 +29,7 @@ def judge_all(rows: list[dict], make_video, fps: float, seed: int = 0, out: Path
               progress_factory=None, settings: dict | None = None) -> dict:
     """Make a video per row with `make_video(row, seed, progress)`, judge it and score the lot;
     with `out`, keep each video and a results.jsonl."""
-    from soragen.video_io import write_video
+    from soragen.io.video import write_video
     judgements, records = [], []
     stages = StageTimes()
     start = time.perf_counter()
@@ -68,8 +69,8 @@ def evaluate_reconstructions(model: Model, rows: list[dict], seed: int = 0, out:
 
     import torch
 
-    from soragen.shapes import ClipSpec, render_clip
-    from soragen.vae import uint8_to_frames
+    from soragen.tools.shapes import ClipSpec, render_clip
+    from soragen.models.vae import uint8_to_frames
     video = model.video
     if video.height != video.width:
         raise UsageError(f"--reconstruct renders square clips; this model makes {video.width}x{video.height}")

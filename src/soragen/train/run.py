@@ -2,8 +2,8 @@
 
 Both share one loop: AdamW with linear warm-up, gradient accumulation and clipping, an EMA of the
 weights, bf16 autocast where the hardware does bf16 fast, non-finite steps skipped, checkpoints
-(soragen.checkpoints), exact resume, and DDP under torchrun. What is minimised is in
-soragen.objectives; the DiT's examples come from soragen.latent_cache.
+(soragen.train.checkpoints), exact resume, and DDP under torchrun. What is minimised is in
+soragen.diffusion.objectives; the DiT's examples come from soragen.train.latent_cache.
 
 Randomness is derived, not stored: step s on rank r draws its noise, timesteps, caption dropout
 and crops from a generator seeded with (seed, r, s), and the data order of epoch e from
@@ -28,19 +28,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from soragen.atomic import atomic_path
-from soragen.checkpoints import (check_resumable, load_train_state, prepare_run_dir, save_checkpoint, stored_lora,
+from soragen.core.atomic import atomic_path
+from soragen.train.checkpoints import (check_resumable, load_train_state, prepare_run_dir, save_checkpoint, stored_lora,
                                  stored_run, whole)
-from soragen.config import (DiTObjective, LoRAConfig, SamplingDefaults, TextEncoderSpec, TrainConfig, VAEObjective,
+from soragen.core.config import (DiTObjective, LoRAConfig, SamplingDefaults, TextEncoderSpec, TrainConfig, VAEObjective,
                             VideoDefaults, dit_preset, vae_preset_config)
-from soragen.data import Clip, load_clip, require_clips, scan_clips
-from soragen.errors import SoragenError, UsageError
-from soragen.latent_cache import LatentSamples, build_samples
-from soragen.lora import add_lora, trainable_state
-from soragen.model_io import latest_checkpoint, load_model, read_manifest, save_lora_model, save_model
-from soragen.objectives import VAEWithLoss, diffusion_loss, flow_loss
-from soragen.sampling import is_flow
-from soragen.vae import VideoVAE, load_vae, new_vae, save_vae, uint8_to_frames
+from soragen.train.data import Clip, load_clip, require_clips, scan_clips
+from soragen.core.errors import SoragenError, UsageError
+from soragen.train.latent_cache import LatentSamples, build_samples
+from soragen.models.lora import add_lora, trainable_state
+from soragen.io.folders import latest_checkpoint
+from soragen.families.registry import DEFAULT
+from soragen.io.model_folder import family, load_model, read_manifest, save_lora_model, save_model
+from soragen.diffusion.objectives import VAEWithLoss, diffusion_loss, flow_loss
+from soragen.diffusion.sampling import is_flow
+from soragen.models.vae import VideoVAE, load_vae, new_vae, save_vae, uint8_to_frames
 
 MAX_BAD_STEPS_IN_A_ROW = 20
 
@@ -110,7 +112,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    from soragen.fast_paths import has_fast_bf16
+    from soragen.models.fast_paths import has_fast_bf16
     if mode == "no":
         return None
     if mode == "bf16":
@@ -152,11 +154,11 @@ class DiTTask(Task):
 
     def __init__(self, dit, start: "Start", video: VideoDefaults, samples: LatentSamples, caption_dropout: float,
                  objective: DiTObjective, lora: LoRAConfig):
-        from soragen.sampling import training_scheduler
+        from soragen.diffusion.sampling import training_scheduler
         self.module, self.vae, self.text_spec, self.video = dit, start.vae, start.text_spec, video
         self.samples, self.caption_dropout, self.objective = samples, caption_dropout, objective
         self.sampling = start.sampling  # None: the generic defaults; with --init, the tuned ones of that model
-        self.lora, self.base = lora, start.base_ref
+        self.lora, self.base, self.family = lora, start.base_ref, start.family
         self.scheduler_config = objective.schedule(start.schedule if is_flow(start.schedule) else None)
         self.scheduler = None if objective.prediction == "flow" else training_scheduler(self.scheduler_config)
         if lora.lora_rank:
@@ -179,15 +181,16 @@ class DiTTask(Task):
 
     def build(self):
         """A new module of the trained one's structure (an FSDP run's EMA is gathered into it)."""
-        from soragen.dit import VideoDiT
+        from soragen.models.dit import VideoDiT
         dit = VideoDiT(self.module.config)
         return add_lora(dit, self.lora) if self.lora.lora_rank else dit
 
     def write_model(self, folder, ema):
         if self.lora.lora_rank:
-            save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling)
+            save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling, self.family)
         else:
-            save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling)
+            save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling,
+                       family_name=self.family.name if self.family else DEFAULT)
 
     def after_save(self, folder, ema, step):
         if self.sample_hook:
@@ -211,8 +214,8 @@ class VAETask(Task):
 
     def _clip(self, index: int, generator: torch.Generator) -> np.ndarray:
         """A random window of clip `index`; decoded clips stay in memory while they fit."""
-        from soragen.data import resize_and_crop, sample_frame_indices
-        from soragen.video_io import read_video
+        from soragen.train.data import resize_and_crop, sample_frame_indices
+        from soragen.io.video import read_video
         clip = self.clips[index]
         if clip.path not in self._frames:
             frames, _ = read_video(clip.path)
@@ -259,7 +262,7 @@ class VAETask(Task):
 
 def train_loop(task: Task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
                progress: Progress | None, fsdp: bool = False) -> dict:
-    from soragen import fsdp as sharded
+    from soragen.train import fsdp as sharded
     module = task.module.to(dist.device)
     amp = autocast_dtype(cfg.mixed_precision, dist.device)
     if fsdp:
@@ -443,6 +446,7 @@ class Start:
     sampling: SamplingDefaults | None = None
     schedule: dict | None = None
     base_ref: str | None = None
+    family: object = None  # soragen.families.base.Family of the --init model; None: soragen's own
 
 
 def base_reference(init: str, model) -> str:
@@ -457,9 +461,10 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
         if manifest.get("kind") == "lora":  # the base model, unmerged; the adapter comes from train_state/
             base = load_model(manifest["base"])
             return Start(base.vae, base.text_spec, base.dit, base.dit.config, base.sampling, base.scheduler_config,
-                         manifest["base"])
+                         manifest["base"], family(base))
         model = load_model(resume_from)
-        return Start(model.vae, model.text_spec, None, model.dit.config, model.sampling, model.scheduler_config)
+        return Start(model.vae, model.text_spec, None, model.dit.config, model.sampling, model.scheduler_config,
+                     family=family(model))
     if lora.lora_rank and not init:
         raise UsageError("--lora-rank adapts a pretrained model: give it --init (a model folder, a diffusers Wan "
                          "folder or a hub id)")
@@ -474,7 +479,7 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
                 raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
                                  f"DiT takes {base.dit.config.in_channels}")
         return Start(vae, base.text_spec, base.dit, base.dit.config, base.sampling, base.scheduler_config,
-                     base_reference(init, base) if lora.lora_rank else None)
+                     base_reference(init, base) if lora.lora_rank else None, family(base))
     if not vae_source:
         raise UsageError("soragen train needs a VAE: --vae RUN_DIR_OR_MODEL (train one with soragen "
                          "train-vae) or a pretrained Wan 2.1 VAE folder or hub id")
@@ -483,7 +488,7 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
 
 def resolve_objective(objective: DiTObjective, start: Start) -> DiTObjective:
     """"auto" made concrete for the model trained; an objective that cannot train it refused."""
-    from soragen.config import ConfigError
+    from soragen.core.config import ConfigError
     flow = is_flow(start.schedule)
     try:
         objective = objective.resolved(flow)
@@ -502,9 +507,9 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
               lora: LoRAConfig | None = None, fsdp: bool = False) -> dict:
     """Train the DiT of a new run, an --init model's (all of it, or a LoRA on it), or a resumed run's,
     to cfg.max_steps."""
-    from soragen import fast_paths
-    from soragen.dit import VideoDiT
-    from soragen.text import TextEncoder
+    from soragen.models import fast_paths
+    from soragen.models.dit import VideoDiT
+    from soragen.models.text import TextEncoder
 
     lora = lora or LoRAConfig()
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -561,7 +566,7 @@ def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str]):
         if step != cfg.max_steps and (not cfg.sample_every or step % cfg.sample_every):
             return
         from soragen.pipeline import Pipeline, resolve_dtype
-        from soragen.video_io import write_video
+        from soragen.io.video import write_video
         device = torch.device("cpu")
         pipe = Pipeline.from_model(load_model(checkpoint), text_encoder, device, resolve_dtype("auto", device))
         folder = out / "samples" / f"step-{step:06d}"
@@ -572,7 +577,7 @@ def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str]):
 
 
 def _finish(out: Path, progress: Progress | None) -> None:
-    from soragen.plots import loss_curve_png
+    from soragen.io.plots import loss_curve_png
     png = loss_curve_png(out / "metrics.jsonl", out / "loss.png")
     if progress and png:
         progress("message", f"loss curve: {png}")

@@ -1,16 +1,10 @@
-"""LoRA: low-rank adapters on the DiT's linears, trained with peft, stored as diffusers stores Wan's.
+"""LoRA files: an adapter saved, found and merged, in the layout its model's family names (for
+soragen's DiT and Wan: diffusers' Wan LoRA layout, `transformer.blocks.0.attn1.to_q.lora_A.weight`,
+..., which diffusers' `WanPipeline.load_lora_weights` and the ComfyUI-style tools read).
 
-A LoRA leaves a linear's weight W frozen and learns a low-rank change to it:
-
-    y = W x + (alpha / r) B A x         A: (r, in), random at start;  B: (out, r), zero at start
-
-so training starts from the base model exactly and moves only r (in + out) numbers per linear.
-
-On disk an adapter is diffusers' Wan LoRA layout (`transformer.blocks.0.attn1.to_q.lora_A.weight`,
-...), which diffusers' `WanPipeline.load_lora_weights` and the ComfyUI-style tools read. Our q, k
-and v are one fused linear, diffusers' three: one LoRA on the fused weight is three that share A,
-each with its rows of B. The other way, three LoRAs of rank r with their own A are one of rank 3r
-on the fused weight, which is how adapters made elsewhere are merged. The scale alpha / r is
+Our q, k and v are one fused linear, diffusers' three: one LoRA on the fused weight is three that
+share A, each with its rows of B. The other way, three LoRAs of rank r with their own A are one of
+rank 3r on the fused weight, which is how adapters made elsewhere are merged. The scale alpha / r is
 multiplied into B when saving, so a file means the same in every tool (a file without alphas is
 read at scale 1).
 """
@@ -22,59 +16,16 @@ from pathlib import Path
 
 import torch
 
-from soragen.config import LoRAConfig
-from soragen.errors import SoragenError, UsageError
+from soragen.core.errors import SoragenError, UsageError
+from soragen.models.lora import ADAPTER, lora_layers
 
-ADAPTER = "default"
 FILE = "lora.safetensors"
-# Our linears in each block that a target adapts (soragen.config.LORA_TARGETS)
-TARGETS = {"attn": ("attn.qkv", "attn.proj"), "cross": ("cross.q", "cross.kv", "cross.proj"), "ffn": ("mlp.0", "mlp.2")}
 
 
-def target_names(dit, lora: LoRAConfig) -> list[str]:
-    return [f"blocks.{i}.{name}" for i in range(len(dit.blocks)) for t in lora.targets() for name in TARGETS[t]]
-
-
-def add_lora(dit, lora: LoRAConfig):
-    """Freeze `dit` and give the target linears a trainable LoRA (peft's LoRA layers, in place)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    dit.requires_grad_(False)
-    config = LoraConfig(r=lora.lora_rank, lora_alpha=lora.alpha, lora_dropout=0.0,
-                        target_modules=target_names(dit, lora))
-    inject_adapter_in_model(config, dit, adapter_name=ADAPTER)
-    return dit
-
-
-def lora_layers(dit) -> dict[str, torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-    return {name: m for name, m in dit.named_modules() if isinstance(m, LoraLayer)}
-
-
-def trainable_state(dit) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by their names in `dit` (what a LoRA run's checkpoints keep; also of
-    its EMA copy, whose tensors do not require grad)."""
-    return {name: p for name, p in dit.named_parameters() if ".lora_A." in name or ".lora_B." in name}
-
-
-# ---- diffusers' layout ------------------------------------------------------------------------
-
-def _their_names(depth: int) -> dict[str, tuple[str, int, int]]:
-    """diffusers' Wan linear name -> (our linear, which part of its rows, of how many parts)."""
-    from soragen.wan import key_map
-    out = {}
-    for rule in key_map(depth):
-        if not rule.key.endswith(".weight") or rule.how == "conv":
-            continue
-        for i, source in enumerate(rule.sources):
-            out[source.removesuffix(".weight")] = (rule.key.removesuffix(".weight"), i, len(rule.sources))
-    return out
-
-
-def to_diffusers(dit) -> dict[str, torch.Tensor]:
-    """The adapter of `dit` in diffusers' Wan LoRA layout, its scale multiplied into B."""
-    grouped: dict[str, list] = {}  # our linear -> [(part, parts, diffusers' name)]
-    for theirs, (name, part, parts) in _their_names(len(dit.blocks)).items():
+def to_layout(dit, names: dict[str, tuple[str, int, int]]) -> dict[str, torch.Tensor]:
+    """The adapter of `dit` under other tools' `names` (a family's lora_names), its scale multiplied into B."""
+    grouped: dict[str, list] = {}  # our linear -> [(part, parts, their name)]
+    for theirs, (name, part, parts) in names.items():
         grouped.setdefault(name, []).append((part, parts, theirs))
     state = {}
     for name, layer in lora_layers(dit).items():
@@ -87,14 +38,14 @@ def to_diffusers(dit) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(dit, path: Path) -> None:
+def save(dit, path: Path, family) -> None:
     from safetensors.torch import save_file
-    save_file(to_diffusers(dit), str(path), metadata={"format": "pt"})
+    save_file(to_layout(dit, family.lora_names(len(dit.blocks))), str(path), metadata={"format": "pt"})
 
 
 def resolve_file(source: str | Path) -> Path:
     """--lora's path: an adapter file, a LoRA checkpoint folder, or a LoRA run (its latest checkpoint's)."""
-    from soragen.model_io import latest_checkpoint
+    from soragen.io.folders import latest_checkpoint
     path = Path(source)
     if path.is_dir():
         checkpoint = latest_checkpoint(path) or path
@@ -153,20 +104,19 @@ def _scale(config: dict, module: str, rank: int, alphas: dict) -> float:
     return float(alpha) / float(r)
 
 
-def apply(dit, path: Path, weight: float = 1.0, what: str | None = None) -> int:
-    """Merge the adapter in `path` (diffusers' Wan layout, or the original Wan / musubi-tuner layouts
-    diffusers converts) into `dit`'s weights at `weight`; returns how many linears it changed. An
-    adapter for another model is refused before any weight changes."""
-    from diffusers.loaders import WanLoraLoaderMixin
-
+def apply(dit, path: Path, family, weight: float = 1.0, what: str | None = None) -> int:
+    """Merge the adapter in `path` (the layout `family` names, or one it converts: for Wan, the
+    original Wan and musubi-tuner layouts diffusers converts) into `dit`'s weights at `weight`;
+    returns how many linears it changed. An adapter for another model is refused before any weight
+    changes."""
     what = what or f"--lora {path}"
     tensors, config = _read(path)
     alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
-    try:  # diffusers' own conversion of the other layouts (given tensors, never a file to unpickle)
-        converted = WanLoraLoaderMixin.lora_state_dict({k: v for k, v in tensors.items() if k not in alphas})
-    except Exception as err:  # diffusers raises many kinds on an unknown layout
+    try:
+        converted = family.lora_tensors({k: v for k, v in tensors.items() if k not in alphas})
+    except Exception as err:  # converters (diffusers') raise many kinds on an unknown layout
         raise SoragenError(f"{what}: not a Wan LoRA that diffusers can read ({type(err).__name__}: {err})") from err
-    names = _their_names(len(dit.blocks))
+    names = family.lora_names(len(dit.blocks))
     weights = dict(dit.named_parameters())
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in converted if ".lora_" in k})
     unknown = [k for k in converted if ".lora_A.weight" not in k and ".lora_B.weight" not in k]

@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from soragen.config import PREDICTIONS, SAMPLERS, check_keys
-from soragen.errors import UsageError
+from soragen.core.config import PREDICTIONS, SAMPLERS, check_keys
+from soragen.core.errors import SoragenError, UsageError
 
 # The noise schedule: DiT's linear betas over 1000 steps, the DiT predicting the velocity (what
 # `soragen train` teaches by default). Every model folder stores its own, which wins.
@@ -50,6 +50,14 @@ def check_schedule(config: dict) -> dict:
         raise ValueError(f"a scheduler config must be a JSON object, got {type(config).__name__}")
     check_keys(config, SCHEDULE_LIMITS)
     return config
+
+
+def check_sampler(sampler: str, scheduler_config: dict, source) -> None:
+    """A model's default sampler must be one that samples its noise schedule (`source`: the file that names it)."""
+    flow = is_flow(scheduler_config)
+    if (sampler == "ddim" and flow) or (sampler == "euler" and not flow):
+        raise SoragenError(f"{source}: sampling.sampler {sampler} cannot sample this model's "
+                           f"{'flow-matching' if flow else 'DDPM'} noise schedule")
 
 
 def training_scheduler(config: dict | None = None):

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from soragen.atomic import atomic_path
-from soragen.errors import SoragenError
+from soragen.core.atomic import atomic_path
+from soragen.core.errors import SoragenError
 
 
 @dataclass
@@ -88,7 +88,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 @dataclass
 class Mapping:
     """How stored tensors become a module's: `rules` are (our key, source keys, combine), with
-    `shape(rule, source shapes)` and `combine(rule, source tensors)` (soragen.wan's key map), or
+    `shape(rule, source shapes)` and `combine(rule, source tensors)` (soragen.families.wan's key map), or
     None for the identity (each key stored as it is named)."""
 
     rules: list | None = None

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soragen.atomic import atomic_path
-from soragen.config import TrainConfig
-from soragen.data import Clip, file_hash
-from soragen.vae import VideoVAE, uint8_to_frames
+from soragen.core.atomic import atomic_path
+from soragen.core.config import TrainConfig
+from soragen.train.data import Clip, file_hash
+from soragen.models.vae import VideoVAE, uint8_to_frames
 
 Progress = Callable[[str, object], None]
 
@@ -37,7 +37,7 @@ class LatentSamples:
         return len(self.latents)
 
     def batch(self, items: list[int], generator: torch.Generator, caption_dropout: float):
-        from soragen.text import TextEmbedding
+        from soragen.models.text import TextEmbedding
         latents, tokens, pooled = [], [], []
         for i in items:
             k = int(torch.randint(0, self.latents[i].shape[0], (1,), generator=generator))
@@ -66,7 +66,7 @@ def vae_fingerprint(vae: VideoVAE) -> str:
 
 def window_starts(clip: Clip, frames: int, fps: float, windows: int) -> list[int]:
     """Up to `windows` evenly spread start frames of the clip's possible crops."""
-    from soragen.data import frames_needed
+    from soragen.train.data import frames_needed
     last = max(0, clip.info.frames - frames_needed(frames, fps, clip.info.fps))
     count = min(windows, last + 1)
     return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
@@ -74,8 +74,8 @@ def window_starts(clip: Clip, frames: int, fps: float, windows: int) -> list[int
 
 def clip_windows(clip: Clip, cfg: TrainConfig, windows: int) -> np.ndarray:
     """(windows, frames, height, width, 3) uint8: the clip's evenly spread windows at cfg's fps and size."""
-    from soragen.data import resize_and_crop
-    from soragen.video_io import read_video
+    from soragen.train.data import resize_and_crop
+    from soragen.io.video import read_video
     frames, _ = read_video(clip.path)
     step = clip.info.fps / cfg.fps
     crops = []

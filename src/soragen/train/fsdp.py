@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from soragen.atomic import publish, remove, staging, sweep
+from soragen.core.atomic import publish, remove, staging, sweep
 
 STATE = "dcp"  # train_state/dcp/: the sharded weights, EMA and optimizer state
 
@@ -94,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, write_model, build, module, ema: S
     (state.json, and dcp/ written by every process), complete before it gets its name."""
     import torch.distributed.checkpoint as dcp
 
-    from soragen.checkpoints import prune
+    from soragen.train.checkpoints import prune
     final = run_dir / f"checkpoint-{step}"
     names = [str(staging(final))] if dist.main else [None]
     torch.distributed.broadcast_object_list(names, src=0)  # rank 0's temporary name, for every process
@@ -124,7 +124,7 @@ def load_train_state(checkpoint: Path, module, ema: ShardedEMA, optimizer, train
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
-    from soragen.checkpoints import _damaged, _state_json
+    from soragen.train.checkpoints import _damaged, _state_json
     state = _state_json(checkpoint, "state.json")
     if not state.get("sharded"):
         raise _damaged(checkpoint, f"cannot resume {checkpoint} with --fsdp: it was saved by an unsharded run "

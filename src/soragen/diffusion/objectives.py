@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from soragen.vae import pad_frames
+from soragen.models.vae import pad_frames
 
 # A latent cell counts as part of an object when it stands out from its row's and column's median by
 # this much: with the shapes world's VAEs, that finds most of the cells under an object's pixels.

@@ -1,4 +1,4 @@
-"""CPU fast paths, installed onto the plain modules of `soragen.dit` and the VAE from outside.
+"""CPU fast paths, installed onto the plain modules of `soragen.models.dit` and the VAE from outside.
 
 What is installed, each only where this CPU runs it (checked once per dtype by trying it on a
 tiny input: oneDNN refuses bf16 on AVX2-only CPUs) and each falling back to the plain module:
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soragen import dit as dit_module
+from soragen.models import dit as dit_module
 
 
 # ---- what this CPU can run -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ positions, one shared projection of the timestep plus a table per block instead 
 block, q/k normed across heads, an MLP projecting the text, tanh GELU, no pooled text.
 
 This file says what is computed, in plain torch. The kernels that make it fast on a CPU are
-installed onto these modules from outside (`soragen.fast_paths`).
+installed onto these modules from outside (`soragen.models.fast_paths`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from soragen.config import DiTConfig
+from soragen.core.config import DiTConfig
 
 
 # ---- patches -------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Attention(nn.Module):
     """What self- and cross-attention share: heads, RMS-normed queries and keys (per head, or across
     all heads), the 1/sqrt(d) scale folded into the query's norm, the output projection."""
 
-    attend = staticmethod(attention)  # soragen.fast_paths may install another kernel per module
+    attend = staticmethod(attention)  # soragen.models.fast_paths may install another kernel per module
 
     def __init__(self, config: DiTConfig):
         super().__init__()

@@ -65,7 +65,7 @@ def _fused(q, k, v, bias=None):
 
 def activation_bytes(dit, batch: int, latent_shape: tuple[int, ...], text_tokens: int, text_dim: int) -> int:
     """Bytes autograd keeps for backward in one training forward of `dit` (on the meta device)."""
-    from soragen.dit import Attention
+    from soragen.models.dit import Attention
     params = {id(p) for p in dit.parameters()}
     kept: dict[int, int] = {}
     trained = any(p.requires_grad for p in dit.parameters())
@@ -93,8 +93,8 @@ def activation_bytes(dit, batch: int, latent_shape: tuple[int, ...], text_tokens
 
 
 def _meta_dit(config, lora):
-    from soragen.dit import VideoDiT
-    from soragen.lora import add_lora
+    from soragen.models.dit import VideoDiT
+    from soragen.models.lora import add_lora
     with torch.device("meta"):
         dit = VideoDiT(config).train()
     dit.requires_grad_(True)
@@ -129,28 +129,19 @@ def training_plan(dit_config, latent_shape: tuple[int, ...], batch: int, text_to
 
 def plan_run(cfg, lora, init: str | None, vae_source: str | None, preset: str, text_source: str) -> Plan:
     """The plan of `soragen train` with these options, from the configs (no DiT weights are read)."""
-    from soragen.config import DiTConfig, TextEncoderSpec, dit_preset
-    from soragen.model_io import _config, read_manifest, resolve_model_dir
-    from soragen.vae import load_vae
+    from soragen.core.config import TextEncoderSpec, dit_preset
+    from soragen.io.model_folder import model_configs
+    from soragen.models.vae import load_vae
 
     if init:
-        folder = resolve_model_dir(init)
-        while (folder / "soragen.json").is_file() and read_manifest(folder).get("kind") == "lora":
-            folder = resolve_model_dir(read_manifest(folder)["base"])
-        if (folder / "model_index.json").is_file() and not (folder / "soragen.json").is_file():
-            from soragen.model_io import _read_json
-            from soragen.wan import dit_config
-            config = dit_config(_read_json(folder / "transformer" / "config.json"))
-            text_tokens = 512  # Wan's text: zero-padded to 512 tokens
-        else:
-            config = _config(DiTConfig, folder / "dit" / "config.json")
-            text_tokens = _config(TextEncoderSpec, folder / "text_encoder.json").max_length
-        vae = load_vae(folder / "vae")
+        config, text_spec, vae_folder = model_configs(init)
+        text_tokens = text_spec.max_length  # what the text is padded to, or at most
+        vae = load_vae(vae_folder)
     else:
-        from soragen.text import TextEncoder
-        from soragen.train import resolve_vae
+        from soragen.models.text import TextEncoder
+        from soragen.train.run import resolve_vae
         if not vae_source:
-            from soragen.errors import UsageError
+            from soragen.core.errors import UsageError
             raise UsageError("--dry-run needs what the run needs: --init, or --vae")
         vae, spec = resolve_vae(vae_source), TextEncoderSpec(source=text_source)
         config = dit_preset(preset, in_channels=vae.latent_channels, text_dim=TextEncoder(spec).dim)

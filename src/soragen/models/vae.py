@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soragen.errors import SoragenError
-from soragen.weights import load_into, weight_files
+from soragen.core.errors import SoragenError
+from soragen.core.weights import load_into, weight_files
 
 # The Wan encoder reads the first frame alone, then chunks of 4 frames.
 ENCODER_CHUNK = 4
@@ -156,7 +156,7 @@ VAE_LIMITS = {
 
 def check_vae_config(config) -> None:
     """ValueError naming the field if AutoencoderKLWan should not be built from `config`."""
-    from soragen.config import check_keys
+    from soragen.core.config import check_keys
     if not isinstance(config, dict):
         raise ValueError(f"must be a JSON object, got {type(config).__name__}")
     check_keys(config, VAE_LIMITS)
@@ -213,7 +213,7 @@ def load_vae(source: str | Path) -> VideoVAE:
 
 def save_vae(vae: VideoVAE, folder: Path) -> None:
     """diffusers layout, so `AutoencoderKLWan.from_pretrained(folder)` reads it too."""
-    from soragen.weights import save_module
+    from soragen.core.weights import save_module
     folder.mkdir(parents=True, exist_ok=True)
     vae.model.save_config(folder)
     save_module(vae.model, folder / "diffusion_pytorch_model.safetensors", "VAE")

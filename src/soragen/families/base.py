@@ -1,0 +1,41 @@
+"""What a model family is: the questions soragen asks of each (soragen.families.registry says how
+they are found)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from soragen.core.config import DiTConfig, TextEncoderSpec
+from soragen.core.errors import SoragenError
+
+
+class Family:
+    """One model family. Subclass it, override what differs, and register an instance."""
+
+    name: str = ""
+
+    def recognises(self, folder: Path) -> bool:
+        """Whether `folder`, a folder in another tool's layout (no soragen.json), is one of ours to load."""
+        return False
+
+    def load(self, folder: Path, source: str, dtype: torch.dtype):
+        """The Model (soragen.models.model) in a folder this family recognises; `source` is how the
+        user named it (a folder or a hub id): the text encoder may be named by it."""
+        raise SoragenError(f"{folder}: the {self.name} family reads only soragen model folders")
+
+    def configs(self, folder: Path) -> tuple[DiTConfig, TextEncoderSpec]:
+        """The DiT's config and the text encoder of a recognised folder, without reading any weight
+        (what `train --dry-run` plans with)."""
+        raise SoragenError(f"{folder}: the {self.name} family reads only soragen model folders")
+
+    def lora_names(self, depth: int) -> dict[str, tuple[str, int, int]]:
+        """The names other tools give the DiT's linears in a LoRA file: their name -> (our linear,
+        which part of its output rows, of how many equal parts)."""
+        return {}
+
+    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA file's tensors (alphas aside) in the layout `lora_names` names; other tools'
+        layouts converted. Raises on a layout it cannot read."""
+        return tensors

@@ -1,0 +1,226 @@
+"""The model folder: what `--model` accepts, for every model family.
+
+    model/
+      soragen.json                  format version, the soragen that wrote it, its family, video defaults
+      dit/config.json  dit/model.safetensors
+      vae/config.json  vae/diffusion_pytorch_model.safetensors     (diffusers layout)
+      text_encoder.json             a hub id, a local path or "default"; never copied weights
+      scheduler/scheduler_config.json
+
+Safetensors only, strict keys, finite weights. A training run folder (checkpoint-STEP/ inside)
+stands for its latest complete checkpoint; a folder in another tool's layout is read by the family
+that recognises it (soragen.families.registry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from soragen import __version__
+from soragen.core.atomic import atomic_path
+from soragen.core.config import (DEFAULT_TEXT_ENCODER, DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults,
+                                 from_dict, to_json)
+from soragen.core.errors import SoragenError
+from soragen.core.jsonfile import read_json
+from soragen.families.base import Family
+from soragen.families.registry import DEFAULT, family_of, named
+from soragen.io.folders import HUB_ID_RE, resolve_model_dir
+from soragen.models.model import Model
+
+FORMAT = 1
+MAX_LORA_CHAIN = 8  # a LoRA run's base may be a LoRA run: this many, no cycle
+
+
+def read_manifest(folder: Path) -> dict:
+    manifest = read_json(folder / "soragen.json")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format", 0), int):
+        raise SoragenError(f"{folder / 'soragen.json'} is not a soragen manifest (needs an integer \"format\")")
+    if manifest.get("format", 0) > FORMAT:
+        raise SoragenError(f"{folder} was written by soragen {manifest.get('soragen_version')} in model "
+                           f"format {manifest['format']}; this soragen {__version__} reads format {FORMAT}: upgrade")
+    return manifest
+
+
+def read_config(cls, path: Path, data=None, prefix: str = ""):
+    """A config dataclass from a JSON file (or from `data`, a part of one): SoragenError naming
+    the file and the field when a value is of the wrong type or out of range."""
+    data = read_json(path) if data is None else data
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as err:
+        raise SoragenError(f"{path}: {prefix}{err}") from err
+
+
+def _check_text_source(spec: TextEncoderSpec, path: Path) -> None:
+    """A text encoder named by a path must exist: said here, not as transformers' 'bad repo id'."""
+    source = spec.source
+    if source == DEFAULT_TEXT_ENCODER or Path(source).exists():
+        return
+    looks_like_path = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+    if looks_like_path:
+        raise SoragenError(f"{path}: text encoder folder {source!r} does not exist")
+    if not HUB_ID_RE.match(source):
+        raise SoragenError(f"{path}: text encoder {source!r} is neither a folder nor a hub id (name or org/name)")
+
+
+def _defaults(folder: Path, manifest: dict) -> tuple[VideoDefaults, SamplingDefaults]:
+    video = read_config(VideoDefaults, folder / "soragen.json", manifest.get("video", {}), "video.")
+    sampling = read_config(SamplingDefaults, folder / "soragen.json", manifest.get("sampling", {}), "sampling.")
+    return video, sampling
+
+
+def _load_lora_model(folder: Path, manifest: dict, dtype, depth: int) -> Model:
+    """A LoRA run's checkpoint: its base model with the adapter merged into the DiT's weights."""
+    from soragen.io.lora_file import FILE, apply
+    base = manifest.get("base")
+    if not isinstance(base, str) or not base:
+        raise SoragenError(f"{folder / 'soragen.json'}: a LoRA checkpoint must name its base model (\"base\")")
+    if depth >= MAX_LORA_CHAIN:
+        raise SoragenError(f"{folder}: more than {MAX_LORA_CHAIN} LoRA runs built on one another (a cycle?)")
+    video, sampling = _defaults(folder, manifest)
+    if not (folder / FILE).is_file():
+        raise SoragenError(f"model folder is incomplete: {folder / FILE} is missing")
+    model = load_model(base, dtype, _depth=depth + 1)
+    apply(model.dit, folder / FILE, family(model), 1.0, what=f"{folder / FILE}")
+    return dataclasses.replace(model, video=video, sampling=sampling, path=folder)
+
+
+def family(model: Model) -> Family:
+    """The family a loaded model belongs to."""
+    return model.family or named(DEFAULT, model.path or "model")
+
+
+def save_lora_model(folder: str | Path, dit, base: str, lora, video: VideoDefaults,
+                    sampling: SamplingDefaults | None = None, base_family: Family | None = None) -> Path:
+    """A LoRA run's model folder: the adapter (in the layout its base's family names) and a manifest
+    naming the base model, written under a temporary name and renamed into place."""
+    from soragen.io.lora_file import FILE, save
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save(dit, tmp / FILE, base_family or named(DEFAULT, folder))
+        manifest = {"format": FORMAT, "soragen_version": __version__, "kind": "lora", "base": base,
+                    "lora": dataclasses.asdict(lora), "video": dataclasses.asdict(video),
+                    "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
+        (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def _open(path: str | Path) -> tuple[Path, dict | None]:
+    """The folder `path` names and its manifest (None for a folder in another tool's layout)."""
+    folder = resolve_model_dir(path)
+    if not (folder / "soragen.json").is_file():
+        return folder, None
+    manifest = read_manifest(folder)
+    if manifest.get("kind") == "vae":
+        raise SoragenError(f"{folder} holds only a VAE (from soragen train-vae); pass it to soragen train --vae")
+    return folder, manifest
+
+
+def load_model(path: str | Path, dtype=None, _depth: int = 0) -> Model:
+    """The model in a folder (or a run's latest checkpoint, a folder a family recognises, a hub id).
+    Everything a file says is checked before it is used: configs for types and ranges, weights
+    against the configs by their headers, and only then is anything built or read. The DiT's
+    weights are read into `dtype` (default float32), so a large one is held once, not twice."""
+    import torch
+
+    folder, manifest = _open(path)
+    if manifest is None:
+        source = str(folder.resolve()) if Path(path).exists() else str(path)  # a hub id names the text encoder
+        return family_of(folder, None).load(folder, source, dtype or torch.float32)
+    if manifest.get("kind") == "lora":
+        return _load_lora_model(folder, manifest, dtype, _depth)
+    return _load_soragen_folder(folder, manifest, dtype or torch.float32)
+
+
+def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
+    import torch
+
+    from soragen.core.weights import check_header, load_into, read_header
+    from soragen.diffusion.sampling import check_sampler, check_schedule
+    from soragen.models.dit import VideoDiT
+    from soragen.models.vae import load_vae
+
+    kin = family_of(folder, manifest)
+    dit_file = folder / "dit" / "config.json"
+    dit_config, text_spec = _soragen_configs(folder)
+    video, sampling = _defaults(folder, manifest)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(scheduler_file)
+    try:
+        check_schedule(scheduler_config)
+    except ValueError as err:
+        raise SoragenError(f"{scheduler_file}: {err}") from err
+    check_sampler(sampling.sampler, scheduler_config, folder / "soragen.json")
+    weights = [folder / "dit" / "model.safetensors"]
+    stored = read_header(weights)
+    with torch.device("meta"):  # no memory and no random init: every weight comes from the file
+        dit = VideoDiT(dit_config).cast("meta", dtype)
+    check_header(dit, stored, f"DiT ({dit_file})")
+    vae = load_vae(folder / "vae")
+    if vae.latent_channels != dit_config.in_channels:
+        raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, "
+                           f"the DiT expects {dit_config.in_channels}")
+    load_into(dit, weights, "DiT")
+    dit.eval().requires_grad_(False)
+    return Model(dit, vae, text_spec, video, scheduler_config, sampling, folder, kin)
+
+
+def _soragen_configs(folder: Path, check_text: bool = True) -> tuple[DiTConfig, TextEncoderSpec]:
+    dit_config = read_config(DiTConfig, folder / "dit" / "config.json")
+    text_spec = read_config(TextEncoderSpec, folder / "text_encoder.json")
+    if check_text:
+        _check_text_source(text_spec, folder / "text_encoder.json")
+    return dit_config, text_spec
+
+
+def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
+    """The DiT config, the text encoder and the VAE folder of a model (a LoRA run: of its base),
+    without reading any DiT weight: what `train --dry-run` plans with."""
+    folder, manifest = _open(path)
+    for _ in range(MAX_LORA_CHAIN):
+        if manifest is None or manifest.get("kind") != "lora":
+            break
+        folder, manifest = _open(manifest["base"])
+    if manifest is None:
+        return (*family_of(folder, None).configs(folder), folder / "vae")
+    return (*_soragen_configs(folder, check_text=False), folder / "vae")
+
+
+def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,
+               scheduler_config: dict | None = None, sampling: SamplingDefaults | None = None,
+               extra: dict | None = None, dit_dtype=None, family_name: str = DEFAULT) -> Path:
+    """Write a complete model folder under a temporary name, then rename it into place.
+    `extra` adds files: {relative name: JSON-able object}; `dit_dtype` stores the DiT weights in
+    another precision (they load back into float32); `family_name` is written to the manifest
+    unless it is soragen's own (a folder that names none is soragen's)."""
+    from soragen.core.weights import save_module
+    from soragen.diffusion.sampling import SCHEDULER_CONFIG, is_flow
+    from soragen.models.vae import save_vae
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder) as tmp:
+        (tmp / "dit").mkdir(parents=True)
+        (tmp / "dit" / "config.json").write_text(to_json(dit.config))
+        save_module(dit, tmp / "dit" / "model.safetensors", "DiT", dit_dtype)
+        save_vae(vae, tmp / "vae")
+        (tmp / "text_encoder.json").write_text(to_json(text_spec))
+        (tmp / "scheduler").mkdir()
+        if is_flow(scheduler_config):  # a flow model's schedule is its own (Wan's UniPC with flow sigmas)
+            scheduler = {"_class_name": "UniPCMultistepScheduler", **scheduler_config}
+        else:
+            scheduler = {"_class_name": "DDIMScheduler", **SCHEDULER_CONFIG, **(scheduler_config or {})}
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        for name, obj in (extra or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        # The manifest goes last: a folder with soragen.json is complete.
+        manifest = {"format": FORMAT, "soragen_version": __version__,
+                    **({"family": family_name} if family_name != DEFAULT else {}),
+                    "video": dataclasses.asdict(video), "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
+        (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder

@@ -1,0 +1,21 @@
+"""A loaded model: what generation and training take from a model folder, whatever its family."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from soragen.core.config import SamplingDefaults, TextEncoderSpec, VideoDefaults
+
+
+@dataclass
+class Model:
+    dit: "VideoDiT"  # noqa: F821
+    vae: "VideoVAE"  # noqa: F821
+    text_spec: TextEncoderSpec
+    video: VideoDefaults
+    scheduler_config: dict
+    sampling: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
+    path: Path | None = None
+    family: "Family | None" = None  # noqa: F821  (soragen.families.registry); None: soragen's own

@@ -1,0 +1,58 @@
+"""A tiny Wan pipeline with random weights, for trying the Wan path offline (and testing and
+benchmarking it): nothing in soragen imports this module.
+
+    python -m soragen.tools.tiny_wan wan-tiny      # a diffusers WanPipeline folder
+    soragen generate "a red ball" --model wan-tiny --frames 9 --height 64 --width 64 --steps 4
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+TINY_WORDS = ["[PAD]", "[UNK]", "</s>", "a", "an", "the", "red", "blue", "green", "yellow", "ball", "box", "sky",
+              "grass", "moving", "falling", "right", "left", "in", "on", "at", "night", "sora", "is"]
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return module.eval()
+
+
+def tiny_pipeline(seed: int = 0, head_dim: int = 20):
+    """A diffusers WanPipeline of Wan 2.1's architecture at a toy size, every weight random: a
+    word-level tokenizer, a 2-layer umT5, a Wan VAE of x4 in time and space, a 2-block transformer,
+    UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+    g = torch.Generator().manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                               num_heads=2, relative_attention_num_buckets=8,
+                                               relative_attention_max_distance=16, pad_token_id=0, eos_token_id=2,
+                                               decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                           latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.8, 2.0, 1.1],
+                           scale_factor_spatial=4, scale_factor_temporal=4)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=48,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
+                       scheduler=scheduler, transformer=_randomise(transformer, g, 0.2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m soragen.tools.tiny_wan FOLDER")
+    tiny_pipeline().save_pretrained(sys.argv[1])
+    print(f"wrote a tiny random WanPipeline to {sys.argv[1]}")
