@@ -39,7 +39,7 @@ def step_inputs(model, inputs) -> tuple:
 
 def num_tokens(model, latent_thw) -> int:
     """Tokens the DiT makes of a latent of (T, H, W) cells."""
-    from soragen.models.dit import token_grid
+    from soragen.layers.patches import token_grid
     return math.prod(token_grid(tuple(latent_thw), model.config.patch_size))
 
 

@@ -6,7 +6,9 @@ import torch
 
 from conftest import make_tiny_model
 from soragen.core.config import DiTConfig, dit_preset
-from soragen.models.dit import VideoDiT, patchify, sincos_3d, token_grid, unpatchify
+from soragen.layers.patches import patchify, token_grid, unpatchify
+from soragen.layers.positions import sincos_3d
+from soragen.models.dit import VideoDiT
 
 
 def tiny_dit(**overrides) -> VideoDiT:

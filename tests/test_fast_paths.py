@@ -11,7 +11,8 @@ import torch
 
 from soragen.models import fast_paths
 from soragen.core.config import dit_preset
-from soragen.models.dit import VideoDiT, attention, mask_bias
+from soragen.layers.attention import attention, mask_bias
+from soragen.models.dit import VideoDiT
 from soragen.models.fast_paths import has_fast_bf16, linear
 from soragen.pipeline import CachedDiT, Pipeline, resolve_dtype
 from soragen.diffusion.sampling import make_scheduler, sample
@@ -336,7 +337,7 @@ def test_compiled_predict_with_onednn_linears_matches_eager():
 # ---- the rest of the process --------------------------------------------------------------------------
 
 def test_written_out_rms_norm_matches_torchs_on_strided_bf16_and_float32():
-    from soragen.models.dit import RMSNorm
+    from soragen.layers.attention import RMSNorm
     norm = RMSNorm(64)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(64) + 0.5)

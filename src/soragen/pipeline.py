@@ -19,7 +19,8 @@ import torch
 
 from soragen.models import fast_paths
 from soragen.core.config import MAX_SIDE, ConfigError, SamplingDefaults
-from soragen.models.dit import Conditioning, token_grid
+from soragen.layers.patches import token_grid
+from soragen.models.dit import Conditioning
 from soragen.core.errors import SoragenError, UsageError
 from soragen.models.fast_paths import has_fast_bf16
 from soragen.io.model_folder import family, load_model

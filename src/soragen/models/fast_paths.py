@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soragen.models import dit as dit_module
+from soragen.layers import attention as attention_module
+from soragen.models.dit import VideoDiT
 
 
 # ---- what this CPU can run -----------------------------------------------------------------------
@@ -174,10 +175,10 @@ MAX_MATERIALISED_SCORES = 1 << 24
 
 def materialised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            bias: torch.Tensor | None) -> torch.Tensor:
-    """`soragen.dit.attention`, with the scores held whole where that is the faster on a CPU."""
+    """`soragen.layers.attention.attention`, with the scores held whole where that is the faster on a CPU."""
     B, H, N, _ = q.shape
     if q.device.type != "cpu" or B * H * N * k.shape[2] > MAX_MATERIALISED_SCORES:
-        return dit_module.attention(q, k, v, bias)
+        return attention_module.attention(q, k, v, bias)
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, L)
     if bias is not None:
         scores = scores + bias
@@ -204,7 +205,7 @@ def _per_step_linears(model: nn.Module) -> set[int]:
     """The linears a sampling step runs, where a step's time goes: of a DiT, those on the tokens
     (patch embedding, attention, MLP, output). Its conditioning linears run once per video, on
     (B, D) vectors, and keep torch's kernel. Of any other module tree, every linear."""
-    if not isinstance(model, dit_module.VideoDiT):
+    if not isinstance(model, VideoDiT):
         return {id(m) for m in model.modules() if isinstance(m, nn.Linear)}
     parts = [model.patch_embed, model.final.linear]
     for block in model.blocks:
@@ -240,7 +241,7 @@ def install(model: nn.Module) -> None:
             module.forward = types.MethodType(_linear_forward, module)
         elif _is_gelu_mlp(module) and id(module[0]) in chosen:
             module.forward = types.MethodType(_mlp_forward, module)
-        elif isinstance(module, dit_module.Attention):
+        elif isinstance(module, attention_module.Attention):
             module.attend = materialised_attention
         elif isinstance(module, nn.Conv3d) and type(module)._conv_forward is nn.Conv3d._conv_forward:
             if onednn_conv3d(torch.float32):

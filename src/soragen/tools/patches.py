@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from soragen.train.data import describe_resize, resize_and_crop
-from soragen.models.dit import token_grid
+from soragen.layers.patches import token_grid
 from soragen.models.model import Model
 from soragen.models.vae import uint8_to_frames
 from soragen.io.video import read_video

@@ -65,7 +65,7 @@ def _fused(q, k, v, bias=None):
 
 def activation_bytes(dit, batch: int, latent_shape: tuple[int, ...], text_tokens: int, text_dim: int) -> int:
     """Bytes autograd keeps for backward in one training forward of `dit` (on the meta device)."""
-    from soragen.models.dit import Attention
+    from soragen.layers.attention import Attention
     params = {id(p) for p in dit.parameters()}
     kept: dict[int, int] = {}
     trained = any(p.requires_grad for p in dit.parameters())
