@@ -26,6 +26,7 @@ from soragen import __version__
 from soragen.core.config import (MAX_SEED, ConfigError, DiTObjective, LoRAConfig, TrainConfig,  # stdlib only: cheap
                             VAEObjective)
 from soragen.core.errors import SoragenError, UsageError
+from soragen.core.options import check_device_name, option_error
 
 app = typer.Typer(
     name="soragen",
@@ -88,7 +89,7 @@ def _check_overrides(**options) -> None:
         try:
             cls(**{k: v for k, v in options.items() if k in names and v is not None})
         except ConfigError as err:
-            raise _usage_error(err) from None
+            raise option_error(err) from None
 
 
 def _check_text(text: str, what: str) -> None:
@@ -294,8 +295,7 @@ def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0) 
     from soragen.pipeline import DTYPES
     if dtype != "auto" and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    check_device_name(device)
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
 
@@ -380,13 +380,6 @@ def _train_progress(total_steps: int):
         bars.stop()
 
 
-def _usage_error(err: Exception, renames: dict[str, str] | None = None) -> UsageError:
-    """A ConfigError about a field, as a usage error about the option that set it."""
-    name = getattr(err, "field", "")
-    option = "--" + (renames or {}).get(name, name).replace("_", "-")
-    return UsageError(f"{option} {str(err)[len(name) + 1:]}" if name else str(err))
-
-
 OPTION_NAMES = {"warmup_steps": "warmup"}  # config fields whose option is named otherwise
 OPTION_ALIASES = {"prediction": ("--objective",)}  # further names of a field's option
 
@@ -420,7 +413,7 @@ def config_options(**configs: tuple[type, dict]):
                 try:
                     params[name] = cls(**{f.name: params.pop(f.name) for f in fields[name]})
                 except ConfigError as err:
-                    raise _usage_error(err, OPTION_NAMES) from None
+                    raise option_error(err, OPTION_NAMES) from None
             return func(**params)
 
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(func).parameters.values()

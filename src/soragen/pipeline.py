@@ -22,6 +22,7 @@ from soragen.core.config import MAX_SIDE, ConfigError, SamplingDefaults
 from soragen.layers.patches import token_grid
 from soragen.models.dit import Conditioning
 from soragen.core.errors import SoragenError, UsageError
+from soragen.core.options import check_device_name, check_multiple, option_error
 from soragen.models.fast_paths import has_fast_bf16
 from soragen.io.model_folder import family, load_model
 from soragen.models.model import Model
@@ -34,12 +35,12 @@ Progress = Callable[[str, int, int], None]
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device: auto (a GPU where there is one), cpu or cuda (refused where there is none)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise SoragenError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    check_device_name(name)
     return torch.device(name)
 
 
@@ -70,15 +71,6 @@ class StageTimes:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._started.pop(stage)
         if self.forward is not None:
             self.forward(stage, done, total)
-
-
-def _nearest_multiple(value: int, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
-
-
-def usage_error(err: ConfigError) -> UsageError:
-    """A config value out of range, as the usage error of the option that sets it."""
-    return UsageError(f"--{err.field.replace('_', '-')} {str(err)[len(err.field) + 1:]}")
 
 
 @dataclass
@@ -151,16 +143,12 @@ class Pipeline:
         video = self.model.video
         frames, height, width = (video.frames if frames is None else frames, video.height if height is None else height,
                                  video.width if width is None else width)
-        m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
-            if value % m or not m <= value <= MAX_SIDE:
-                nearest = min(_nearest_multiple(value, m), MAX_SIDE // m * m)
-                raise UsageError(f"--{name} must be a multiple of {m} between {m} and {MAX_SIDE}; "
-                                 f"nearest valid value: {nearest}")
+            check_multiple(name, value, self.size_multiple, MAX_SIDE)
         try:
             dataclasses.replace(video, frames=frames)
         except ConfigError as err:
-            raise usage_error(err) from None
+            raise option_error(err) from None
         return frames, height, width
 
     def sampling(self, **given) -> SamplingDefaults:
@@ -169,7 +157,7 @@ class Pipeline:
         try:
             settings = dataclasses.replace(self.model.sampling, **{k: v for k, v in given.items() if v is not None})
         except ConfigError as err:
-            raise usage_error(err) from None
+            raise option_error(err) from None
         make_scheduler(settings.sampler, self.model.scheduler_config)  # e.g. DDIM on a flow model: refused
         return settings
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from soragen.core.errors import SoragenError
+from soragen.core.hub import fetch
 from soragen.families.registry import family_of
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -29,26 +29,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def fetch_from_hub(repo_id: str) -> Path:
-    """A hub repository's snapshot, downloaded into (or found in) the hub's own cache."""
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as err:  # offline, unknown repo, no network: huggingface_hub raises many classes
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = ("the hub is offline (HF_HUB_OFFLINE) and it is not in the hub cache" if offline else
-               (str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise SoragenError(f"cannot fetch model {repo_id}: {why}; download it where there is network "
-                           f"(huggingface-cli download {repo_id}) or pass a local folder") from err
-
-
 def resolve_model_dir(path: str | Path) -> Path:
     """The folder a --model names: a soragen model folder, a training run's latest checkpoint, a
     folder a family recognises (a diffusers pipeline folder), or a hub id of one, fetched."""
     path = Path(path)
     if not path.exists():
         if HUB_ID_RE.match(str(path)) and str(path).count("/") == 1 and not str(path).startswith("."):
-            return fetch_from_hub(str(path))
+            return fetch(str(path), ["*.json", "*.safetensors", "*.model", "*.txt"])
         raise SoragenError(f"model folder {path} does not exist")
     if not path.is_dir():
         raise SoragenError(f"model {path} is not a folder")

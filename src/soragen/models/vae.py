@@ -184,12 +184,8 @@ def load_vae(source: str | Path) -> VideoVAE:
     if not folder.exists():
         if str(source).count("/") != 1:
             raise SoragenError(f"VAE {source} not found (neither a folder nor a hub id)")
-        try:
-            from huggingface_hub import snapshot_download
-            folder = Path(snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors",
-                                                                         "*.safetensors.index.json", "vae/*"]))
-        except Exception as err:  # network and hub errors come in many classes
-            raise SoragenError(f"cannot fetch VAE {source}: {str(err).splitlines()[0]}") from err
+        from soragen.core.hub import fetch
+        folder = fetch(str(source), ["config.json", "*.safetensors", "*.safetensors.index.json", "vae/*"], "VAE")
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     config_file = folder / "config.json"

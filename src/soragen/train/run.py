@@ -35,6 +35,7 @@ from soragen.core.config import (DiTObjective, LoRAConfig, SamplingDefaults, Tex
                             VideoDefaults, dit_preset, vae_preset_config)
 from soragen.train.data import Clip, load_clip, require_clips, scan_clips
 from soragen.core.errors import SoragenError, UsageError
+from soragen.core.options import check_multiple, option_error
 from soragen.train.latent_cache import LatentSamples, build_samples
 from soragen.models.lora import add_lora, trainable_state
 from soragen.io.folders import latest_checkpoint
@@ -71,9 +72,8 @@ class Dist:
 def init_distributed(device: str = "auto") -> Dist:
     """Under torchrun (WORLD_SIZE set) join the process group: nccl on GPUs, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SoragenError("--device cuda was asked for, but this machine has no CUDA device")
+    from soragen.pipeline import resolve_device
+    use_cuda = resolve_device(device).type == "cuda"
     if world == 1:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -417,9 +417,7 @@ def resolve_vae(source: str) -> VideoVAE:
 
 def check_size(cfg: TrainConfig, multiple: int) -> None:
     for name, value in (("height", cfg.height), ("width", cfg.width)):
-        if value % multiple:
-            raise UsageError(f"--{name} must be a multiple of {multiple}; nearest valid value: "
-                             f"{max(multiple, round(value / multiple) * multiple)}")
+        check_multiple(name, value, multiple)
 
 
 def scan(cfg: TrainConfig, progress: Progress | None):
@@ -493,7 +491,7 @@ def resolve_objective(objective: DiTObjective, start: Start) -> DiTObjective:
     try:
         objective = objective.resolved(flow)
     except ConfigError as err:
-        raise UsageError(f"--{err.field.replace('_', '-')} {str(err)[len(err.field) + 1:]}") from None
+        raise option_error(err) from None
     if flow and objective.prediction != "flow":
         raise UsageError(f"--prediction {objective.prediction}: this model was trained by flow matching (its "
                          f"schedule is a flow's); fine-tune it with --prediction flow")
