@@ -41,12 +41,14 @@ def test_generate_without_model_writes_16_frames(tmp_path, capfd):
     assert (info.frames, info.height, info.width) == (16, 64, 64)
 
 
+@pytest.mark.slow
 def test_other_frame_counts_still_work(tmp_path):
     out = tmp_path / "short.mp4"
     assert run(["generate", "a white box rising at night", "--frames", "9", "--steps", "4", "--out", str(out)]) == 0
     assert probe_video(out).frames == 9
 
 
+@pytest.mark.slow
 def test_eval_runs_on_two_prompts(tmp_path, capfd):
     capfd.readouterr()
     assert run(["eval", "--limit", "2", "--json", "--out", str(tmp_path / "eval")]) == 0
@@ -56,6 +58,7 @@ def test_eval_runs_on_two_prompts(tmp_path, capfd):
     assert len(list((tmp_path / "eval").glob("*.mp4"))) == 2
 
 
+@pytest.mark.slow
 def test_inspect_patches_uses_the_default_model(tmp_path, capfd):
     from conftest import moving_square
     from soragen.io.video import write_video
@@ -66,6 +69,7 @@ def test_inspect_patches_uses_the_default_model(tmp_path, capfd):
     assert report["latent_shape"][1:] == [5, 16, 16] and report["num_tokens"] == 5 * 8 * 8
 
 
+@pytest.mark.slow
 def test_eval_reconstruct_judges_the_shipped_vaes_round_trips(tmp_path, capfd):
     capfd.readouterr()
     assert run(["eval", "--reconstruct", "--limit", "3", "--json", "--out", str(tmp_path / "rt")]) == 0

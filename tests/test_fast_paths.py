@@ -78,6 +78,7 @@ def test_with_fast_paths_off_the_pipeline_gives_exactly_the_plain_modules_video(
     assert np.array_equal(off.generate("a red ball", steps=3, seed=4), fast.generate("a red ball", steps=3, seed=4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_pipeline_gives_the_same_video_through_the_fallbacks(tiny_model, monkeypatch, dtype):
     fast = Pipeline.load(tiny_model, device="cpu", dtype=dtype).generate("a red ball", steps=3, seed=4)
@@ -87,6 +88,7 @@ def test_the_pipeline_gives_the_same_video_through_the_fallbacks(tiny_model, mon
     assert diff.max() <= (1 if dtype == "float32" else 8) and diff.mean() < 1.0
 
 
+@pytest.mark.slow
 def test_pipeline_in_bf16_stays_close_to_float32(tiny_model):
     fast = Pipeline.load(tiny_model, device="cpu", dtype="bfloat16")
     plain = Pipeline.load(tiny_model, device="cpu", dtype="float32")
@@ -117,6 +119,7 @@ def test_auto_dtype_follows_the_hardware():
     assert resolve_dtype("auto", torch.device("cpu")) == expected
 
 
+@pytest.mark.slow
 def test_bf16_on_a_cpu_whose_onednn_refuses_bf16_runs_through_torch(tiny_model, monkeypatch):
     # As on an AVX2-only CPU: bf16 is asked for, oneDNN cannot run it, torch's own bf16 kernels do.
     monkeypatch.setattr(fast_paths, "_onednn_linear_runs", lambda dtype: dtype == torch.float32)
@@ -299,6 +302,7 @@ def test_padded_text_gives_the_same_prediction():
     assert torch.allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_dit_gives_the_eager_video(tiny_model):
     plain = Pipeline.load(tiny_model, device="cpu", dtype="float32")
     fast = Pipeline.load(tiny_model, device="cpu", dtype="float32", compile=True)
@@ -311,6 +315,7 @@ def test_compiled_dit_gives_the_eager_video(tiny_model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
 def test_the_dit_compiles_as_one_graph():
     # A graph break splits the model into pieces compiled apart, which ran slower than eager.
     model, x, t, text, mask, pooled = model_and_inputs()
@@ -321,6 +326,7 @@ def test_the_dit_compiles_as_one_graph():
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_compiled_predict_with_onednn_linears_matches_eager():
     model, x, t, text, mask, pooled = model_and_inputs()
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):

@@ -145,6 +145,7 @@ def test_an_adapter_made_by_diffusers_merges_into_ours(tmp_path):
         assert (ours_forward(base, x, t, text) - want).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_bit_for_bit_and_generates_as_base_plus_adapter(wan, clips, tmp_path):
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -206,6 +207,7 @@ def test_wrong_adapters_and_objectives_are_one_line(wan, clips, tmp_path, capfd)
     assert_one_line_error(capfd.readouterr(), 2, rc, "--lora-targets")
 
 
+@pytest.mark.slow
 def test_our_own_model_trains_by_flow_matching_and_samples_its_flow(clips, tmp_path):
     base = make_tiny_model(tmp_path / "base")
     out = tmp_path / "flow"
@@ -253,6 +255,7 @@ def _allocated_peak(run) -> int:
     return top[0] - start
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
 @pytest.mark.parametrize("rank, checkpointing", [(0, False), (16, True)])
 def test_the_dry_run_plan_is_within_a_quarter_of_what_a_training_step_allocates(rank, checkpointing):
@@ -298,6 +301,7 @@ def torchrun(port: int, *args) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_gloo_processes_matches_ddp_resumes_bit_for_bit_and_survives_a_cut_save(wan, clips, tmp_path):
     cache = tmp_path / "cache"
     sharded, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"

@@ -42,6 +42,7 @@ def train_args(clips, out, vae_model, cache, steps, *extra):
 SAMPLES = Path(__file__).parent / "data" / "one_prompt.txt"
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 4)) == 0
@@ -60,6 +61,7 @@ def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, 
     assert (info.frames, info.height, info.width) == (9, 32, 32)
 
 
+@pytest.mark.slow
 def test_a_zero_terminal_snr_run_keeps_its_schedule_in_the_model(clips, model_for_vae, tmp_path):
     out = tmp_path / "run"
     args = train_args(clips, out, model_for_vae, tmp_path / "cache", 2, "--zero-terminal-snr")
@@ -77,6 +79,7 @@ def test_a_zero_terminal_snr_run_keeps_its_schedule_in_the_model(clips, model_fo
                           "--prediction", "epsilon")) == 2
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(clips, model_for_vae, tmp_path):
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -92,6 +95,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(clips, model_for_vae, t
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_new_run_will_not_overwrite_an_old_one(clips, model_for_vae, tmp_path, capfd):
     out = tmp_path / "run"
     assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", 2)) == 0
@@ -99,6 +103,7 @@ def test_a_new_run_will_not_overwrite_an_old_one(clips, model_for_vae, tmp_path,
     assert "--resume" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_broken_files_are_skipped_and_the_cache_is_reused(clips, model_for_vae, tmp_path, capfd):
     import shutil
     data = tmp_path / "data"
@@ -128,6 +133,7 @@ def test_a_folder_of_only_broken_files_fails_clearly(model_for_vae, tmp_path, ca
     assert last.startswith("error: no usable clip") and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_for_vae, tmp_path):
     """SIGKILL a real run while it trains and saves every step, then resume it."""
     out = tmp_path / "run"
@@ -148,6 +154,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_
     assert latest_checkpoint(out).name == f"checkpoint-{step + 1}"
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_with_ddp(clips, model_for_vae, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -161,6 +168,7 @@ def test_two_gloo_processes_train_with_ddp(clips, model_for_vae, tmp_path):
     assert state["step"] == 2
 
 
+@pytest.mark.slow
 def test_train_vae_lowers_its_loss_and_feeds_train(clips, tmp_path):
     import shutil
     one = tmp_path / "one"  # a single clip: the loss must fall within a few steps
@@ -180,6 +188,7 @@ def test_train_vae_lowers_its_loss_and_feeds_train(clips, tmp_path):
     assert load_model(run_dir).vae.latent_channels == 4
 
 
+@pytest.mark.slow
 def test_train_vae_decoder_only_keeps_the_latents_and_changes_the_decoder(clips, model_for_vae, tmp_path, capfd):
     base = model_for_vae / "vae"
     out = tmp_path / "dec"
@@ -200,6 +209,7 @@ def test_train_vae_decoder_only_keeps_the_latents_and_changes_the_decoder(clips,
     assert "--decoder-only fine-tunes a trained VAE" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model_for_vae, tmp_path, capfd):
     from soragen.core.config import vae_preset_config
     from soragen.models.vae import new_vae, save_vae
@@ -226,6 +236,7 @@ def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model
     assert "makes 8-channel latents; the --init DiT takes 4" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_for_vae, tmp_path, capfd):
     from soragen.core.config import TrainConfig, VAEObjective
     from soragen.train.data import scan_clips
@@ -257,6 +268,7 @@ def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_f
     assert "--crop must be a multiple of" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, tmp_path, capfd):
     from soragen.io.folders import default_model_dir
     vae = default_model_dir() / "vae"  # a trained VAE: a random one's latents show no objects to weigh
@@ -287,6 +299,7 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_max_steps():
     assert learning_rate(constant, 100) == 1e-3
 
 
+@pytest.mark.slow
 def test_the_python_api_the_cli_and_training_samples_make_the_same_video(clips, model_for_vae, tmp_path):
     """One source of defaults: a checkpoint's sample video, `soragen generate --model CHECKPOINT` and
     Pipeline.load(CHECKPOINT).generate(...) give the same frames for the same prompt and seed."""

@@ -144,6 +144,7 @@ def test_umt5_runs_as_umt5_not_as_t5(wan_folder):
     assert (t5 - umt5).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_generate_on_a_wan_folder_gives_wanpipelines_video(wan_folder, tmp_path):
     import numpy as np
 
@@ -179,6 +180,7 @@ def test_ddim_is_refused_for_a_flow_model(wan_folder, tmp_path, capfd):
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.slow
 def test_decoding_a_large_video_goes_tile_by_tile_and_gives_the_same_frames(monkeypatch):
     import numpy as np
 
@@ -194,6 +196,7 @@ def test_decoding_a_large_video_goes_tile_by_tile_and_gives_the_same_frames(monk
     assert np.abs(tiled.astype(np.int16) - whole).max() <= 2  # tiles overlap and are blended
 
 
+@pytest.mark.slow
 def test_export_writes_a_soragen_folder_that_makes_the_same_latent(wan_folder, tmp_path):
     import json
 
@@ -213,6 +216,7 @@ def test_export_writes_a_soragen_folder_that_makes_the_same_latent(wan_folder, t
     assert torch.equal(*latents)
 
 
+@pytest.mark.slow
 def test_any_frame_count_and_inspect_patches_on_a_wan_folder(wan_folder, tmp_path, capfd):
     import json
 
@@ -238,6 +242,7 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line(tmp_path, capfd, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "dpm++"])
 def test_the_other_flow_samplers_match_wanpipeline_with_diffusers_same_scheduler(wan_folder, sampler):
     """--sampler euler is diffusers' FlowMatchEulerDiscreteScheduler at the folder's shift, dpm++
