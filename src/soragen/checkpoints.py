@@ -87,14 +87,15 @@ def _damaged(checkpoint: Path, what: str) -> SoragenError:
 
 
 def _state_json(checkpoint: Path, name: str) -> dict:
+    from soragen.jsonfile import read_json
     path = checkpoint / "train_state" / name
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise _damaged(checkpoint, f"cannot resume: {path} is damaged ({err})") from err
+        data = read_json(path)
+    except SoragenError as err:
+        raise _damaged(checkpoint, f"cannot resume: {path} is damaged ({str(err).replace(str(path), 'it')})") from err
+    if not isinstance(data, dict):
+        raise _damaged(checkpoint, f"cannot resume: {path} is damaged (not a JSON object)")
+    return data
 
 
 def check_resumable(checkpoint: Path) -> None:

@@ -91,12 +91,10 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    from soragen.jsonfile import read_json
+    if not os.path.lexists(path):
         raise SoragenError(f"model folder is incomplete: {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SoragenError(f"{path} is not valid JSON: {err}") from err
+    return read_json(path)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -122,7 +120,11 @@ def _config(cls, path: Path, data=None, prefix: str = ""):
 def _check_text_source(spec: TextEncoderSpec, path: Path) -> None:
     """A text encoder named by a path must exist: said here, not as transformers' 'bad repo id'."""
     source = spec.source
-    if source == DEFAULT_TEXT_ENCODER or Path(source).exists():
+    if source == DEFAULT_TEXT_ENCODER:
+        return
+    if Path(source).exists():  # checked now, before any weight is read: data, never code
+        from soragen.text import check_encoder_folder
+        check_encoder_folder(source, spec.subfolder, spec.tokenizer_subfolder)
         return
     looks_like_path = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
     if looks_like_path:

@@ -9,8 +9,8 @@ embedding is a Conv3d whose kernel is the patch, which is our Linear on the flat
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +122,11 @@ def combine(rule: Rule, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def read_transformer_config(folder: Path) -> dict:
+    from soragen.jsonfile import read_json
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SoragenError(f"{folder} has no config.json (a diffusers transformer folder)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SoragenError(f"{path} is not valid JSON: {err}") from err
+    if not os.path.lexists(path):
+        raise SoragenError(f"{folder} has no config.json (a diffusers transformer folder)")
+    config = read_json(path)
     if not isinstance(config, dict) or config.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
         raise SoragenError(f"{path} is not a WanTransformer3DModel config")
     return config
@@ -177,6 +175,10 @@ def load_pipeline_folder(folder: Path, hub_id: str | None = None, dtype: torch.d
     sampling = SamplingDefaults(**WAN_SAMPLING)
     check_sampler(sampling.sampler, scheduler_config, scheduler_file)
     encoder_config = _read_json(folder / "text_encoder" / "config.json")
+    if not isinstance(encoder_config, dict):
+        raise SoragenError(f"{folder / 'text_encoder' / 'config.json'} is not a JSON object")
+    from soragen.text import check_encoder_folder
+    check_encoder_folder(folder, "text_encoder", "tokenizer")  # now, before any weight is read
     stored = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
     text = TextEncoderSpec(source=hub_id or str(folder.resolve()), subfolder="text_encoder", tokenizer_subfolder="tokenizer",
                            max_length=512, padding="zeros", clean="wan",

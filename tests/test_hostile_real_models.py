@@ -1,0 +1,235 @@
+"""A hostile probe of the real-model features: Wan folders, LoRA adapters, fine-tuning, export.
+
+A model folder, adapter or image from elsewhere is data, never code; a command removes or replaces
+only what it wrote itself; every file a command relies on is checked first; every refusal is one
+line naming the file or option. Each hostile folder or file is built here, from real files.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, cli, listing
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red ball moving right"
+SMALL = ["--frames", 1, "--height", 32, "--width", 32, "--steps", 1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    from soragen.wan import tiny_pipeline
+    folder = tmp_path_factory.mktemp("wan") / "Wan-tiny"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def copy_of(folder: Path, tmp_path: Path, name: str = "model") -> Path:
+    target = tmp_path / name
+    shutil.copytree(folder, target)
+    return target
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def soragen_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ---- a downloaded folder's code never runs ---------------------------------------------------------
+
+EVIL = """import pathlib
+pathlib.Path({marker!r}).write_text("the folder's code ran")
+from transformers import PretrainedConfig, PreTrainedModel
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+class EvilModel(PreTrainedModel):
+    config_class = EvilConfig
+"""
+
+
+def plant_code(folder: Path, relative: str, marker: Path) -> None:
+    """An auto_map in `relative` pointing to evil.py, placed where transformers looks for it (the
+    folder's root) and beside the file; transformers asks "run the custom code? [y/N]" for it."""
+    config = folder / relative
+
+    def change(data):
+        if relative.endswith("tokenizer_config.json"):
+            data.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
+        else:
+            data.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    edit_json(config, change)
+    for where in (folder, config.parent):
+        (where / "evil.py").write_text(EVIL.format(marker=str(marker)))
+
+
+def run_answering_yes(*args, disable_our_check: bool = False) -> subprocess.CompletedProcess:
+    """soragen in a process of its own whose stdin answers "y" to every question (`yes | soragen ...`).
+    `disable_our_check` turns off soragen's own auto_map check, to show what transformers then does
+    with the trust_remote_code=False soragen passes it."""
+    code = ("import sys, soragen.text as t\n"
+            + ("t.check_encoder_folder = lambda *a, **k: None\n" if disable_our_check else "")
+            + "from soragen.cli import run\nsys.exit(run(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], input="y\n" * 50, capture_output=True,
+                          text=True, env=soragen_env(), timeout=300)
+
+
+@pytest.mark.parametrize("relative", ["text_encoder/config.json", "tokenizer/tokenizer_config.json"])
+def test_a_wan_folder_with_code_is_refused_in_one_line_and_nothing_is_asked(wan, tmp_path, relative):
+    folder, marker = copy_of(wan, tmp_path), tmp_path / "ran"
+    plant_code(folder, relative, marker)
+    p = run_answering_yes("generate", PROMPT, "--model", folder, *SMALL, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(p, 1, p.returncode, relative, "auto_map", "never runs code")
+    assert "[y/N]" not in p.stdout + p.stderr and not marker.exists() and not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("relative", ["text_encoder/config.json", "tokenizer/tokenizer_config.json"])
+def test_without_our_check_transformers_is_told_not_to_run_code(wan, tmp_path, relative):
+    folder, marker = copy_of(wan, tmp_path), tmp_path / "ran"
+    plant_code(folder, relative, marker)
+    p = run_answering_yes("generate", PROMPT, "--model", folder, *SMALL, "--out", tmp_path / "v.mp4",
+                          disable_our_check=True)
+    assert_one_line_error(p, 1, p.returncode, "text encoder", "custom code")
+    assert "[y/N]" not in p.stdout + p.stderr and not marker.exists()
+
+
+def test_a_soragen_model_whose_text_encoder_folder_has_code_is_refused_before_loading(tiny_model, tmp_path,
+                                                                                    capfd, monkeypatch):
+    from soragen import text
+    from transformers import BertConfig, BertModel
+    encoder, marker = tmp_path / "encoder", tmp_path / "ran"
+    BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(encoder)
+    plant_code(encoder, "config.json", marker)
+    folder = copy_of(tiny_model, tmp_path)
+    edit_json(folder / "text_encoder.json", lambda d: d.update(source=str(encoder)))
+    loaded = []
+    monkeypatch.setattr(text.TextEncoder, "__init__", lambda *a, **k: loaded.append(a) or 1 / 0)
+    capfd.readouterr()
+    rc = cli("generate", PROMPT, "--model", folder, "--steps", 1, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "encoder/config.json", "auto_map")
+    assert loaded == [] and not marker.exists()
+
+
+def remote_code_risks(source: str, filename: str = "<snippet>") -> list[str]:
+    """Each call in `source` that could reach remote code: a from_pretrained (or diffusers'
+    from_single_file) that does not pass trust_remote_code=False, unless it is called on a
+    concrete transformers or diffusers class (CamelCase, not AutoModel and the like, not a pipeline:
+    those never read an auto_map); any call passing trust_remote_code other than False, custom_pipeline, or
+    **kwargs to such a loader."""
+    risks = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        where = f"{filename}:{node.lineno}"
+        keywords = {k.arg: k.value for k in node.keywords}
+        trust = keywords.get("trust_remote_code")
+        if "trust_remote_code" in keywords and not (isinstance(trust, ast.Constant) and trust.value is False):
+            risks.append(f"{where}: trust_remote_code is not the constant False")
+        if "custom_pipeline" in keywords:
+            risks.append(f"{where}: custom_pipeline loads code")
+        func = node.func
+        if not (isinstance(func, ast.Attribute) and func.attr in ("from_pretrained", "from_single_file")):
+            continue
+        if None in keywords:
+            risks.append(f"{where}: **kwargs to {func.attr} could carry trust_remote_code=True")
+        receiver = func.value.id if isinstance(func.value, ast.Name) else ""
+        concrete = receiver[:1].isupper() and not re.match(r"Auto[A-Z]", receiver) and "Pipeline" not in receiver
+        if "trust_remote_code" not in keywords and not concrete:
+            risks.append(f"{where}: {ast.unparse(func)} without trust_remote_code=False")
+    return risks
+
+
+def test_the_remote_code_check_finds_what_it_should():
+    assert remote_code_risks("AutoModel.from_pretrained(p)")
+    assert remote_code_risks("cls = AutoModel\ncls.from_pretrained(p)")
+    assert remote_code_risks("transformers.AutoTokenizer.from_pretrained(p)")
+    assert remote_code_risks("WanPipeline.from_pretrained(p)")
+    assert remote_code_risks("AutoModel.from_pretrained(p, trust_remote_code=True)")
+    assert remote_code_risks("AutoModel.from_pretrained(p, trust_remote_code=flag)")
+    assert remote_code_risks("AutoModel.from_pretrained(p, **options)")
+    assert remote_code_risks("DiffusionPipeline.from_pretrained(p, custom_pipeline='x', trust_remote_code=False)")
+    assert not remote_code_risks("AutoModel.from_pretrained(p, trust_remote_code=False)")
+    assert not remote_code_risks("T5EncoderModel.from_pretrained(p)")
+    assert not remote_code_risks("AutoencoderKLWan.from_pretrained(p)")
+
+
+def test_no_from_pretrained_call_site_can_reach_remote_code():
+    files = [f for folder in ("src", "bench", "docs", "experiments", "tests") for f in (REPO / folder).rglob("*.py")]
+    assert any(f.name == "text.py" for f in files)
+    calls, risks = 0, []
+    for file in files:
+        source = file.read_text()
+        calls += source.count(".from_pretrained(")
+        risks += remote_code_risks(source, str(file.relative_to(REPO)))
+    assert calls >= 4  # the walk sees the call sites (text.py's three at least)
+    assert risks == []
+
+
+# ---- JSON from a model folder is read with limits ------------------------------------------------
+
+def nest(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+DEEP = {  # a file of a Wan folder, and the words its one-line error must hold
+    "model_index.json": ["model_index.json", "nests deeper"],
+    "transformer/config.json": ["transformer/config.json", "nests deeper"],
+    "vae/config.json": ["vae/config.json", "nests deeper"],
+    "scheduler/scheduler_config.json": ["scheduler_config.json", "nests deeper"],
+    "text_encoder/config.json": ["text_encoder/config.json", "nests deeper"],
+    "tokenizer/tokenizer_config.json": ["tokenizer_config.json", "nests deeper"],  # transformers reads it
+}
+
+
+@pytest.mark.parametrize("relative", DEEP)
+@pytest.mark.parametrize("levels", [100, 100_000])  # within Python's recursion limit, and far past it
+def test_a_deeply_nested_json_file_in_a_wan_folder_is_named(wan, tmp_path, capfd, relative, levels):
+    folder = copy_of(wan, tmp_path)
+    (folder / relative).write_text(nest(levels))
+    rc = cli("generate", PROMPT, "--model", folder, *SMALL, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 1, rc, *DEEP[relative])
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("deep", ["dit/config.json", "nests deeper"]),
+    ("huge integer", ["dit/config.json", "not valid JSON"]),
+    ("fifo", ["dit/config.json", "FIFO"]),
+    ("a folder", ["dit/config.json", "a folder"]),
+    ("not UTF-8", ["dit/config.json", "UTF-8"]),
+])
+def test_odd_json_files_in_a_soragen_folder_are_named(tiny_model, tmp_path, capfd, damage, needles):
+    folder = copy_of(tiny_model, tmp_path)
+    config = folder / "dit" / "config.json"
+    config.unlink()
+    if damage == "deep":
+        config.write_text('{"depth": ' + nest(5000) + "}")
+    elif damage == "huge integer":
+        config.write_text('{"depth": ' + "9" * 10_000 + "}")
+    elif damage == "fifo":
+        os.mkfifo(config)  # opening it to read would wait for a writer forever
+    elif damage == "a folder":
+        config.mkdir()
+    else:
+        config.write_bytes(b'{"depth": "\xff\xfe"}')
+    rc = cli("generate", PROMPT, "--model", folder, "--steps", 1, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 1, rc, *needles)
+
