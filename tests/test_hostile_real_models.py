@@ -233,3 +233,90 @@ def test_odd_json_files_in_a_soragen_folder_are_named(tiny_model, tmp_path, capf
     rc = cli("generate", PROMPT, "--model", folder, "--steps", 1, "--out", tmp_path / "v.mp4")
     assert_one_line_error(capfd.readouterr(), 1, rc, *needles)
 
+
+# ---- hostile adapters -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A real adapter of the tiny Wan model, in diffusers' layout (what soragen train --lora-rank saves)."""
+    from soragen import lora as lora_io
+    from soragen.config import LoRAConfig
+    from soragen.wan import from_diffusers, tiny_pipeline
+    dit = from_diffusers(tiny_pipeline().transformer).float()
+    torch.manual_seed(0)
+    lora_io.add_lora(dit, LoRAConfig(lora_rank=2))
+    with torch.no_grad():
+        for p in lora_io.trainable_state(dit).values():
+            p.add_(torch.randn(p.shape) * 0.1)
+    path = tmp_path_factory.mktemp("adapter") / "a.safetensors"
+    lora_io.save(dit, path)
+    return path
+
+
+def damaged_adapter(adapter: Path, folder: Path, how: str) -> Path:
+    from safetensors.torch import load_file, save_file
+    tensors, metadata = load_file(adapter), {"format": "pt"}
+    path = folder / "x.safetensors"
+    a_key = next(k for k in sorted(tensors) if k.endswith("attn1.to_q.lora_A.weight"))
+    module = a_key.removesuffix(".lora_A.weight")
+    b_key = f"{module}.lora_B.weight"
+    if how.startswith("metadata"):
+        metadata["lora_adapter_metadata"] = {
+            "metadata rank 0": json.dumps({"transformer.r": 0, "transformer.lora_alpha": 4}),
+            "metadata alpha a word": json.dumps({"transformer.r": 2, "transformer.lora_alpha": "high"}),
+            "metadata rank pattern a list": json.dumps({"transformer.r": 2, "transformer.rank_pattern": [1, 2]}),
+            "metadata not JSON": "{r: 2",
+            "metadata nested deep": nest(10_000),
+        }[how]
+    elif how == "alpha not a scalar":
+        tensors[f"{module}.alpha"] = torch.ones(3)
+    elif how == "alpha NaN":
+        tensors[f"{module}.alpha"] = torch.tensor(float("nan"))
+    elif how == "ranks differ":
+        tensors[b_key] = torch.randn(tensors[b_key].shape[0], tensors[a_key].shape[0] + 1)
+    elif how == "rank 0":
+        tensors[a_key] = torch.zeros(0, tensors[a_key].shape[1])
+        tensors[b_key] = torch.zeros(tensors[b_key].shape[0], 0)
+    elif how == "A a vector":
+        tensors[a_key] = torch.zeros(tensors[a_key].shape[1])
+    save_file(tensors, str(path), metadata=metadata)
+    if how == "truncated":
+        path.write_bytes(adapter.read_bytes()[:-100])
+    elif how == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif how == "a folder":
+        path.unlink()
+        path.mkdir()
+    return path
+
+
+ADAPTERS = {
+    "metadata rank 0": ["x.safetensors", "transformer.r", "0", "positive"],
+    "metadata alpha a word": ["x.safetensors", "transformer.lora_alpha", "'high'", "number"],
+    "metadata rank pattern a list": ["x.safetensors", "rank_pattern", "object"],
+    "metadata not JSON": ["x.safetensors", "lora_adapter_metadata", "not valid JSON"],
+    "metadata nested deep": ["x.safetensors", "lora_adapter_metadata", "nests deeper"],
+    "alpha not a scalar": ["x.safetensors", ".alpha", "one number", "(3,)"],
+    "alpha NaN": ["x.safetensors", ".alpha", "nan", "finite"],
+    "ranks differ": ["x.safetensors", "attn1.to_q", "lora_A has rank 2", "lora_B rank 3"],
+    "rank 0": ["x.safetensors", "attn1.to_q", "rank 0"],
+    "A a vector": ["x.safetensors", "attn1.to_q", "matrices"],
+    "truncated": ["x.safetensors", "not a readable safetensors"],
+    "fifo": ["x.safetensors", "FIFO", "not a regular file"],
+    "a folder": ["x.safetensors", "no lora.safetensors there"],
+}
+
+
+@pytest.mark.parametrize("how", ADAPTERS)
+def test_a_hostile_adapter_is_refused_in_one_line_that_says_what_is_wrong(wan, adapter, tmp_path, capfd, how):
+    path = damaged_adapter(adapter, tmp_path, how)
+    capfd.readouterr()
+    rc = cli("generate", PROMPT, "--model", wan, "--lora", path, *SMALL, "--out", tmp_path / "v.mp4")
+    line = assert_one_line_error(capfd.readouterr(), 1, rc, *ADAPTERS[how])
+    assert "another model" not in line and "no such file" not in line
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_the_intact_adapter_still_merges(wan, adapter, tmp_path):
+    assert cli("generate", PROMPT, "--model", wan, "--lora", adapter, *SMALL, "--out", tmp_path / "v.mp4") == 0
