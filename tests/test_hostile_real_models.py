@@ -320,3 +320,101 @@ def test_a_hostile_adapter_is_refused_in_one_line_that_says_what_is_wrong(wan, a
 
 def test_the_intact_adapter_still_merges(wan, adapter, tmp_path):
     assert cli("generate", PROMPT, "--model", wan, "--lora", adapter, *SMALL, "--out", tmp_path / "v.mp4") == 0
+
+
+# ---- export removes nothing it did not write ---------------------------------------------------------
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_replaces_a_folder_of_the_users_files(tiny_model, tmp_path, capfd):
+    mine = tmp_path / "mine"
+    (mine / "dit").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "dit" / "config.json").write_text("{}")  # looks like ours, but beside the user's notes
+    before = snapshot(mine)
+    for force in ([], ["--force"]):
+        capfd.readouterr()
+        rc = cli("export", tiny_model, mine, *force)
+        assert_one_line_error(capfd.readouterr(), 1, rc, str(mine), "notes.txt", "did not write")
+        assert snapshot(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary left beside it
+
+
+@pytest.mark.parametrize("where", ["itself", "inside it", "holding it"])
+def test_export_never_writes_over_the_model_it_reads(wan, tmp_path, capfd, where):
+    parent = tmp_path / "models"
+    source = copy_of(wan, parent, "wan")  # a Wan folder: its text encoder is read from it at generate time
+    out = {"itself": source, "inside it": source / "exported", "holding it": parent}[where]
+    before = snapshot(parent)
+    for force in ([], ["--force"]):
+        capfd.readouterr()
+        rc = cli("export", source, out, *force)
+        assert_one_line_error(capfd.readouterr(), 1, rc, f"refusing to export into {out}", "model it exports from")
+        assert snapshot(parent) == before
+    assert cli("generate", PROMPT, "--model", source, *SMALL, "--out", tmp_path / "v.mp4") == 0  # it still loads
+
+
+def test_export_replaces_an_earlier_export_only_with_force_and_whole(tiny_model, tmp_path, capfd):
+    out = tmp_path / "exported"
+    assert cli("export", tiny_model, out, "--steps", 7) == 0
+    first = snapshot(out)
+    capfd.readouterr()
+    rc = cli("export", tiny_model, out, "--steps", 9)
+    assert_one_line_error(capfd.readouterr(), 1, rc, str(out), "earlier export", "--force")
+    assert snapshot(out) == first
+    assert cli("export", tiny_model, out, "--steps", 9, "--force") == 0
+    assert json.loads((out / "soragen.json").read_text())["sampling"]["steps"] == 9
+    assert sorted(snapshot(out)) == sorted(first) and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_export_over_the_base_of_the_lora_it_exports_is_refused(wan, tmp_path, capfd):
+    from soragen import lora as lora_io
+    from soragen.config import LoRAConfig, VideoDefaults
+    from soragen.model_io import load_model, save_lora_model
+    base = tmp_path / "base"
+    assert cli("export", wan, base) == 0  # an export: --force could replace it, were it not read
+    dit = load_model(base).dit
+    lora_io.add_lora(dit, LoRAConfig(lora_rank=2))
+    save_lora_model(tmp_path / "run" / "checkpoint-2", dit, str(base), LoRAConfig(lora_rank=2),
+                    VideoDefaults(frames=1, height=32, width=32, fps=8.0))
+    before = snapshot(base)
+    capfd.readouterr()
+    rc = cli("export", tmp_path / "run", base, "--force")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "refusing to export into", "model it exports from")
+    assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("where, needles", [
+    ("under /proc", ["/proc", "cannot write"]),
+    ("parent a file", ["a file, not a folder"]),
+    ("a file", ["it is a file", "writes a folder"]),
+    ("a FIFO", ["it is a FIFO"]),
+    ("a link", ["symbolic link"]),
+])
+def test_export_to_an_odd_place_is_one_line_and_leaves_nothing(tiny_model, tmp_path, capfd, where, needles):
+    if where == "under /proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("mine")
+    out = {"under /proc": Path("/proc/soragen-export/model"), "parent a file": tmp_path / "file" / "model",
+           "a file": tmp_path / "file", "a FIFO": tmp_path / "fifo", "a link": tmp_path / "link"}[where]
+    if where == "a FIFO":
+        os.mkfifo(out)
+    elif where == "a link":
+        (tmp_path / "elsewhere").mkdir()
+        out.symlink_to(tmp_path / "elsewhere")
+    before = listing(tmp_path)
+    capfd.readouterr()
+    rc = cli("export", tiny_model, out)
+    assert_one_line_error(capfd.readouterr(), 1, rc, *needles)
+    assert listing(tmp_path) == before and (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_failed_export_leaves_no_folder_behind(tiny_model, tmp_path, capfd):
+    damaged = copy_of(tiny_model, tmp_path)
+    (damaged / "dit" / "model.safetensors").write_bytes(b"\0" * 64)
+    capfd.readouterr()
+    rc = cli("export", damaged, tmp_path / "new" / "deeper" / "out")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "model.safetensors")
+    assert not (tmp_path / "new").exists()

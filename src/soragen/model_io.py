@@ -228,6 +228,71 @@ def load_model(path: str | Path, dtype=None, _depth: int = 0) -> Model:
     return Model(dit, vae, text_spec, video, scheduler_config, sampling, folder)
 
 
+# What save_model writes (export passes no extra files): the only entries a folder that export
+# replaces may hold, so that replacing it removes nothing export did not write.
+MODEL_FILES = frozenset({"soragen.json", "text_encoder.json", "dit", "dit/config.json", "dit/model.safetensors",
+                         "vae", "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler",
+                         "scheduler/scheduler_config.json"})
+
+
+def model_sources(path: str | Path) -> list[Path]:
+    """Every folder loading `path` reads: the one it names, the one it resolves to (a run's latest
+    checkpoint, a hub id's snapshot), and for a LoRA run each base model below it."""
+    sources = []
+    for _ in range(MAX_LORA_CHAIN + 1):
+        if Path(path).exists():
+            sources.append(Path(path).resolve())
+        folder = resolve_model_dir(path)
+        sources.append(folder.resolve())
+        manifest = read_manifest(folder) if (folder / "soragen.json").is_file() else {}
+        if manifest.get("kind") != "lora" or not isinstance(manifest.get("base"), str):
+            break
+        path = manifest["base"]
+    return sources
+
+
+def check_export_target(out: Path, force: bool, sources: list[Path] = ()) -> None:
+    """Refuse an export destination whose replacing would remove what export did not write: a file,
+    a link, a folder holding anything but an earlier export (and that only with --force), a folder
+    that is, holds or lies inside a model it reads; and one that cannot be written."""
+    out = Path(out)
+    target = out.absolute().resolve()
+    for source in sources:
+        how = ("is" if target == source else "holds" if source.is_relative_to(target)
+               else "is inside" if target.is_relative_to(source) else None)
+        if how:
+            raise SoragenError(f"refusing to export into {out}: it {how} the model it exports from ({source}); "
+                               f"choose a folder outside it")
+    if out.is_symlink():
+        raise SoragenError(f"refusing to export into {out}: it is a symbolic link; name a folder of its own")
+    if out.exists() and not out.is_dir():
+        from soragen.jsonfile import not_regular
+        raise SoragenError(f"refusing to export into {out}: it is {not_regular(out) or 'a file'}, and export writes "
+                           f"a folder; choose another path")
+    if out.is_dir():
+        entries = [(Path(root) / name).relative_to(out).as_posix() for root, folders, files in os.walk(out)
+                   for name in folders + files]  # links to folders are entries, never followed
+        foreign = sorted(e for e in entries if e not in MODEL_FILES)
+        if foreign:
+            raise SoragenError(f"refusing to export into {out}: it holds {foreign[0]}"
+                               f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which soragen "
+                               f"export did not write; choose an empty or new folder")
+        if entries and not force:
+            raise SoragenError(f"refusing to replace {out}: it holds an earlier export; pass --force to replace it "
+                               f"(as a whole)")
+    parent = out.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SoragenError(f"cannot write {out}: {parent} is a file, not a folder")
+    import tempfile
+    try:  # the one sure test that a folder can be made there: make one (and remove it)
+        os.rmdir(tempfile.mkdtemp(prefix=".soragen-probe-", dir=parent))
+    except OSError as err:
+        raise SoragenError(f"cannot write {out}: no folder can be made in {parent} "
+                           f"({err.strerror or type(err).__name__})") from err
+
+
 def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,
                scheduler_config: dict | None = None, sampling: SamplingDefaults | None = None,
                extra: dict | None = None, dit_dtype=None) -> Path:
