@@ -418,3 +418,119 @@ def test_a_failed_export_leaves_no_folder_behind(tiny_model, tmp_path, capfd):
     rc = cli("export", damaged, tmp_path / "new" / "deeper" / "out")
     assert_one_line_error(capfd.readouterr(), 1, rc, "model.safetensors")
     assert not (tmp_path / "new").exists()
+
+
+# ---- resume checks every file of a checkpoint; the rotation keeps the intact ones ---------------------
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from soragen.shapes import make_dataset
+    folder = tmp_path_factory.mktemp("data") / "clips"
+    make_dataset(folder, n=4, seed=0, frames=9, size=32)
+    return folder
+
+
+def lora_train(clips, out, init, cache, steps, *extra) -> int:
+    return cli("train", "--init", init, "--data", clips, "--out", out, "--frames", 9, "--height", 32, "--width", 32,
+               "--batch-size", 2, "--max-steps", steps, "--save-every", 2, "--warmup", 1, "--lr", "1e-2",
+               "--cache-dir", cache, "--lora-rank", 2, "--sample-every", 0, "--samples",
+               Path(__file__).parent / "data" / "one_prompt.txt", *extra)
+
+
+@pytest.fixture(scope="module")
+def lora_run(wan, clips, tmp_path_factory):
+    """A LoRA run of the tiny Wan model to step 6 that keeps three checkpoints: 2, 4 and 6."""
+    folder = tmp_path_factory.mktemp("lora") / "run"
+    assert lora_train(clips, folder, wan, folder.parent / "cache", 6, "--keep-last", 3) == 0
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    return folder
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+CHECKPOINT_DAMAGES = {  # a file of a LoRA checkpoint, what is done to it, and the words that name it
+    "adapter truncated": ("lora.safetensors", truncate, ["lora.safetensors", "not a valid safetensors"]),
+    "adapter gone": ("lora.safetensors", Path.unlink, ["lora.safetensors", "missing"]),
+    "manifest torn": ("soragen.json", lambda p: p.write_text('{"format": 1, "ba'), ["soragen.json", "JSON"]),
+    "manifest nested deep": ("soragen.json", lambda p: p.write_text(nest(50_000)), ["soragen.json", "nests deeper"]),
+    "EMA truncated": ("train_state/ema.safetensors", truncate, ["ema.safetensors", "not a valid safetensors"]),
+    "model state gone": ("train_state/model.safetensors", Path.unlink, ["train_state/model.safetensors", "missing"]),
+    "optimizer meta gone": ("train_state/optimizer.json", Path.unlink, ["optimizer.json", "missing"]),
+    "LoRA rank negative": ("train_state/state.json", lambda p: edit_json(p, lambda d: d["lora"].update(lora_rank=-1)),
+                           ["state.json", "lora_rank"]),
+    "LoRA rank zero": ("train_state/state.json", lambda p: edit_json(p, lambda d: d["lora"].update(lora_rank=0)),
+                       ["state.json", "rank 0", "does not fit"]),
+    "config out of range": ("train_state/state.json",
+                            lambda p: edit_json(p, lambda d: d["config"].update(batch_size=10**9)),
+                            ["state.json", "batch_size"]),
+    "state a list": ("train_state/state.json", lambda p: p.write_text("[]"), ["state.json", "not a JSON object"]),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_DAMAGES)
+def test_resume_names_a_damaged_file_and_picks_the_newest_intact_checkpoint(lora_run, tmp_path, case):
+    from soragen.checkpoints import resumable
+    relative, damage, needles = CHECKPOINT_DAMAGES[case]
+    run = copy_of(lora_run, tmp_path, "run")
+    damage(run / "checkpoint-6" / relative)
+    notes = []
+    assert resumable(run, notes.append) == run / "checkpoint-4"
+    assert len(notes) == 1 and f"checkpoint-6/{relative}" in notes[0] and "resuming from checkpoint-4" in notes[0]
+    assert all(n.lower() in notes[0].lower() for n in needles), notes[0]
+
+
+def test_a_lora_run_with_a_truncated_adapter_resumes_from_the_intact_checkpoint_and_keeps_it(
+        wan, clips, lora_run, tmp_path, capfd):
+    from soragen.checkpoints import check_checkpoint
+    run = copy_of(lora_run, tmp_path, "run")
+    truncate(run / "checkpoint-6" / "lora.safetensors")
+    capfd.readouterr()
+    assert lora_train(clips, run, wan, lora_run.parent / "cache", 8, "--resume") == 0
+    err = capfd.readouterr().err
+    assert "checkpoint-6/lora.safetensors" in err and "resuming from checkpoint-4" in err
+    kept = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert kept == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]  # three kept, as the run asked: all intact
+    for name in kept:
+        check_checkpoint(run / name)
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+    assert cli("generate", PROMPT, "--model", run, *SMALL, "--out", tmp_path / "v.mp4") == 0
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line_and_changes_nothing(wan, clips, lora_run, tmp_path, capfd):
+    run = copy_of(lora_run, tmp_path, "run")
+    for step in (2, 4, 6):
+        truncate(run / f"checkpoint-{step}" / "lora.safetensors")
+    before = snapshot(run)
+    capfd.readouterr()
+    rc = lora_train(clips, run, wan, lora_run.parent / "cache", 8, "--resume")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "cannot resume", "checkpoint-6/lora.safetensors",
+                          "2 earlier", "no intact checkpoint")
+    assert snapshot(run) == before
+
+
+def test_the_rotation_never_removes_the_last_intact_checkpoint_for_a_damaged_one(lora_run, tmp_path):
+    from soragen.checkpoints import prune
+    run = copy_of(lora_run, tmp_path, "run")
+    truncate(run / "checkpoint-4" / "lora.safetensors")
+    truncate(run / "checkpoint-6" / "train_state" / "optimizer.safetensors")
+    prune(run, 1)  # keep one: the newest intact is checkpoint-2; the damaged newer ones stay beside it
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    shutil.rmtree(run / "checkpoint-4")
+    (run / "checkpoint-6" / "train_state" / "optimizer.safetensors").write_bytes(
+        (lora_run / "checkpoint-6" / "train_state" / "optimizer.safetensors").read_bytes())
+    prune(run, 1)  # checkpoint-6 is whole again: now it is the one kept
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", 2]])
+def test_train_from_a_damaged_model_leaves_no_folder_behind(wan, clips, tmp_path, capfd, lora):
+    damaged = copy_of(wan, tmp_path)
+    truncate(damaged / "transformer" / "diffusion_pytorch_model.safetensors")
+    out = tmp_path / "runs" / "new"
+    capfd.readouterr()
+    rc = cli("train", "--init", damaged, "--data", clips, "--out", out, "--frames", 9, "--height", 32,
+             "--width", 32, "--max-steps", 2, "--cache-dir", tmp_path / "cache", *lora)
+    assert_one_line_error(capfd.readouterr(), 1, rc, "diffusion_pytorch_model.safetensors")
+    assert not (tmp_path / "runs").exists()

@@ -494,7 +494,8 @@ def train(
         for line in plan_run(cfg, lora, init, vae, preset, text_encoder).lines():
             typer.echo(line)
         return
-    with _train_progress(cfg.max_steps) as progress:
+    from soragen.atomic import undo_new_folders
+    with _train_progress(cfg.max_steps) as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
                            init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
                            windows=windows, device=device, sample_prompts=_sample_prompts(samples), progress=progress,
@@ -548,7 +549,8 @@ def train_vae(
       soragen train-vae --data clips/ --init runs/vae --decoder-only --out runs/vae-dec
     """
     from soragen.train import run_train_vae
-    with _train_progress(cfg.max_steps) as progress:
+    from soragen.atomic import undo_new_folders
+    with _train_progress(cfg.max_steps) as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train_vae(cfg, objective, out=out, preset=preset, init=init, resume=resume, device=device,
                                progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
