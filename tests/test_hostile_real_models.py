@@ -534,3 +534,63 @@ def test_train_from_a_damaged_model_leaves_no_folder_behind(wan, clips, tmp_path
              "--width", 32, "--max-steps", 2, "--cache-dir", tmp_path / "cache", *lora)
     assert_one_line_error(capfd.readouterr(), 1, rc, "diffusion_pytorch_model.safetensors")
     assert not (tmp_path / "runs").exists()
+
+
+def moments_of_another_shape(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path)
+    name = next(k for k in sorted(tensors) if k.endswith(".exp_avg"))
+    tensors[name] = torch.zeros(tensors[name].numel() + 1)
+    save_file(tensors, str(path))
+
+
+def nan_moments(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    save_file({k: torch.full_like(v, float("nan")) if k.endswith(".exp_avg") else v
+               for k, v in load_file(path).items()}, str(path))
+
+
+@pytest.mark.parametrize("case, damage, outcome, needles", [
+    ("step a word", lambda s: edit_json(s / "state.json", lambda d: d.update(step="six")), "note",
+     ["state.json", "step"]),
+    ("step of another checkpoint", lambda s: edit_json(s / "state.json", lambda d: d.update(step=4)), "note",
+     ["state.json", "step of checkpoint-6"]),
+    # tensors' values are read only once the run has built its model, after the clips were scanned
+    ("moments of another shape", lambda s: moments_of_another_shape(s / "optimizer.safetensors"), "error",
+     ["optimizer", "exp_avg has shape", "resume from checkpoint-4"]),
+    ("NaN moments", lambda s: nan_moments(s / "optimizer.safetensors"), "error",
+     ["optimizer", "NaN", "resume from checkpoint-4"]),
+    ("settings not numbers", lambda s: edit_json(s / "optimizer.json", lambda d: d["param_groups"][0].update(
+        betas="high", eps=None)), "harmless", []),  # the run's own settings are used: the file cannot set them
+])
+def test_a_hostile_training_state_is_named_or_harmless(wan, clips, lora_run, tmp_path, capfd, case, damage,
+                                                       outcome, needles):
+    run = copy_of(lora_run, tmp_path, "run")
+    damage(run / "checkpoint-6" / "train_state")
+    capfd.readouterr()
+    rc = lora_train(clips, run, wan, lora_run.parent / "cache", 8, "--resume")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    if outcome == "error":
+        lines = [line for line in err.splitlines() if line.startswith("error")]
+        assert rc == 1 and len(lines) == 1 and all(n.lower() in lines[0].lower() for n in needles), lines
+        return
+    assert rc == 0 and json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"] is not None
+    notes = [line for line in err.splitlines() if "resuming from checkpoint-4" in line]
+    assert len(notes) == (outcome == "note") and all(n.lower() in notes[0].lower() for n in needles)
+
+
+@pytest.mark.parametrize("where, code, needles", [
+    ("a file", 2, ["--out", "is a file"]),
+    ("under /proc", 1, ["--out", "/proc", "cannot make the run folder"]),
+    ("below a file", 1, ["--out", "cannot make the run folder"]),
+])
+def test_train_out_in_an_odd_place_is_one_line(tiny_model, clips, tmp_path, capfd, where, code, needles):
+    if where == "under /proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("mine")
+    out = {"a file": tmp_path / "file", "under /proc": Path("/proc/soragen-run/run"),
+           "below a file": tmp_path / "file" / "run"}[where]
+    rc = cli("train", "--data", clips, "--vae", tiny_model, "--out", out, "--max-steps", 1)
+    assert_one_line_error(capfd.readouterr(), code, rc, *needles)
+    assert (tmp_path / "file").read_text() == "mine"

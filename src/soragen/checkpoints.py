@@ -36,8 +36,20 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The moments from the file; the settings (lr, betas, eps, ...) are this run's, made from its
+    stored config as they were when the checkpoint was written: a file cannot set them."""
     state = {int(pid): {name: tensors[f"{pid}.{name}"] for name in names} for pid, names in meta["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, entries in state.items():
+        if not 0 <= pid < len(params):
+            raise ValueError(f"it holds moments of parameter {pid}, the run has {len(params)} parameters")
+        for name, tensor in entries.items():
+            if name != "step" and tensor.shape != params[pid].shape:
+                raise ValueError(f"{pid}.{name} has shape {tuple(tensor.shape)}, its parameter "
+                                 f"{tuple(params[pid].shape)}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{pid}.{name} holds NaN or infinity")
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def whole(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -107,9 +119,12 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 
 def _damaged(checkpoint: Path, what: str) -> SoragenError:
-    earlier = sorted((p for p in checkpoint.parent.iterdir() if CHECKPOINT_RE.match(p.name) and p != checkpoint),
-                     key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
-    hint = f"; move {checkpoint.name} aside to resume from {earlier[-1].name}" if earlier else ""
+    """Damage found only when the state is read (a tensor's values): the newest intact checkpoint
+    before this one, if any, is named."""
+    step = int(CHECKPOINT_RE.match(checkpoint.name).group(1)) if CHECKPOINT_RE.match(checkpoint.name) else None
+    earlier = [folder for s, folder in checkpoints(checkpoint.parent) if step is not None and s < step]
+    intact_one = next((folder for folder in reversed(earlier) if intact(folder)), None)
+    hint = f"; move {checkpoint.name} aside to resume from {intact_one.name}" if intact_one else ""
     return SoragenError(f"{what}{hint}")
 
 
@@ -160,6 +175,13 @@ def check_checkpoint(checkpoint: Path) -> None:
     from soragen.weights import read_header, weight_files
     state_file = checkpoint / "train_state" / "state.json"
     state = _object(state_file)
+    step = CHECKPOINT_RE.match(checkpoint.name)
+    for key in ("step", "skipped_nonfinite"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
+                (key == "step" and step and value != int(step.group(1))):
+            raise SoragenError(f"{state_file} is damaged: {key} is {str(value)[:40]!r}, not the "
+                               f"{'step of ' + checkpoint.name if key == 'step' else 'count of skipped steps'}")
     kind = state.get("kind", "dit")
     manifest = _object(checkpoint / "soragen.json") if (checkpoint / "soragen.json").exists() else {}
     holds = HOLDS["lora" if manifest.get("kind") == "lora" else kind if kind in HOLDS else "dit"]
@@ -258,7 +280,12 @@ def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Modul
 def prepare_run_dir(out: Path, resume: bool, note: Callable[[str], None] | None = None) -> Path | None:
     """The checkpoint to resume from (the newest intact one), or None; refuses to mix a new run
     into an old one."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; a run is a folder: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoragenError(f"--out {out}: cannot make the run folder ({err.strerror or type(err).__name__})") from err
     latest = latest_checkpoint(out)
     if resume:
         if latest is None:
