@@ -107,7 +107,7 @@ def wanpipe(folder: str, settings: str) -> None:
     from diffusers import WanPipeline
     from diffusers.utils import export_to_video  # noqa: F401 (what a diffusers user imports to write)
     args = json.loads(settings)
-    pipe = WanPipeline.from_pretrained(folder)
+    pipe = WanPipeline.from_pretrained(folder, trust_remote_code=False)
     frames = pipe("a red ball moving right", height=args["height"], width=args["width"], num_frames=args["frames"],
                   num_inference_steps=args["steps"], guidance_scale=5.0, output_type="pil",
                   generator=torch.Generator("cpu").manual_seed(0)).frames[0]

@@ -487,7 +487,8 @@ def train(
         for line in plan_run(cfg, lora, init, vae, preset, text_encoder).lines():
             typer.echo(line)
         return
-    with _train_progress(cfg.max_steps) as progress:
+    from soragen.core.atomic import undo_new_folders
+    with _train_progress(cfg.max_steps) as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
                            init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
                            windows=windows, device=device, sample_prompts=_sample_prompts(samples), progress=progress,
@@ -541,7 +542,8 @@ def train_vae(
       soragen train-vae --data clips/ --init runs/vae --decoder-only --out runs/vae-dec
     """
     from soragen.train.run import run_train_vae
-    with _train_progress(cfg.max_steps) as progress:
+    from soragen.core.atomic import undo_new_folders
+    with _train_progress(cfg.max_steps) as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train_vae(cfg, objective, out=out, preset=preset, init=init, resume=resume, device=device,
                                progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -588,9 +590,12 @@ def export(
     sampler: Annotated[Optional[str], typer.Option(help="Default sampler of the exported model.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Default denoising steps.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Default guidance scale.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds an earlier export (as a whole; "
+                                        "a folder holding anything else is never replaced).")] = False,
 ) -> None:
     """Copy a model (e.g. a run's latest checkpoint) into a clean model folder, without training
-    state, optionally with smaller weights and new sampling defaults.
+    state, optionally with smaller weights and new sampling defaults. OUT must be new, empty, or
+    (with --force) an earlier export, and outside the model it exports.
 
     Example:
 
@@ -598,17 +603,26 @@ def export(
 
       soragen export Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan13b --weights-dtype bfloat16
     """
-    from soragen.io.model_folder import family, load_model, save_model
+    from soragen.core.atomic import undo_new_folders
+    from soragen.io.model_folder import check_export_target, family, load_model, model_sources, save_model
     from soragen.pipeline import DTYPES
     if weights_dtype not in DTYPES:
         raise UsageError(f"unknown --weights-dtype {weights_dtype!r}; choose {', '.join(DTYPES)}")
     _check_overrides(sampler=sampler, steps=steps, guidance=guidance)
+    check_export_target(out, force, [model.resolve()] if model.exists() else [])  # before anything is fetched
+    sources = model_sources(model)
+    check_export_target(out, force, sources)
     loaded = load_model(model)
     overrides = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
     sampling = dataclasses.replace(loaded.sampling, **overrides)
     scheduler = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}
-    save_model(out, loaded.dit, loaded.vae, loaded.text_spec, loaded.video, scheduler, sampling,
-               dit_dtype=DTYPES[weights_dtype], family_name=family(loaded).name)
+    check_export_target(out, force, sources)  # again: the folder may have changed while the model loaded
+    try:
+        with undo_new_folders(out.parent):
+            save_model(out, loaded.dit, loaded.vae, loaded.text_spec, loaded.video, scheduler, sampling,
+                       dit_dtype=DTYPES[weights_dtype], family_name=family(loaded).name)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing half-written is left
+        raise SoragenError(f"cannot write {out}: {err.strerror or err}") from err
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB; {sampling.sampler} {sampling.steps} steps, "
                f"guidance {sampling.guidance:g})")

@@ -128,3 +128,25 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         remove(tmp)
         raise
+
+
+@contextmanager
+def undo_new_folders(path: Path) -> Iterator[None]:
+    """On an error in the block, remove the folders from `path` up that did not exist before it and
+    are still empty (deepest first): a command that fails leaves no empty folder behind."""
+    missing = []
+    folder = Path(path).absolute()
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: something was written there; leave it and those above
+                break
+        raise

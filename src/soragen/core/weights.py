@@ -32,15 +32,26 @@ def _invalid(file: Path, err: BaseException) -> SoragenError:
                         f"{(str(err).splitlines() or [type(err).__name__])[0]}")
 
 
+def _check_regular(file: Path) -> None:
+    from soragen.core.jsonfile import not_regular
+    kind = not_regular(file)
+    if kind:
+        raise SoragenError(f"weights file {file} is {kind}, not a regular file")
+    if not file.is_file():
+        raise SoragenError(f"missing weights file {file}")
+
+
 def weight_files(folder: Path, what: str) -> list[Path]:
     """A folder's safetensors: the files its *.safetensors.index.json names, or every *.safetensors."""
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
+        from soragen.core.jsonfile import read_json
+        data = read_json(index[0])
         try:
-            names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            names = sorted(set(data["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as err:
             raise SoragenError(f"{index[0]} is not a safetensors index (a JSON object with a weight_map): "
-                               f"{err}") from err
+                               f"{err!r}") from err
         if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
             raise SoragenError(f"{index[0]}: weight_map must name files in {folder}, got {names[:3]}")
         return [folder / n for n in names]
@@ -56,8 +67,7 @@ def read_header(files: list[Path]) -> dict[str, StoredTensor]:
 
     stored: dict[str, StoredTensor] = {}
     for file in files:
-        if not file.is_file():
-            raise SoragenError(f"missing weights file {file}")
+        _check_regular(file)
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
@@ -76,8 +86,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        if not file.is_file():
-            raise SoragenError(f"missing weights file {file}")
+        _check_regular(file)
         try:
             state.update(load_file(str(file)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:

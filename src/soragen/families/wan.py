@@ -17,7 +17,7 @@ import torch
 
 from soragen.core.config import DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults
 from soragen.core.errors import SoragenError
-from soragen.core.jsonfile import read_json
+from soragen.core.jsonfile import INCOMPLETE, read_json
 from soragen.diffusion.sampling import check_sampler, check_schedule
 from soragen.families.base import Family
 
@@ -153,7 +153,11 @@ WAN_SAMPLING = dict(sampler="unipc", steps=50, guidance=5.0, negative_prompt="")
 def text_encoder_spec(folder: Path, source: str) -> TextEncoderSpec:
     """umT5 from the pipeline folder (named by `source`, the folder or hub id the user gave), its
     prompts cleaned as WanPipeline cleans them, zero-padded to 512 tokens, in the dtype it is stored in."""
-    encoder_config = read_json(folder / "text_encoder" / "config.json")
+    from soragen.models.text import check_encoder_folder
+    encoder_config = read_json(folder / "text_encoder" / "config.json", INCOMPLETE)
+    if not isinstance(encoder_config, dict):
+        raise SoragenError(f"{folder / 'text_encoder' / 'config.json'} is not a JSON object")
+    check_encoder_folder(folder, "text_encoder", "tokenizer")  # now, before any weight is read
     stored = str(encoder_config.get("dtype") or encoder_config.get("torch_dtype") or "float32").replace("torch.", "")
     return TextEncoderSpec(source=source, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
                            max_length=512, padding="zeros", clean="wan",
@@ -161,7 +165,7 @@ def text_encoder_spec(folder: Path, source: str) -> TextEncoderSpec:
 
 
 def read_pipeline_index(folder: Path) -> dict:
-    index = read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json", INCOMPLETE)
     if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
         raise SoragenError(f"{folder / 'model_index.json'}: soragen runs diffusers' WanPipeline (Wan 2.1 text to "
                            f"video), not {index.get('_class_name') if isinstance(index, dict) else index!r}")
@@ -179,7 +183,7 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
 
     read_pipeline_index(folder)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_file)
+    scheduler_config = read_json(scheduler_file, INCOMPLETE)
     try:
         check_schedule(scheduler_config)
     except ValueError as err:
@@ -224,7 +228,7 @@ class WanFamily(Family):
 
     def configs(self, folder: Path) -> tuple[DiTConfig, TextEncoderSpec]:
         read_pipeline_index(folder)
-        return dit_config(read_json(folder / "transformer" / "config.json")), text_encoder_spec(folder, str(folder))
+        return dit_config(read_json(folder / "transformer" / "config.json", INCOMPLETE)), text_encoder_spec(folder, str(folder))
 
     def lora_names(self, depth: int) -> dict[str, tuple[str, int, int]]:
         """diffusers' Wan linear names, from the weights' key map (a fused q/k/v is three parts)."""

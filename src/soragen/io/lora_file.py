@@ -11,7 +11,7 @@ read at scale 1).
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
@@ -45,15 +45,18 @@ def save(dit, path: Path, family) -> None:
 
 def resolve_file(source: str | Path) -> Path:
     """--lora's path: an adapter file, a LoRA checkpoint folder, or a LoRA run (its latest checkpoint's)."""
+    from soragen.core.jsonfile import not_regular
     from soragen.io.folders import latest_checkpoint
     path = Path(source)
     if path.is_dir():
         checkpoint = latest_checkpoint(path) or path
         path = checkpoint / FILE
-        if not path.is_file():
+        if not path.exists():
             raise SoragenError(f"--lora {source}: no {FILE} there (a LoRA run or checkpoint has one)")
-    elif not path.is_file():
+    elif not path.exists():
         raise SoragenError(f"--lora {source}: no such file or folder")
+    if not_regular(path):
+        raise SoragenError(f"--lora {path} is {not_regular(path)}, not a regular file")
     if path.suffix != ".safetensors":
         raise SoragenError(f"--lora {source}: soragen reads adapters from .safetensors files only")
     return path
@@ -73,35 +76,59 @@ def parse(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
+
+    from soragen.core.jsonfile import not_regular, parse_json
+    if not_regular(path):  # a FIFO would be waited on forever
+        raise SoragenError(f"{what} is {not_regular(path)}, not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise SoragenError(f"--lora {path} is not a readable safetensors file: {err}") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SoragenError(f"{what} is not a readable safetensors file: "
+                           f"{(str(err).splitlines() or [type(err).__name__])[0]}") from err
     raw = metadata.get("lora_adapter_metadata")
-    try:
-        config = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        config = {}
-    return tensors, config if isinstance(config, dict) else {}
+    config = parse_json(raw, f"{what}: its lora_adapter_metadata") if raw else {}
+    if not isinstance(config, dict):
+        raise SoragenError(f"{what}: its lora_adapter_metadata must be a JSON object, not {type(config).__name__}")
+    return tensors, config
 
 
-def _scale(config: dict, module: str, rank: int, alphas: dict) -> float:
+def _number(value, where: str, positive: bool = False) -> float:
+    """A finite number from an adapter's metadata or alpha tensor (a positive one for a rank)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise SoragenError(f"{where} must be one number, not a tensor of shape {tuple(value.shape)}")
+        value = value.reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise SoragenError(f"{where} is {repr(value)[:40]}: it must be a {'positive' if positive else 'finite'} "
+                           f"number")
+    return float(value)
+
+
+def _scale(config: dict, module: str, rank: int, alphas: dict, what: str) -> float:
     """alpha / r of one module: from the file's LoRA config (diffusers writes its peft config), from
     kohya-style `.alpha` tensors, else 1 (diffusers' and peft's reading of a file without alphas)."""
     if f"{module}.alpha" in alphas:
-        return float(alphas[f"{module}.alpha"]) / rank
+        return _number(alphas[f"{module}.alpha"], f"{what}: {module}.alpha") / rank
     if not config:
         return 1.0
     short = module.removeprefix("transformer.")
-    r = next((v for k, v in (config.get("transformer.rank_pattern") or {}).items() if short.endswith(k)),
-             config.get("transformer.r", rank))
-    alpha = next((v for k, v in (config.get("transformer.alpha_pattern") or {}).items() if short.endswith(k)),
-                 config.get("transformer.lora_alpha", r))
-    return float(alpha) / float(r)
+
+    def pick(pattern_key: str, key: str, default):  # (value, its name in the metadata)
+        pattern = config.get(pattern_key) or {}
+        if not isinstance(pattern, dict):
+            raise SoragenError(f"{what}: lora_adapter_metadata's {pattern_key} must be an object of "
+                               f"module: number, not {type(pattern).__name__}")
+        found = next((k for k in pattern if short.endswith(k)), None)
+        return (pattern[found], f"{pattern_key}.{found}") if found is not None else (config.get(key, default), key)
+    r, r_key = pick("transformer.rank_pattern", "transformer.r", rank)
+    alpha, alpha_key = pick("transformer.alpha_pattern", "transformer.lora_alpha", r)
+    where = f"{what}: lora_adapter_metadata's"
+    return _number(alpha, f"{where} {alpha_key}") / _number(r, f"{where} {r_key}", positive=True)
 
 
 def apply(dit, path: Path, family, weight: float = 1.0, what: str | None = None) -> int:
@@ -110,8 +137,10 @@ def apply(dit, path: Path, family, weight: float = 1.0, what: str | None = None)
     returns how many linears it changed. An adapter for another model is refused before any weight
     changes."""
     what = what or f"--lora {path}"
-    tensors, config = _read(path)
+    tensors, config = _read(path, what)
     alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    for key, value in alphas.items():  # each one number (kohya's), checked before anything is merged
+        _number(value, f"{what}: {key}")
     try:
         converted = family.lora_tensors({k: v for k, v in tensors.items() if k not in alphas})
     except Exception as err:  # converters (diffusers') raise many kinds on an unknown layout
@@ -135,12 +164,18 @@ def apply(dit, path: Path, family, weight: float = 1.0, what: str | None = None)
         ours, part, parts = names[theirs]
         target = weights[f"{ours}.weight"]
         rows = target.shape[0] // parts
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[1] != target.shape[1] \
-                or b.shape[0] != rows:
-            raise SoragenError(f"{what} does not fit this model: its {theirs} maps {a.shape[1] if a.dim() == 2 else '?'}"
-                               f" -> {b.shape[0] if b.dim() == 2 else '?'} features, the model's "
-                               f"{target.shape[1]} -> {rows} (an adapter for another model)")
-        delta = (b.float() @ a.float()) * (weight * _scale(config, module, a.shape[0], alphas))
+        if a.dim() != 2 or b.dim() != 2:
+            raise SoragenError(f"{what}: {theirs}'s lora_A and lora_B must be matrices, not of shapes "
+                               f"{tuple(a.shape)} and {tuple(b.shape)}")
+        if a.shape[0] != b.shape[1]:
+            raise SoragenError(f"{what}: {theirs}'s lora_A has rank {a.shape[0]} and its lora_B rank {b.shape[1]}: "
+                               f"the two must be equal (a damaged adapter)")
+        if a.shape[0] == 0:
+            raise SoragenError(f"{what}: {theirs} has rank 0 (lora_A of shape {tuple(a.shape)}): an empty adapter")
+        if a.shape[1] != target.shape[1] or b.shape[0] != rows:
+            raise SoragenError(f"{what} does not fit this model: its {theirs} maps {a.shape[1]} -> {b.shape[0]} "
+                               f"features, the model's {target.shape[1]} -> {rows} (an adapter for another model)")
+        delta = (b.float() @ a.float()) * (weight * _scale(config, module, a.shape[0], alphas, what))
         if not torch.isfinite(delta).all():
             raise SoragenError(f"{what}: {theirs} holds NaN or infinite values")
         updates.append((target, slice(part * rows, (part + 1) * rows), delta))

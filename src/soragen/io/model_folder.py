@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from soragen import __version__
@@ -23,7 +24,7 @@ from soragen.core.atomic import atomic_path
 from soragen.core.config import (DEFAULT_TEXT_ENCODER, DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults,
                                  from_dict, to_json)
 from soragen.core.errors import SoragenError
-from soragen.core.jsonfile import read_json
+from soragen.core.jsonfile import INCOMPLETE, read_json
 from soragen.families.base import Family
 from soragen.families.registry import DEFAULT, family_of, named
 from soragen.io.folders import HUB_ID_RE, resolve_model_dir
@@ -34,7 +35,7 @@ MAX_LORA_CHAIN = 8  # a LoRA run's base may be a LoRA run: this many, no cycle
 
 
 def read_manifest(folder: Path) -> dict:
-    manifest = read_json(folder / "soragen.json")
+    manifest = read_json(folder / "soragen.json", INCOMPLETE)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("format", 0), int):
         raise SoragenError(f"{folder / 'soragen.json'} is not a soragen manifest (needs an integer \"format\")")
     if manifest.get("format", 0) > FORMAT:
@@ -46,7 +47,7 @@ def read_manifest(folder: Path) -> dict:
 def read_config(cls, path: Path, data=None, prefix: str = ""):
     """A config dataclass from a JSON file (or from `data`, a part of one): SoragenError naming
     the file and the field when a value is of the wrong type or out of range."""
-    data = read_json(path) if data is None else data
+    data = read_json(path, INCOMPLETE) if data is None else data
     try:
         return from_dict(cls, data)
     except (TypeError, ValueError) as err:
@@ -56,7 +57,11 @@ def read_config(cls, path: Path, data=None, prefix: str = ""):
 def _check_text_source(spec: TextEncoderSpec, path: Path) -> None:
     """A text encoder named by a path must exist: said here, not as transformers' 'bad repo id'."""
     source = spec.source
-    if source == DEFAULT_TEXT_ENCODER or Path(source).exists():
+    if source == DEFAULT_TEXT_ENCODER:
+        return
+    if Path(source).exists():  # checked now, before any weight is read: data, never code
+        from soragen.models.text import check_encoder_folder
+        check_encoder_folder(source, spec.subfolder, spec.tokenizer_subfolder)
         return
     looks_like_path = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
     if looks_like_path:
@@ -149,7 +154,7 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
     dit_config, text_spec = _soragen_configs(folder)
     video, sampling = _defaults(folder, manifest)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_file)
+    scheduler_config = read_json(scheduler_file, INCOMPLETE)
     try:
         check_schedule(scheduler_config)
     except ValueError as err:
@@ -188,6 +193,71 @@ def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
     if manifest is None:
         return (*family_of(folder, None).configs(folder), folder / "vae")
     return (*_soragen_configs(folder, check_text=False), folder / "vae")
+
+
+# What save_model writes (export passes no extra files): the only entries a folder that export
+# replaces may hold, so that replacing it removes nothing export did not write.
+MODEL_FILES = frozenset({"soragen.json", "text_encoder.json", "dit", "dit/config.json", "dit/model.safetensors",
+                         "vae", "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler",
+                         "scheduler/scheduler_config.json"})
+
+
+def model_sources(path: str | Path) -> list[Path]:
+    """Every folder loading `path` reads: the one it names, the one it resolves to (a run's latest
+    checkpoint, a hub id's snapshot), and for a LoRA run each base model below it."""
+    sources = []
+    for _ in range(MAX_LORA_CHAIN + 1):
+        if Path(path).exists():
+            sources.append(Path(path).resolve())
+        folder = resolve_model_dir(path)
+        sources.append(folder.resolve())
+        manifest = read_manifest(folder) if (folder / "soragen.json").is_file() else {}
+        if manifest.get("kind") != "lora" or not isinstance(manifest.get("base"), str):
+            break
+        path = manifest["base"]
+    return sources
+
+
+def check_export_target(out: Path, force: bool, sources: list[Path] = ()) -> None:
+    """Refuse an export destination whose replacing would remove what export did not write: a file,
+    a link, a folder holding anything but an earlier export (and that only with --force), a folder
+    that is, holds or lies inside a model it reads; and one that cannot be written."""
+    out = Path(out)
+    target = out.absolute().resolve()
+    for source in sources:
+        how = ("is" if target == source else "holds" if source.is_relative_to(target)
+               else "is inside" if target.is_relative_to(source) else None)
+        if how:
+            raise SoragenError(f"refusing to export into {out}: it {how} the model it exports from ({source}); "
+                               f"choose a folder outside it")
+    if out.is_symlink():
+        raise SoragenError(f"refusing to export into {out}: it is a symbolic link; name a folder of its own")
+    if out.exists() and not out.is_dir():
+        from soragen.core.jsonfile import not_regular
+        raise SoragenError(f"refusing to export into {out}: it is {not_regular(out) or 'a file'}, and export writes "
+                           f"a folder; choose another path")
+    if out.is_dir():
+        entries = [(Path(root) / name).relative_to(out).as_posix() for root, folders, files in os.walk(out)
+                   for name in folders + files]  # links to folders are entries, never followed
+        foreign = sorted(e for e in entries if e not in MODEL_FILES)
+        if foreign:
+            raise SoragenError(f"refusing to export into {out}: it holds {foreign[0]}"
+                               f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which soragen "
+                               f"export did not write; choose an empty or new folder")
+        if entries and not force:
+            raise SoragenError(f"refusing to replace {out}: it holds an earlier export; pass --force to replace it "
+                               f"(as a whole)")
+    parent = out.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SoragenError(f"cannot write {out}: {parent} is a file, not a folder")
+    import tempfile
+    try:  # the one sure test that a folder can be made there: make one (and remove it)
+        os.rmdir(tempfile.mkdtemp(prefix=".soragen-probe-", dir=parent))
+    except OSError as err:
+        raise SoragenError(f"cannot write {out}: no folder can be made in {parent} "
+                           f"({err.strerror or type(err).__name__})") from err
 
 
 def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,

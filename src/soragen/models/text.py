@@ -8,7 +8,6 @@ prompt "" is the unconditional input for classifier-free guidance.
 from __future__ import annotations
 
 import html
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,12 @@ def resolve_source(source: str) -> str:
 
 def _model_type(source: str, subfolder: str = "") -> str:
     config_file = Path(source) / subfolder / "config.json"
-    if config_file.is_file():
-        return json.loads(config_file.read_text()).get("model_type", "")
+    if config_file.exists():
+        from soragen.core.jsonfile import read_json
+        config = read_json(config_file)
+        return str(config.get("model_type", "")) if isinstance(config, dict) else ""
     from transformers import AutoConfig  # a hub id: the config is small
-    return AutoConfig.from_pretrained(source, subfolder=subfolder).model_type
+    return AutoConfig.from_pretrained(source, subfolder=subfolder, trust_remote_code=False).model_type
 
 
 @dataclass
@@ -93,14 +94,33 @@ TEXT_CONFIG_LIMITS = {
 def check_text_config(config_file: Path) -> None:
     """SoragenError naming the file and the field if a local encoder's config is unfit to build."""
     from soragen.core.config import check_keys
+    from soragen.core.jsonfile import read_json
+    config = read_json(config_file)
     try:
-        config = json.loads(config_file.read_text())
         if not isinstance(config, dict):
             raise ValueError(f"must be a JSON object, got {type(config).__name__}")
-        for part in (config, config.get("text_config") or {}):  # CLIP keeps the text tower's sizes apart
+        text_config = config.get("text_config") or {}
+        for part in (config, text_config if isinstance(text_config, dict) else {}):  # CLIP's text tower apart
             check_keys(part, TEXT_CONFIG_LIMITS)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+    except (TypeError, ValueError) as err:
         raise SoragenError(f"{config_file}: {err}") from err
+
+
+def check_encoder_folder(source: str | Path, subfolder: str = "", tokenizer_subfolder: str = "") -> None:
+    """A local text encoder folder is data, never code: every JSON file that transformers will read
+    from it is read here first, with limits, and one that points to Python code to run (an
+    "auto_map", which transformers would offer to import) is refused, as is a config unfit to build."""
+    from soragen.core.jsonfile import find_key, read_json
+    root = Path(source)
+    for folder in dict.fromkeys([root / subfolder, root / (tokenizer_subfolder or subfolder)]):
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.glob("*.json")):
+            if find_key(read_json(file), "auto_map"):
+                raise SoragenError(f"{file} names Python code to run (auto_map): soragen never runs code from a "
+                                   f"model folder; remove auto_map or use a model that transformers runs as it is")
+    if (root / subfolder / "config.json").exists():
+        check_text_config(root / subfolder / "config.json")
 
 
 def clean_prompt(text: str) -> str:
@@ -128,16 +148,17 @@ class TextEncoder:
         source = resolve_source(spec.source)
         folder = Path(source) / spec.subfolder
         if Path(source).exists():
-            if not (folder / "config.json").is_file():
+            if not (folder / "config.json").exists():
                 raise SoragenError(f"text encoder folder {folder} has no config.json")
-            check_text_config(folder / "config.json")
-        try:
+            check_encoder_folder(source, spec.subfolder, spec.tokenizer_subfolder)
+        try:  # never remote code: transformers would otherwise ask on the terminal whether to import it
             kind = _model_type(source, spec.subfolder)
             model_class = getattr(transformers, ENCODER_CLASSES.get(kind, "AutoModel"))
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-                source, subfolder=spec.tokenizer_subfolder or spec.subfolder)
+                source, subfolder=spec.tokenizer_subfolder or spec.subfolder, trust_remote_code=False)
             self.model, info = model_class.from_pretrained(source, subfolder=spec.subfolder, use_safetensors=True,
-                                                           output_loading_info=True, dtype=getattr(torch, spec.dtype))
+                                                           output_loading_info=True, dtype=getattr(torch, spec.dtype),
+                                                           trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SoragenError(f"cannot load text encoder {spec.source!r}: {str(err).splitlines()[0]}") from err
         absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])

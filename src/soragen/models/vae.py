@@ -9,7 +9,6 @@ each chunk into uint8 at once, so working memory does not grow with the frame co
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -189,12 +188,10 @@ def load_vae(source: str | Path) -> VideoVAE:
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise SoragenError(f"VAE folder {folder} has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SoragenError(f"{config_file} is not valid JSON: {err}") from err
+    from soragen.core.jsonfile import read_json
+    config = read_json(config_file)
     if isinstance(config, dict) and config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
         raise SoragenError(f"{folder} holds a {config['_class_name']}; soragen reads AutoencoderKLWan VAEs")
     try:

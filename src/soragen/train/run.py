@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from soragen.core.atomic import atomic_path
-from soragen.train.checkpoints import (check_resumable, load_train_state, prepare_run_dir, save_checkpoint, stored_lora,
+from soragen.train.checkpoints import (load_train_state, prepare_run_dir, resumable, save_checkpoint, stored_lora,
                                  stored_run, whole)
 from soragen.core.config import (DiTObjective, LoRAConfig, SamplingDefaults, TextEncoderSpec, TrainConfig, VAEObjective,
                             VideoDefaults, dit_preset, vae_preset_config)
@@ -393,10 +393,10 @@ def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str,
     may change). Returns (dist, progress, checkpoint or None, cfg, objective)."""
     dist = init_distributed(device)
     progress = progress if dist.main else None
-    resume_from = prepare_run_dir(out, resume) if dist.main else (latest_checkpoint(out) if resume else None)
+    note = (lambda line: progress("message", line)) if progress else None
+    resume_from = prepare_run_dir(out, resume, note) if dist.main else (resumable(out) if resume else None)
     dist.barrier()
     if resume_from is not None:
-        check_resumable(resume_from)
         # a DiT run from before the objective was stored predicted the noise
         older = {"prediction": "epsilon"} if isinstance(objective, DiTObjective) else {}
         stored_cfg, objective = stored_run(resume_from, type(objective), older)
