@@ -121,7 +121,7 @@ def long_modules() -> list[str]:
 
 
 # What is still over the limits; this list only shrinks.
-STILL_LONG = {"soragen.cli", "soragen.cli.generate", "soragen.cli.train", "soragen.train.data", "soragen.train.run",
+STILL_LONG = {"soragen.cli", "soragen.cli.generate", "soragen.cli.train", "soragen.train.run",
               "soragen.train.run.train_loop"}
 
 
