@@ -11,7 +11,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from soragen.tools import shapes
+from soragen.tools import judge, shapes
 from soragen.core.errors import SoragenError, UsageError
 from soragen.tools.shapes import (
     BACKGROUNDS,
@@ -19,18 +19,15 @@ from soragen.tools.shapes import (
     DIRECTIONS,
     SHAPES,
     ClipSpec,
-    Judgement,
     all_captions,
     all_specs,
     caption_for,
-    judge_video,
-    load_prompt_set,
     make_dataset,
     random_spec,
     render_background,
     render_clip,
-    score,
 )
+from soragen.tools.judge import Judgement, judge_video, load_prompt_set, score
 
 
 def object_mask(clip: np.ndarray, color: str) -> np.ndarray:
@@ -236,8 +233,8 @@ def test_judge_static_object_has_no_direction():
 def test_python_labelling_matches_scipy():
     pytest.importorskip("scipy")
     mask = np.random.default_rng(2).random((40, 50)) > 0.55
-    labels, count = shapes._label_python(mask)
-    ref, ref_count = shapes._label(mask)
+    labels, count = judge._label_python(mask)
+    ref, ref_count = judge._label(mask)
     assert count == ref_count
     assert sorted(np.bincount(labels.ravel())[1:]) == sorted(np.bincount(ref.ravel())[1:])
     assert ((labels > 0) == mask).all()
@@ -267,7 +264,7 @@ def test_mistakes_counts_each_wrong_reading():
     asked = truth(ClipSpec("sky", "yellow", "triangle", "left"))
     seen = [Judgement("sky", "orange", "circle", "left", 1.0), Judgement("sky", "yellow", "circle", "left", 1.0),
             Judgement("sky", "yellow", "square", None, 0.5)]
-    found = shapes.mistakes(seen + seen[:1], [asked] * 4)
+    found = judge.mistakes(seen + seen[:1], [asked] * 4)
     assert found == {"background": {}, "color": {"yellow -> orange": 2},
                      "shape": {"triangle -> circle": 3, "triangle -> square": 1}, "direction": {"left -> none": 1}}
     assert list(found["shape"]) == ["triangle -> circle", "triangle -> square"]  # most frequent first
@@ -304,7 +301,7 @@ def test_captions_are_varied_and_grammatical():
 def test_prompt_sets_match_the_generator():
     for name, n, heldout in (("eval", 60, False), ("heldout", 30, True)):
         rows = load_prompt_set(name)
-        assert rows == shapes.build_prompt_set(name)
+        assert rows == judge.build_prompt_set(name)
         assert len(rows) == n
         for row in rows:
             spec = ClipSpec(row["background"], row["color"], row["shape"], row["direction"])

@@ -16,7 +16,7 @@ def run(settings: Settings) -> Section:
         return s
     from soragen.tools.evaluate import evaluate_pipeline
     from soragen.pipeline import Pipeline
-    from soragen.tools.shapes import load_prompt_set
+    from soragen.tools.judge import load_prompt_set
 
     n = 6 if settings.quick else 20
     rows = load_prompt_set("eval")[:n]

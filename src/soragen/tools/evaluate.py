@@ -14,7 +14,7 @@ from soragen.core.errors import UsageError
 from soragen.io.model_folder import load_model
 from soragen.models.model import Model
 from soragen.pipeline import Pipeline, StageTimes
-from soragen.tools.shapes import judge_video, load_prompt_set, mistakes, parse_prompt_set, score
+from soragen.tools.judge import judge_video, load_prompt_set, mistakes, parse_prompt_set, score
 
 
 def read_prompts(path: Path | None, name: str) -> list[dict]:
