@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "soragen"
 # Lowest first: a module may import from its own layer and the ones before it, never after.
 LAYERS = ["core", "layers", "models", "diffusion", "families", "io", "pipeline", "train", "tools", "cli"]
 # Modules that sit at the package's root, and the layer each belongs to.
-ROOT_MODULES = {"soragen": "core", "soragen.pipeline": "pipeline", "soragen.cli": "cli", "soragen.__main__": "cli"}
+ROOT_MODULES = {"soragen": "core", "soragen.pipeline": "pipeline", "soragen.__main__": "cli"}
 
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 500
@@ -121,8 +121,7 @@ def long_modules() -> list[str]:
 
 
 # What is still over the limits; this list only shrinks.
-STILL_LONG = {"soragen.cli", "soragen.cli.generate", "soragen.cli.train", "soragen.train.run",
-              "soragen.train.run.train_loop"}
+STILL_LONG = {"soragen.train.run", "soragen.train.run.train_loop"}
 
 
 def test_functions_and_modules_stay_short():

@@ -1,0 +1,215 @@
+"""soragen generate and soragen inspect-patches: videos from prompts, and how a model sees a video."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from soragen.cli.app import (COMPILE_HELP, STARTED, StageProgress, check_overrides, check_text, check_writable, command,
+                             model_dir, note_emulated_bf16, stderr)
+from soragen.core.config import MAX_SEED
+from soragen.core.errors import SoragenError, UsageError
+from soragen.core.options import check_device_name
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(filter(None, keep.split("-")))[:limit] or "video"
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+@command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What the video shows.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames. "
+                                      "With --prompts, a folder.")] = Path("video.mp4"),
+    prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
+                                                      "(default: the model's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc or euler (euler and not ddim for flow "
+                                                   "models such as Wan; default: the model's).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="What guidance steers away from (default: the "
+                                                           "model's own, empty for soragen's).")] = None,
+    shift: Annotated[Optional[float], typer.Option(help="A flow model's schedule shift (default: the model's; "
+                                                   "higher spends more steps at high noise).")] = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed: the same seed gives the same video.")] = 0,
+    fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
+                                                  "pipeline folder, or a hub id (default: the built-in model).")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
+                                                      "(diffusers' Wan layout, or the original Wan or musubi-tuner "
+                                                      "ones) or a LoRA run; FILE:WEIGHT scales it. Repeatable.",
+                                                      show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="On a GPU, keep only the running part (text encoder, "
+                                          "DiT, VAE) on it: for models larger than its memory.")] = False,
+    timings: Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
+                                                    "load, encode, denoise, decode, write) to this JSON file.")] = None,
+) -> None:
+    """Generate a video from a text prompt.
+
+    Examples:
+
+      soragen generate "a red ball moving right in the blue sky" --out ball.mp4
+
+      soragen generate "sora is sky" --frames 16 --steps 20 --seed 3 --out sky.gif
+
+      soragen generate --prompts prompts.txt --out videos/
+
+      soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
+
+      soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
+    """
+    jobs = _generate_jobs(prompt, prompts, out, seed)
+    check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
+    _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt)
+    pipe, seconds = _load(model, device, dtype, compile, offload, lora)
+    settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
+    size = pipe.video_size(frames, height, width)
+    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds)
+    if prompts is not None:
+        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {out / 'index.jsonl'}")
+    if timings is not None:
+        timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
+
+
+def _load(model, device, dtype, compile, offload, lora):
+    """The pipeline, and the seconds the imports and the load took."""
+    from soragen.io.lora_file import parse
+    from soragen.pipeline import Pipeline
+    t0 = time.perf_counter()
+    seconds = {"imports": t0 - STARTED}
+    loras = [parse(spec) for spec in lora or []]
+    pipe = Pipeline.load(model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
+    seconds["load"] = time.perf_counter() - t0
+    return pipe, seconds
+
+
+def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds) -> list[dict]:
+    """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
+    Returns the index of what was written (prompt, file, seed)."""
+    from soragen.io.video import write_video
+    console = stderr()
+    console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
+                  f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g} "
+                  f"(loaded in {seconds['load']:.1f}s)")
+    note_emulated_bf16(console, pipe.device, pipe.dtype)
+    index = []
+    for i, (text, path) in enumerate(jobs):
+        start = time.perf_counter()
+        with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
+            video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars,
+                                  **dataclasses.asdict(settings))
+            bars("write", 0, 1)
+            result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
+            bars("write", 1, 1)
+        for stage, spent in bars.times.seconds.items():
+            seconds[stage] = seconds.get(stage, 0.0) + spent
+        if result.note:
+            console.print(f"note: {result.note}")
+        typer.echo(f"wrote {result.path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
+                   f"{time.perf_counter() - start:.1f}s)")
+        index.append({"prompt": text, "file": result.path.name, "seed": seed + i})
+    return index
+
+
+def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, seed: int) -> list[tuple[str, Path]]:
+    """(prompt, output path) of each video to make, checked before anything is loaded."""
+    from soragen.io.video import check_output
+    if (prompt is None) == (prompts is None):
+        raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
+    if prompts is not None:
+        if not prompts.is_file():
+            raise UsageError(f"--prompts {prompts}: no such file")
+        try:
+            lines = [line.strip() for line in prompts.read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise SoragenError(f"cannot read {prompts}: {err}") from err
+        lines = [line for line in lines if line and not line.startswith("#")]
+        if not lines:
+            raise UsageError(f"--prompts {prompts} holds no prompt")
+        if out.suffix:
+            raise UsageError(f"with --prompts, --out must be a folder, not {out}")
+        jobs = [(p, out / f"{i:03d}-{_slug(p)}.mp4") for i, p in enumerate(lines)]
+        check_writable(out)
+    else:
+        check_text(prompt, "PROMPT")
+        if out.suffix.lower() not in (".mp4", ".gif", ""):
+            raise UsageError(f"--out {out}: use .mp4, .gif, or a folder name for PNG frames")
+        jobs = [(prompt, out)]
+        check_writable(out.parent if out.suffix else out)
+    for _, path in jobs:
+        check_output(path)
+    if seed + len(jobs) - 1 > MAX_SEED:
+        raise UsageError(f"--seed {seed} + {len(jobs) - 1} (one seed per prompt) passes the largest seed, {MAX_SEED}")
+    return jobs
+
+
+def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, negative_prompt: str | None = None) -> None:
+    from soragen.pipeline import DTYPES
+    if negative_prompt is not None:
+        check_text(negative_prompt, "--negative-prompt")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    check_device_name(device)
+    if not 0 <= eta <= 1:
+        raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
+
+
+# ---- inspect-patches ---------------------------------------------------------------------------
+
+@command("inspect-patches")
+def inspect_patches(
+    video: Annotated[Path, typer.Argument(help="A video file (mp4, mov, mkv, avi, webm, gif).", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to take from the start (default: the model's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to save the picture (default: VIDEO.patches.png "
+                                                "in the current folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Show how the model sees a video: latent grid, spacetime patches, tokens, attention cost.
+
+    Examples:
+
+      soragen inspect-patches clip.mp4
+
+      soragen inspect-patches clip.mp4 --frames 9 --out patches.png --json
+    """
+    from soragen.tools.patches import analyse, draw_patches
+    from soragen.io.model_folder import load_model
+    check_overrides(frames=frames)
+    out = out or Path(f"{video.stem}.patches.png")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the picture is a .png")
+    check_writable(out.parent)
+    loaded = load_model(model_dir(model))
+    report, picture = analyse(video, loaded, frames)
+    draw_patches(picture, report, out)
+    report["picture"] = str(out)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"how the model sees {video.name}", show_header=False)
+    for key, label in [("input", "input video"), ("used", "taken"), ("resize", "resize"),
+                       ("latent_shape", "VAE latent [C, T, H, W]"), ("compression", "VAE compression"),
+                       ("patch_size", "patch [t, h, w]"), ("token_grid", "token grid [t, h, w]"),
+                       ("tokens_per_latent_frame", "tokens per latent frame"), ("num_tokens", "tokens in all"),
+                       ("attention", "attention cost"), ("picture", "picture")]:
+        table.add_row(label, str(report[key]))
+    Console().print(table)
