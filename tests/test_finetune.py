@@ -272,7 +272,7 @@ def test_the_dry_run_plan_is_within_a_quarter_of_what_a_training_step_allocates(
     latents, tokens = torch.randn(batch, *latent, generator=g), torch.randn(batch, text_tokens, 64, generator=g)
     text = TextEmbedding(tokens, torch.ones(batch, text_tokens, dtype=torch.bool), None)
 
-    def train():  # what soragen.train.run's loop holds: the DiT, its adapter, the EMA, AdamW; two steps
+    def train():  # what soragen.train.loop holds: the DiT, its adapter, the EMA, AdamW; two steps
         dit = VideoDiT(config).train()
         dit.gradient_checkpointing = checkpointing
         if rank:

@@ -240,7 +240,7 @@ def test_train_init_with_another_vae_moves_the_dit_onto_its_latents(clips, model
 def test_train_vae_crop_trains_on_full_scale_windows_of_each_clip(clips, model_for_vae, tmp_path, capfd):
     from soragen.core.config import TrainConfig, VAEObjective
     from soragen.train.data import scan_clips
-    from soragen.train.run import VAETask
+    from soragen.train.tasks import VAETask
     from soragen.models.vae import load_vae
 
     found = scan_clips(clips, 5, 8.0).clips
@@ -287,7 +287,7 @@ def test_train_object_weight_changes_the_loss_and_a_resume_keeps_it(clips, tmp_p
 
 def test_cosine_schedule_warms_up_then_falls_to_zero_at_max_steps():
     from soragen.core.config import TrainConfig
-    from soragen.train.run import learning_rate
+    from soragen.train.loop import learning_rate
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     assert learning_rate(cfg, 0) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup
     assert learning_rate(cfg, 10) == pytest.approx(1e-3)

@@ -60,7 +60,7 @@ def run(settings: Settings) -> Section:
 
     from soragen.core.config import LoRAConfig
     from soragen.models.lora import add_lora
-    from soragen.train.run import autocast_dtype
+    from soragen.train.loop import autocast_dtype
     from soragen.families.wan import from_diffusers
 
     amp = autocast_dtype("auto", torch.device("cpu"))

@@ -1,0 +1,176 @@
+"""The training loop, the same for the DiT and the VAE, in one process, under DDP or under FSDP:
+AdamW with linear warm-up, gradient accumulation and clipping, an EMA of the weights, bf16 autocast
+where the hardware does bf16 fast, non-finite steps skipped, checkpoints and exact resume.
+
+Randomness is derived, not stored: step s on rank r draws its noise, timesteps, caption dropout
+and crops from a generator seeded with (seed, r, s), and the data order of epoch e from
+(seed, e). So the training state is just weights, optimizer moments, EMA and the step, and a run
+stopped at N and resumed to 2N ends bitwise equal to one run straight to 2N (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from soragen.core.atomic import atomic_path
+from soragen.core.config import TrainConfig
+from soragen.core.errors import SoragenError
+from soragen.train.parallel import Dist, Replicated, Sharded
+
+MAX_BAD_STEPS_IN_A_ROW = 20
+
+# progress(event, info): events "scan" (done, total), "cache" (done, total), "step" (dict of metrics),
+# "message" (str). The CLI turns them into bars and lines; rank > 0 gets None.
+Progress = Callable[[str, object], None]
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "little")
+    return torch.Generator("cpu").manual_seed(mixed)
+
+
+def sample_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start .. start+count-1 of the endless sequence of per-epoch shuffles of range(num_items)."""
+    out = []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, num_items)
+        order = list(range(num_items))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step `step` (0-based): linear warm-up, then constant or a cosine to 0 at
+    max_steps. A function of the step alone, so resuming keeps it (a cosine run resumed with a larger
+    --max-steps stretches what is left of its curve)."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr * warm
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    from soragen.models.fast_paths import has_fast_bf16
+    if mode == "no":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if has_fast_bf16() else None
+
+
+def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
+               progress: Progress | None, fsdp: bool = False) -> dict:
+    """Train `task` (soragen.train.tasks) to cfg.max_steps: for each step its generator and learning
+    rate, the micro-batches, clipping, the optimizer step and the EMA, a metrics line, a checkpoint."""
+    held = (Sharded if fsdp else Replicated)(task, dist, autocast_dtype(cfg.mixed_precision, dist.device))
+    optimizer = torch.optim.AdamW(held.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    state = held.load(resume_from, optimizer) if resume_from is not None else {}
+    step, skipped = state.get("step", 0), state.get("skipped_nonfinite", 0)
+    log = MetricsLog(run_dir / "metrics.jsonl", step, dist.main, progress)
+    bad_in_a_row, loss_value = 0, float("nan")
+    while step < cfg.max_steps:
+        generator = step_generator(cfg.seed, dist.rank, step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            total += micro_batch(task, held.model, cfg, dist, step, micro, generator)
+        grad_norm = torch.nn.utils.clip_grad_norm_(held.trained, cfg.max_grad_norm)
+        finite = dist.all_agree(math.isfinite(total) and bool(torch.isfinite(grad_norm)))
+        step += 1
+        if finite:
+            optimizer.step()
+            held.update_ema(1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
+            bad_in_a_row, loss_value = 0, total
+        else:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                raise SoragenError(f"stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss "
+                                   f"or gradient; lower --lr or check the data")
+        log.step(step, total if finite else None, optimizer.param_groups[0]["lr"],
+                 float(grad_norm) if finite else None, skipped)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            record = {"kind": task.kind, "skipped_nonfinite": skipped, "config": dataclasses.asdict(cfg),
+                      "objective": dataclasses.asdict(task.objective), **task.stored()}
+            saved = held.save(run_dir, step, optimizer, record, cfg.keep_last)
+            if saved is not None:
+                task.after_save(saved, step)
+                log.message(f"saved {saved}")
+            dist.barrier()
+    return {"step": step, "loss": loss_value, "skipped_nonfinite": skipped}
+
+
+def micro_batch(task, model, cfg: TrainConfig, dist: Dist, step: int, micro: int, generator) -> float:
+    """Forward and backward of one micro-batch (the items this process takes of the step's batch);
+    its share of the step's loss."""
+    position = ((step * cfg.grad_accum + micro) * dist.world + dist.rank) * cfg.batch_size
+    items = sample_indices(task.num_items(), cfg.seed, position, cfg.batch_size)
+    amp = autocast_dtype(cfg.mixed_precision, dist.device)
+    with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
+        loss = task.loss(model, items, generator) / cfg.grad_accum
+    loss.backward()
+    return loss.item()
+
+
+class MetricsLog:
+    """metrics.jsonl, one line a step, written by the main process alone, and the progress
+    callback's step and message events."""
+
+    def __init__(self, path: Path, step: int, main: bool, progress: Progress | None):
+        self.path, self.main, self.progress = path, main, progress if main else None
+        self.started, self.start_step = time.perf_counter(), step
+        dropped = _truncate_metrics(path, step) if main else 0  # a resumed run's log goes back to its step
+        if dropped:
+            self.message(f"{path}: dropped {dropped} unreadable line(s) (a write cut short); the checkpoint is intact")
+
+    def step(self, step: int, loss: float | None, lr: float, grad_norm: float | None, skipped: int) -> None:
+        if not self.main:
+            return
+        elapsed = time.perf_counter() - self.started
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "steps_per_s": (step - self.start_step) / max(elapsed, 1e-9), "skipped_nonfinite": skipped}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.progress is not None:
+            self.progress("step", record)
+
+    def message(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress("message", text)
+
+
+def _truncate_metrics(path: Path, step: int) -> int:
+    """On resume, drop metric lines past the checkpoint so the file tells one consistent story.
+    A log is not a checkpoint: a line cut short by a crash or a full disk is dropped, not fatal.
+    Returns how many unreadable lines were dropped."""
+    if not path.exists():
+        return 0
+    keep, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+            ok = isinstance(record_step, int)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            torn += bool(line.strip())
+        elif record_step <= step:
+            keep.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+    return torn
