@@ -468,6 +468,8 @@ CHECKPOINT_DAMAGES = {  # a file of a LoRA checkpoint, what is done to it, and t
     "config out of range": ("train_state/state.json",
                             lambda p: edit_json(p, lambda d: d["config"].update(batch_size=10**9)),
                             ["state.json", "batch_size"]),
+    "kind a list": ("train_state/state.json", lambda p: edit_json(p, lambda d: d.update(kind=[1])),
+                    ["state.json", "kind is '[1]'"]),
     "state a list": ("train_state/state.json", lambda p: p.write_text("[]"), ["state.json", "not a JSON object"]),
 }
 

@@ -183,8 +183,10 @@ def check_checkpoint(checkpoint: Path) -> None:
             raise SoragenError(f"{state_file} is damaged: {key} is {str(value)[:40]!r}, not the "
                                f"{'step of ' + checkpoint.name if key == 'step' else 'count of skipped steps'}")
     kind = state.get("kind", "dit")
+    if kind not in ("dit", "vae"):
+        raise SoragenError(f"{state_file} is damaged: kind is {str(kind)[:40]!r}, not dit or vae")
     manifest = _object(checkpoint / "soragen.json") if (checkpoint / "soragen.json").exists() else {}
-    holds = HOLDS["lora" if manifest.get("kind") == "lora" else kind if kind in HOLDS else "dit"]
+    holds = HOLDS["lora" if manifest.get("kind") == "lora" else kind]
     for name in holds + ([] if state.get("sharded") else UNSHARDED_STATE):
         if not (checkpoint / name).exists():
             raise SoragenError(f"{checkpoint / name} is missing")
