@@ -100,6 +100,7 @@ def test_a_wan_folder_with_code_is_refused_in_one_line_and_nothing_is_asked(wan,
     assert "[y/N]" not in p.stdout + p.stderr and not marker.exists() and not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("relative", ["text_encoder/config.json", "tokenizer/tokenizer_config.json"])
 def test_without_our_check_transformers_is_told_not_to_run_code(wan, tmp_path, relative):
     folder, marker = copy_of(wan, tmp_path), tmp_path / "ran"

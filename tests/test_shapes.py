@@ -133,6 +133,7 @@ def test_spec_validation_and_random_spec():
 # --------------------------------------------------------------------------- judge
 
 
+@pytest.mark.slow
 def test_judge_reads_every_combination_from_arrays():
     judgements, expected = [], []
     for k in range(2):

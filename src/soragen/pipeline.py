@@ -2,7 +2,7 @@
 
 The pipeline owns device and dtype, installs the CPU fast paths (`soragen.models.fast_paths`) and takes
 its sampling defaults from the model. It reports progress through a callback
-`progress(stage, done, total)` and never prints.
+`progress(stage, done, total)` (soragen.core.progress) and never prints.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from soragen.core.config import MAX_SIDE, ConfigError, SamplingDefaults
 from soragen.layers.patches import token_grid
 from soragen.models.dit import Conditioning
 from soragen.core.errors import SoragenError, UsageError
+from soragen.core.progress import Progress, quiet
 from soragen.core.options import check_device_name, check_multiple, option_error
 from soragen.models.fast_paths import has_fast_bf16
 from soragen.io.model_folder import family, load_model
@@ -31,7 +32,6 @@ from soragen.models.text import TextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-Progress = Callable[[str, int, int], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,14 +63,14 @@ class StageTimes:
         self._started: dict[str, float] = {}
         self.forward = forward
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, note: str = "") -> None:
         now = time.perf_counter()
         if done == 0:
             self._started[stage] = now
         elif done >= total and stage in self._started:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._started.pop(stage)
         if self.forward is not None:
-            self.forward(stage, done, total)
+            self.forward(stage, done, total, note)
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Pipeline:
     def sample_latent(self, prompt: str, frames: int, height: int, width: int, settings: SamplingDefaults,
                       eta: float = 0.0, seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
         """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes."""
-        report = progress or (lambda stage, done, total: None)
+        report = progress or quiet
         report("encode", 0, 1)
         cond, uncond = self.encode(prompt, settings.negative_prompt)
         report("encode", 1, 1)
@@ -204,7 +204,7 @@ class Pipeline:
         (sampling: sampler, steps, guidance, negative_prompt, shift)."""
         frames, height, width = self.video_size(frames, height, width)
         latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress)
-        report = progress or (lambda stage, done, total: None)
+        report = progress or quiet
         report("decode", 0, 1)
         with self.running(self.model.vae.model):
             out = self.model.vae.decode_uint8(latent, frames)[0]

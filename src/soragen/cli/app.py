@@ -133,10 +133,10 @@ class StageProgress:
     def __exit__(self, *exc):
         self.bars.__exit__(*exc)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, note: str = "") -> None:
         self.times(stage, done, total)
 
-    def _show(self, stage: str, done: int, total: int) -> None:
+    def _show(self, stage: str, done: int, total: int, note: str = "") -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.bars.add_task(f"{self.label}{stage}", total=total)
         self.bars.update(self.tasks[stage], completed=done, total=total)

@@ -19,32 +19,30 @@ from soragen.core.options import option_error
 
 # ---- training ----------------------------------------------------------------------------------
 
+LABELS = {"scan": "scanning clips", "cache": "encoding latents", "train": "training"}
+
+
 @contextlib.contextmanager
-def _train_progress(total_steps: int):
-    """A callback for train events: a scan/cache bar, then a step bar with loss, steps/s, ETA."""
+def _train_progress():
+    """A progress callback (soragen.core.progress) for a run: a scan/cache bar, then a training bar
+    with loss, steps/s and ETA; messages as lines."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from soragen.core.progress import MESSAGE
     console = stderr()
     bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
     tasks: dict[str, int] = {}
 
-    def progress(event: str, info) -> None:
+    def progress(stage: str, done: int, total: int, note: str = "") -> None:
         if not bars.live.is_started:
             bars.start()
-        if event in ("scan", "cache"):
-            done, total = info
-            label = "scanning clips" if event == "scan" else "encoding latents"
-            if event not in tasks:
-                tasks[event] = bars.add_task(label, total=total, info="")
-            bars.update(tasks[event], completed=done, total=total)
-        elif event == "step":
-            if "step" not in tasks:
-                tasks["step"] = bars.add_task("training", total=total_steps, completed=info["step"] - 1, info="")
-            loss = "skipped" if info["loss"] is None else f"{info['loss']:.4f}"
-            bars.update(tasks["step"], completed=info["step"],
-                        info=f"loss {loss}  {info['steps_per_s']:.2f} steps/s")
-        else:
-            console.print(info, soft_wrap=True, highlight=False)  # a path must stay copyable
+        if stage == MESSAGE:
+            console.print(note, soft_wrap=True, highlight=False)  # a path must stay copyable
+            return
+        if stage not in tasks:  # a resumed run's bar starts where the run stands
+            tasks[stage] = bars.add_task(LABELS.get(stage, stage), total=total, completed=done - 1, info="")
+        bars.update(tasks[stage], completed=done, total=total, info=note)
 
     try:
         yield progress
@@ -154,7 +152,7 @@ def train(
     if dry_run:
         return _print_plan(cfg, lora, init, vae, preset, text_encoder, out if resume else None)
     from soragen.core.atomic import undo_new_folders
-    with _train_progress(cfg.max_steps) as progress, undo_new_folders(out):  # a failed start leaves no folder
+    with _train_progress() as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
                            init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
                            windows=windows, device=device, sample_prompts=_sample_prompts(samples), progress=progress,
@@ -219,7 +217,7 @@ def train_vae(
     """
     from soragen.train.run import run_train_vae
     from soragen.core.atomic import undo_new_folders
-    with _train_progress(cfg.max_steps) as progress, undo_new_folders(out):  # a failed start leaves no folder
+    with _train_progress() as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train_vae(cfg, objective, out=out, preset=preset, init=init, resume=resume, device=device,
                                progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:

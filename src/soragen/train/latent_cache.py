@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from soragen.core.progress import MESSAGE, Progress
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ from soragen.core.config import TrainConfig
 from soragen.train.data import Clip, file_hash
 from soragen.models.vae import VideoVAE, uint8_to_frames
 
-Progress = Callable[[str, object], None]
 
 
 class LatentSamples:
@@ -144,12 +143,12 @@ def build_samples(clips: list[Clip], vae: VideoVAE, text_encoder, cfg: TrainConf
         tokens.append(emb["tokens"])
         pooled.append(emb["pooled"])
         if progress:
-            progress("cache", (n + 1, len(clips)))
+            progress("cache", n + 1, len(clips))
     encoder.flush()
     if progress:
-        progress("message", f"latent cache: {hits} of {len(clips)} clips reused" + ("" if cache_dir else " (cache off)"))
+        progress(MESSAGE, 0, 0, f"latent cache: {hits} of {len(clips)} clips reused" + ("" if cache_dir else " (cache off)"))
         if bad:
-            progress("message", f"latent cache: {len(bad)} unreadable entr{'y' if len(bad) == 1 else 'ies'} "
+            progress(MESSAGE, 0, 0, f"latent cache: {len(bad)} unreadable entr{'y' if len(bad) == 1 else 'ies'} "
                                 f"recomputed and replaced (e.g. {bad[0]})")
     empty = text_encoder.encode([""])
     return LatentSamples(latents, tokens, pooled, empty.tokens[0].cpu(), empty.pooled[0].cpu())

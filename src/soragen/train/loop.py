@@ -17,20 +17,17 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from soragen.core.atomic import atomic_path
 from soragen.core.config import TrainConfig
 from soragen.core.errors import SoragenError
+from soragen.core.progress import MESSAGE, Progress
 from soragen.train.parallel import Dist, Replicated, Sharded
 
 MAX_BAD_STEPS_IN_A_ROW = 20
 
-# progress(event, info): events "scan" (done, total), "cache" (done, total), "step" (dict of metrics),
-# "message" (str). The CLI turns them into bars and lines; rank > 0 gets None.
-Progress = Callable[[str, object], None]
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -79,7 +76,7 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
     optimizer = torch.optim.AdamW(held.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     state = held.load(resume_from, optimizer) if resume_from is not None else {}
     step, skipped = state.get("step", 0), state.get("skipped_nonfinite", 0)
-    log = MetricsLog(run_dir / "metrics.jsonl", step, dist.main, progress)
+    log = MetricsLog(run_dir / "metrics.jsonl", step, cfg.max_steps, dist.main, progress)
     bad_in_a_row, loss_value = 0, float("nan")
     while step < cfg.max_steps:
         generator = step_generator(cfg.seed, dist.rank, step)
@@ -130,8 +127,8 @@ class MetricsLog:
     """metrics.jsonl, one line a step, written by the main process alone, and the progress
     callback's step and message events."""
 
-    def __init__(self, path: Path, step: int, main: bool, progress: Progress | None):
-        self.path, self.main, self.progress = path, main, progress if main else None
+    def __init__(self, path: Path, step: int, max_steps: int, main: bool, progress: Progress | None):
+        self.path, self.max_steps, self.main, self.progress = path, max_steps, main, progress if main else None
         self.started, self.start_step = time.perf_counter(), step
         dropped = _truncate_metrics(path, step) if main else 0  # a resumed run's log goes back to its step
         if dropped:
@@ -146,11 +143,12 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.progress is not None:
-            self.progress("step", record)
+            shown = "skipped" if loss is None else f"{loss:.4f}"
+            self.progress("train", step, self.max_steps, f"loss {shown}  {record['steps_per_s']:.2f} steps/s")
 
     def message(self, text: str) -> None:
         if self.progress is not None:
-            self.progress("message", text)
+            self.progress(MESSAGE, 0, 0, text)
 
 
 def _truncate_metrics(path: Path, step: int) -> int:

@@ -17,6 +17,7 @@ from soragen.core.atomic import atomic_path
 from soragen.core.config import (DiTObjective, LoRAConfig, TextEncoderSpec, TrainConfig, VAEObjective,
                                  VideoDefaults, dit_preset, vae_preset_config)
 from soragen.core.errors import UsageError
+from soragen.core.progress import MESSAGE, Progress
 from soragen.core.options import check_multiple, option_error
 from soragen.diffusion.sampling import is_flow
 from soragen.io.folders import latest_checkpoint
@@ -26,7 +27,7 @@ from soragen.models.vae import VideoVAE, load_vae, new_vae
 from soragen.train.checkpoints import prepare_run_dir, resumable, stored_lora, stored_run
 from soragen.train.data import require_clips, scan_clips
 from soragen.train.latent_cache import build_samples
-from soragen.train.loop import Progress, train_loop
+from soragen.train.loop import train_loop
 from soragen.train.parallel import Dist, init_distributed
 from soragen.train.tasks import DiTTask, Start, Task, VAETask
 
@@ -37,7 +38,7 @@ def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str,
     may change). Returns (dist, progress, checkpoint or None, cfg, objective)."""
     dist = init_distributed(device)
     progress = progress if dist.main else None
-    note = (lambda line: progress("message", line)) if progress else None
+    note = (lambda line: progress(MESSAGE, 0, 0, line)) if progress else None
     resume_from = prepare_run_dir(out, resume, note) if dist.main else (resumable(out) if resume else None)
     dist.barrier()
     if resume_from is not None:
@@ -66,12 +67,12 @@ def check_size(cfg: TrainConfig, multiple: int) -> None:
 
 def scan(cfg: TrainConfig, progress: Progress | None):
     report = scan_clips(Path(cfg.data), cfg.frames, cfg.fps,
-                        progress=(lambda d, n: progress("scan", (d, n))) if progress else None)
+                        progress=(lambda d, n: progress("scan", d, n)) if progress else None)
     require_clips(report, cfg.data)
     if progress:
-        progress("message", report.summary())
+        progress(MESSAGE, 0, 0, report.summary())
         for line in report.skipped_details():
-            progress("message", "  skipped " + line)
+            progress(MESSAGE, 0, 0, "  skipped " + line)
     return report
 
 
@@ -206,7 +207,7 @@ def _finish(out: Path, progress: Progress | None) -> None:
     from soragen.io.plots import loss_curve_png
     png = loss_curve_png(out / "metrics.jsonl", out / "loss.png")
     if progress and png:
-        progress("message", f"loss curve: {png}")
+        progress(MESSAGE, 0, 0, f"loss curve: {png}")
 
 
 def run_train_vae(cfg: TrainConfig, objective: VAEObjective, *, out: Path, preset: str = "tiny",
