@@ -1,0 +1,1 @@
+"""Files: model folders, run folders, LoRA files, videos, the loss plot."""
