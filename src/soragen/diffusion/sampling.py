@@ -52,6 +52,17 @@ def check_schedule(config: dict) -> dict:
     return config
 
 
+def read_schedule(folder) -> dict:
+    """A model folder's noise schedule (scheduler/scheduler_config.json), checked; SoragenError naming the file."""
+    from soragen.core.jsonfile import INCOMPLETE, read_json
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    config = read_json(scheduler_file, INCOMPLETE)
+    try:
+        return check_schedule(config)
+    except ValueError as err:
+        raise SoragenError(f"{scheduler_file}: {err}") from err
+
+
 def check_sampler(sampler: str, scheduler_config: dict, source) -> None:
     """A model's default sampler must be one that samples its noise schedule (`source`: the file that names it)."""
     flow = is_flow(scheduler_config)

@@ -18,7 +18,7 @@ import torch
 from soragen.core.config import DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults
 from soragen.core.errors import SoragenError
 from soragen.core.jsonfile import INCOMPLETE, read_json
-from soragen.diffusion.sampling import check_sampler, check_schedule
+from soragen.diffusion.sampling import check_sampler, read_schedule
 from soragen.families.base import Family
 
 # diffusers' WanTransformer3DModel configs of the released text-to-video models (their config.json)
@@ -182,14 +182,9 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     from soragen.models.vae import load_vae
 
     read_pipeline_index(folder)
-    scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_file, INCOMPLETE)
-    try:
-        check_schedule(scheduler_config)
-    except ValueError as err:
-        raise SoragenError(f"{scheduler_file}: {err}") from err
+    scheduler_config = read_schedule(folder)
     sampling = SamplingDefaults(**WAN_SAMPLING)
-    check_sampler(sampling.sampler, scheduler_config, scheduler_file)
+    check_sampler(sampling.sampler, scheduler_config, folder / "scheduler" / "scheduler_config.json")
     text = text_encoder_spec(folder, source)
     dit = load_transformer(folder / "transformer", dtype)
     vae = load_vae(folder / "vae")

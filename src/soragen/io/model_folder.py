@@ -145,7 +145,7 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
     import torch
 
     from soragen.core.weights import check_header, load_into, read_header
-    from soragen.diffusion.sampling import check_sampler, check_schedule
+    from soragen.diffusion.sampling import check_sampler, read_schedule
     from soragen.models.dit import VideoDiT
     from soragen.models.vae import load_vae
 
@@ -153,12 +153,7 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
     dit_file = folder / "dit" / "config.json"
     dit_config, text_spec = _soragen_configs(folder)
     video, sampling = _defaults(folder, manifest)
-    scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_file, INCOMPLETE)
-    try:
-        check_schedule(scheduler_config)
-    except ValueError as err:
-        raise SoragenError(f"{scheduler_file}: {err}") from err
+    scheduler_config = read_schedule(folder)
     check_sampler(sampling.sampler, scheduler_config, folder / "soragen.json")
     weights = [folder / "dit" / "model.safetensors"]
     stored = read_header(weights)
