@@ -24,6 +24,22 @@ def _slug(text: str, limit: int = 40) -> str:
 
 # ---- generate ----------------------------------------------------------------------------------
 
+ModelOption = Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
+                                                     "pipeline folder, or a hub id (default: the built-in model).")]
+LoraOption = Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
+                                                         "(diffusers' Wan layout, or the original Wan or musubi-tuner "
+                                                         "ones) or a LoRA run; FILE:WEIGHT scales it. Repeatable.",
+                                                         show_default=False)]
+ImageOption = Annotated[Optional[Path], typer.Option(help="An image (PNG, JPEG, WebP) to start the video from, on "
+                                                     "a model that takes one (image-to-video).", show_default=False)]
+LastImageOption = Annotated[Optional[Path], typer.Option(help="With --image: an image to end the video at, on a "
+                                                         "model that takes one (first-last-frame).", show_default=False)]
+OffloadOption = Annotated[bool, typer.Option("--offload", help="On a GPU, keep only the running part (text encoder, "
+                                             "DiT, VAE) on it: for models larger than its memory.")]
+TimingsOption = Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
+                                                       "load, encode, denoise, decode, write) to this JSON file.")]
+
+
 @command()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What the video shows.", show_default=False)] = None,
@@ -45,19 +61,15 @@ def generate(
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed: the same seed gives the same video.")] = 0,
     fps: Annotated[Optional[float], typer.Option(help="Frames per second of the file (default: the model's).")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
-                                                  "pipeline folder, or a hub id (default: the built-in model).")] = None,
-    lora: Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
-                                                      "(diffusers' Wan layout, or the original Wan or musubi-tuner "
-                                                      "ones) or a LoRA run; FILE:WEIGHT scales it. Repeatable.",
-                                                      show_default=False)] = None,
+    model: ModelOption = None,
+    lora: LoraOption = None,
+    image: ImageOption = None,
+    last_image: LastImageOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
-    offload: Annotated[bool, typer.Option("--offload", help="On a GPU, keep only the running part (text encoder, "
-                                          "DiT, VAE) on it: for models larger than its memory.")] = False,
-    timings: Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
-                                                    "load, encode, denoise, decode, write) to this JSON file.")] = None,
+    offload: OffloadOption = False,
+    timings: TimingsOption = None,
 ) -> None:
     """Generate a video from a text prompt.
 
@@ -76,6 +88,7 @@ def generate(
     jobs = _generate_jobs(prompt, prompts, out, seed)
     check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt)
+    _check_images(image, last_image, model)
     pipe, seconds = _load(model, device, dtype, compile, offload, lora)
     settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
     size = pipe.video_size(frames, height, width)
@@ -85,6 +98,25 @@ def generate(
         typer.echo(f"wrote {out / 'index.jsonl'}")
     if timings is not None:
         timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
+
+
+def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> None:
+    """--image and --last-image: readable images, on a model whose family takes them; checked from
+    the files and the model's manifest, before any weight is loaded."""
+    from soragen.io.image import read_image
+    from soragen.io.model_folder import family_at
+    if last_image is not None and image is None:
+        raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
+    for option, path in (("--image", image), ("--last-image", last_image)):
+        if path is not None:
+            read_image(path, option)
+    if image is None:
+        return
+    folder, family = model_dir(model), family_at(model_dir(model))
+    if not family.takes_image or (last_image is not None and not family.takes_last_image):
+        option = "--image" if not family.takes_image else "--last-image"
+        raise UsageError(f"{option}: the model {folder} ({family.name}) cannot take "
+                         f"{'an image' if option == '--image' else 'a last image'}; it makes videos from text alone")
 
 
 def _load(model, device, dtype, compile, offload, lora):

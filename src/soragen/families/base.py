@@ -15,6 +15,8 @@ class Family:
     """One model family. Subclass it, override what differs, and register an instance."""
 
     name: str = ""
+    takes_image = False  # generate --image: the video starts from an image
+    takes_last_image = False  # generate --last-image: and ends at one
 
     def recognises(self, folder: Path) -> bool:
         """Whether `folder`, a folder in another tool's layout (no soragen.json), is one of ours to load."""

@@ -177,14 +177,30 @@ def _soragen_configs(folder: Path, check_text: bool = True) -> tuple[DiTConfig, 
     return dit_config, text_spec
 
 
-def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
-    """The DiT config, the text encoder and the VAE folder of a model (a LoRA run: of its base),
-    without reading any DiT weight: what `train --dry-run` plans with."""
+def _open_base(path: str | Path) -> tuple[Path, dict | None]:
+    """`_open` of the model `path` names, or for a LoRA run of the base model below it."""
     folder, manifest = _open(path)
     for _ in range(MAX_LORA_CHAIN):
         if manifest is None or manifest.get("kind") != "lora":
             break
         folder, manifest = _open(manifest["base"])
+    return folder, manifest
+
+
+def family_at(path: str | Path) -> Family:
+    """The family of the model `path` names (a LoRA run: its base's), from its manifest or layout
+    alone: what a command checks before it loads any weight."""
+    folder, manifest = _open_base(path)
+    found = family_of(folder, manifest)
+    if found is None:
+        raise SoragenError(f"{folder}: no model family soragen knows reads this folder")
+    return found
+
+
+def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
+    """The DiT config, the text encoder and the VAE folder of a model (a LoRA run: of its base),
+    without reading any DiT weight: what `train --dry-run` plans with."""
+    folder, manifest = _open_base(path)
     if manifest is None:
         return (*family_of(folder, None).configs(folder), folder / "vae")
     return (*_soragen_configs(folder, check_text=False), folder / "vae")
