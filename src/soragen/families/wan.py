@@ -147,6 +147,7 @@ def load_transformer(folder: Path, dtype: torch.dtype = torch.float32):
 
 # What WanPipeline makes unless told otherwise (its __call__'s defaults), and Wan's frame rate.
 WAN_VIDEO = dict(frames=81, height=480, width=832, fps=16.0)
+WAN_TI2V_VIDEO = dict(frames=121, height=704, width=1280, fps=24.0)  # Wan 2.2 TI2V-5B's (its model card's)
 WAN_SAMPLING = dict(sampler="unipc", steps=50, guidance=5.0, negative_prompt="")
 
 
@@ -170,7 +171,8 @@ def read_pipeline_index(folder: Path) -> dict:
         raise SoragenError(f"{folder / 'model_index.json'}: soragen runs diffusers' WanPipeline (Wan 2.1 text to "
                            f"video), not {index.get('_class_name') if isinstance(index, dict) else index!r}")
     if (index.get("transformer_2") or [None])[0] is not None or index.get("boundary_ratio") is not None:
-        raise SoragenError(f"{folder / 'model_index.json'}: two transformers (Wan 2.2): soragen runs Wan 2.1")
+        raise SoragenError(f"{folder / 'model_index.json'}: two transformers (Wan 2.2 A14B): soragen runs Wan 2.1 and "
+                           f"Wan 2.2 TI2V-5B")
     return index
 
 
@@ -181,7 +183,7 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     from soragen.models.model import Model
     from soragen.models.vae import load_vae
 
-    read_pipeline_index(folder)
+    index = read_pipeline_index(folder)
     scheduler_config = read_schedule(folder)
     sampling = SamplingDefaults(**WAN_SAMPLING)
     check_sampler(sampling.sampler, scheduler_config, folder / "scheduler" / "scheduler_config.json")
@@ -191,7 +193,10 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     if vae.latent_channels != dit.config.in_channels:
         raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, the transformer "
                            f"takes {dit.config.in_channels}")
-    return Model(dit, vae, text, VideoDefaults(**WAN_VIDEO), scheduler_config, sampling, folder, FAMILY)
+    # Wan 2.2 TI2V-5B gives every token its own timestep (expand_timesteps): from text alone all of
+    # them are the step's, so one modulation of the step serves every token, as it does for Wan 2.1.
+    video = VideoDefaults(**(WAN_TI2V_VIDEO if index.get("expand_timesteps") else WAN_VIDEO))
+    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY)
 
 
 def from_diffusers(transformer) -> "torch.nn.Module":

@@ -49,10 +49,10 @@ class VideoVAE:
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
         config = model.config
-        if getattr(config, "patch_size", None):
-            raise SoragenError("VAEs with patchified inputs (Wan 2.2) are not supported yet; use a Wan 2.1 VAE")
+        # Wan 2.2's VAE first folds each patch x patch square of RGB pixels into 12 channels
+        self.patch = getattr(config, "patch_size", None) or 1
         self.temporal_factor = 2 ** sum(bool(d) for d in config.temperal_downsample)
-        self.spatial_factor = 2 ** (len(config.dim_mult) - 1)
+        self.spatial_factor = 2 ** (len(config.dim_mult) - 1) * self.patch
         self.latent_channels = config.z_dim
         self.mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -120,10 +120,17 @@ class VideoVAE:
             model._conv_idx = [0]
             out = model.decoder(z[:, :, i:i + 1], feat_cache=model._feat_map, feat_idx=model._conv_idx,
                                 first_chunk=(i == 0))
-            chunks.append(frames_to_uint8(out))
+            chunks.append(frames_to_uint8(self.unpatchify(out)))
         model.clear_cache()
         video = np.concatenate(chunks, axis=1)
         return video[:, :frames] if frames is not None else video
+
+    def unpatchify(self, out: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as RGB pixels: a patchified VAE's channels unfolded into its patches."""
+        if self.patch == 1:
+            return out
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+        return unpatchify(out, patch_size=self.patch)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> (B, 3, T, H, W) in [-1, 1], in one pass (for training and tests)."""
@@ -148,8 +155,9 @@ VAE_LIMITS = {
     "latents_mean": (tuple[float, ...], {}),
     "latents_std": (tuple[float, ...], dict(above=0)),
     "is_residual": (bool, {}),
-    "in_channels": (int, dict(low=1, high=16)),
-    "out_channels": (int, dict(low=1, high=16)),
+    "in_channels": (int, dict(low=1, high=256)),
+    "out_channels": (int, dict(low=1, high=256)),
+    "patch_size": (int, dict(low=1, high=8)),
 }
 
 
@@ -166,6 +174,11 @@ def check_vae_config(config) -> None:
     if len(downsample) != len(dims) - 1:
         raise ValueError(f"temperal_downsample must have len(dim_mult) - 1 = {len(dims) - 1} entries, "
                          f"got {len(downsample)}")
+    patch = config.get("patch_size") or 1
+    for key in ("in_channels", "out_channels"):
+        if config.get(key, 3) != 3 * patch * patch:
+            raise ValueError(f"{key} must be 3 x patch_size^2 = {3 * patch * patch} (RGB in patches of {patch}), "
+                             f"got {config.get(key, 3)}")
     z_dim = config.get("z_dim", 16)
     for key in ("latents_mean", "latents_std"):
         if key in config and len(config[key]) != z_dim:

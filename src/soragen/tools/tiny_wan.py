@@ -22,10 +22,12 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float
     return module.eval()
 
 
-def tiny_pipeline(seed: int = 0, head_dim: int = 20):
+def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False):
     """A diffusers WanPipeline of Wan 2.1's architecture at a toy size, every weight random: a
     word-level tokenizer, a 2-layer umT5, a Wan VAE of x4 in time and space, a 2-block transformer,
-    UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path."""
+    UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path.
+    `ti2v`: Wan 2.2 TI2V-5B's architecture instead: a residual VAE on 2x2 patches of pixels (x8 in
+    space), 8 latent channels, and a timestep per token (`expand_timesteps`)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
@@ -39,20 +41,24 @@ def tiny_pipeline(seed: int = 0, head_dim: int = 20):
                                                num_heads=2, relative_attention_num_buckets=8,
                                                relative_attention_max_distance=16, pad_token_id=0, eos_token_id=2,
                                                decoder_start_token_id=0))
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
-                           latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.8, 2.0, 1.1],
-                           scale_factor_spatial=4, scale_factor_temporal=4)
+    z_dim = 8 if ti2v else 4
+    stats = torch.rand(2, z_dim, generator=g) if ti2v else None  # drawn only here: Wan 2.1's tiny weights stay as they were
+    vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                           latents_mean=(stats[0] - 0.5).tolist() if ti2v else [0.3, -0.2, 0.1, 0.5],
+                           latents_std=(stats[1] + 0.5).tolist() if ti2v else [1.5, 0.8, 2.0, 1.1],
+                           scale_factor_spatial=8 if ti2v else 4, scale_factor_temporal=4,
+                           **(dict(is_residual=True, in_channels=12, out_channels=12, patch_size=2) if ti2v else {}))
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=48,
+                                        in_channels=z_dim, out_channels=z_dim, text_dim=16, freq_dim=256, ffn_dim=48,
                                         num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                         num_train_timesteps=1000)
     return WanPipeline(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
-                       scheduler=scheduler, transformer=_randomise(transformer, g, 0.2))
+                       scheduler=scheduler, transformer=_randomise(transformer, g, 0.2), expand_timesteps=ti2v)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m soragen.tools.tiny_wan FOLDER")
-    tiny_pipeline().save_pretrained(sys.argv[1])
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--ti2v"]):
+        sys.exit("usage: python -m soragen.tools.tiny_wan FOLDER [--ti2v]")
+    tiny_pipeline(ti2v=sys.argv[2:] == ["--ti2v"]).save_pretrained(sys.argv[1])
     print(f"wrote a tiny random WanPipeline to {sys.argv[1]}")
