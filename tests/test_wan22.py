@@ -81,3 +81,69 @@ def test_a_size_off_the_ti2v_multiple_is_a_usage_error(ti2v_folder, tmp_path, ca
     rc = cli("generate", PROMPT, "--model", folder, "--frames", 5, "--height", 40, "--width", 48, "--steps", 1,
              "--out", tmp_path / "x.mp4")
     assert_one_line_error(capfd.readouterr(), 2, rc, "--height", "multiple of 16")
+
+
+# ---- Wan 2.2 A14B: two experts, switched at a boundary timestep --------------------------------------
+
+@pytest.fixture(scope="module")
+def a14b_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan22") / "Wan-a14b-tiny"
+    pipe = tiny_pipeline(experts=2)
+    pipe.save_pretrained(folder, max_shard_size="40KB")
+    return folder, pipe
+
+
+@pytest.mark.slow
+def test_two_experts_give_wanpipelines_latent_each_with_its_own_guidance(a14b_folder, tmp_path):
+    from soragen.pipeline import Pipeline
+    folder, pipe = a14b_folder
+    run = dict(RUN, guidance_scale_2=2.0)
+    want_latent = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(7),
+                       output_type="latent", **run).frames
+    want = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+                **run).frames[0]
+    ours = Pipeline.load(folder, device="cpu", dtype="float32")
+    assert ours.model.dit_2 is not None and ours.model.boundary == 875.0
+    settings = ours.sampling(steps=4, guidance=4.0, negative_prompt=NEGATIVE)
+    latent = ours.sample_latent(PROMPT, 5, 32, 48, settings, seed=7, guidance_2=2.0)
+    assert (latent - want_latent).abs().max() <= 1e-4, (latent - want_latent).abs().max()
+    # the switch matters: the same guidance for both, or the experts swapped, is another video
+    same = ours.sample_latent(PROMPT, 5, 32, 48, settings, seed=7)
+    ours.model.dit, ours.model.dit_2 = ours.model.dit_2, ours.model.dit
+    ours.predicts.reverse()
+    swapped = ours.sample_latent(PROMPT, 5, 32, 48, settings, seed=7, guidance_2=2.0)
+    assert (same - want_latent).abs().max() > 1e-3 and (swapped - want_latent).abs().max() > 1e-3
+
+    assert generate(folder, tmp_path / "frames", "--guidance-2", 2) == 0
+    frames, reference = frames_in(tmp_path / "frames"), (want * 255).round().astype(np.int16)
+    assert frames.shape == reference.shape == (5, 32, 48, 3)
+    assert np.abs(frames.astype(np.int16) - reference).max() <= 2
+
+
+def test_two_expert_bad_input_is_one_line_and_writes_nothing(a14b_folder, ti2v_folder, tmp_path, capfd):
+    import json
+    import shutil
+
+    from conftest import assert_one_line_error, listing
+    folder, _ = a14b_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = cli("generate", PROMPT, "--model", ti2v_folder[0], "--guidance-2", 2, "--frames", 5, "--height", 32,
+             "--width", 32, "--steps", 1, "--out", out / "x.mp4")
+    assert_one_line_error(capfd.readouterr(), 2, rc, "--guidance-2", "one expert")
+    rc = cli("export", folder, out / "exported")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "two experts", "cannot export")
+    rc = cli("train", "--init", folder, "--data", tmp_path, "--out", out / "run", "--frames", 5, "--height", 32,
+             "--width", 32)
+    assert_one_line_error(capfd.readouterr(), 2, rc, "--init", "two experts")
+    for ratio, needles in ((1.5, ["boundary_ratio", "between 0 and 1"]), (None, ["go together"]),
+                           ("high", ["boundary_ratio", "'high'"])):
+        broken = tmp_path / f"broken-{ratio}"
+        shutil.copytree(folder, broken)
+        index = json.loads((broken / "model_index.json").read_text())
+        index["boundary_ratio"] = ratio
+        (broken / "model_index.json").write_text(json.dumps(index))
+        rc = cli("generate", PROMPT, "--model", broken, "--frames", 5, "--height", 32, "--width", 32, "--steps", 1,
+                 "--out", out / "x.mp4")
+        assert_one_line_error(capfd.readouterr(), 1, rc, "model_index.json", *needles)
+    assert listing(out) == []

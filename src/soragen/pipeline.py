@@ -87,9 +87,11 @@ class Pipeline:
     offload: bool = False
 
     def __post_init__(self):
-        fast_paths.install(self.model.dit)
-        fast_paths.install(self.model.vae.model)
-        self.predict = fast_paths.compile_for_sampling(self.model.dit) if self.compiled else self.model.dit.predict
+        for part in (*self.model.experts, self.model.vae.model):
+            fast_paths.install(part)
+        self.predicts = [fast_paths.compile_for_sampling(dit) if self.compiled else dit.predict
+                         for dit in self.model.experts]
+        self.predict = self.predicts[0]
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
@@ -100,7 +102,8 @@ class Pipeline:
         files = [(lora.resolve_file(path), weight) for path, weight in loras]  # before the heavy load
         model = load_model(model_dir, resolve_dtype(dtype, dev))
         for file, weight in files:
-            lora.apply(model.dit, file, family(model), weight)
+            for dit in model.experts:  # a model of two experts: into both
+                lora.apply(dit, file, family(model), weight)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
                               compile, offload)
@@ -112,7 +115,8 @@ class Pipeline:
             raise SoragenError(f"text encoder {model.text_spec.source!r} gives {text_encoder.dim}-d embeddings, "
                                f"the DiT expects {model.dit.config.text_dim}")
         home = torch.device("cpu") if offload else device
-        model.dit.cast(home, dtype)
+        for dit in model.experts:
+            dit.cast(home, dtype)
         # The VAE decodes in the DiT's dtype too where that is bf16: on a CPU with bf16 matmuls its
         # convolutions run several times faster, within a few levels of 255 (tests/test_fast_paths.py).
         model.vae.to(home, dtype if dtype == torch.bfloat16 else torch.float32)
@@ -162,8 +166,20 @@ class Pipeline:
         return settings
 
     # ---- generation ------------------------------------------------------------------------------
-    def cached_dit(self, timesteps: torch.Tensor) -> "CachedDiT":
-        return CachedDiT(self.model.dit, self.predict, timesteps, self.device, self.dtype)
+    def cached_dit(self, timesteps: torch.Tensor):
+        """The DiT as the sampling loop calls it (of two experts, the one each step's timestep picks)."""
+        cached = [CachedDiT(dit, predict, timesteps, self.device, self.dtype)
+                  for dit, predict in zip(self.model.experts, self.predicts)]
+        return cached[0] if len(cached) == 1 else Experts(cached, self.model.boundary, self)
+
+    def guidance(self, settings: SamplingDefaults, guidance_2: float | None):
+        """The guidance scale: one number, or of two experts a function of the step's timestep."""
+        if self.model.dit_2 is None:
+            if guidance_2 is not None:
+                raise UsageError(f"--guidance-2 is the second expert's guidance; {self.model.path} has one expert")
+            return settings.guidance
+        second = settings.guidance if guidance_2 is None else guidance_2
+        return lambda t: settings.guidance if t >= self.model.boundary else second
 
     def encode(self, prompt: str, negative_prompt: str):
         """The prompt's and the negative prompt's TextEmbeddings, on the device in the DiT's dtype."""
@@ -175,8 +191,10 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latent(self, prompt: str, frames: int, height: int, width: int, settings: SamplingDefaults,
-                      eta: float = 0.0, seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
+                      eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
+                      guidance_2: float | None = None) -> torch.Tensor:
         """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes."""
+        guidance = self.guidance(settings, guidance_2)
         report = progress or quiet
         report("encode", 0, 1)
         cond, uncond = self.encode(prompt, settings.negative_prompt)
@@ -186,9 +204,11 @@ class Pipeline:
         scheduler = make_scheduler(settings.sampler, self.model.scheduler_config, settings.shift or None)
         scheduler.set_timesteps(settings.steps)
         report("denoise", 0, settings.steps)
-        with self.running(self.model.dit):
-            latent = sample(self.cached_dit(scheduler.timesteps), noise.to(self.device), cond, uncond, scheduler,
-                            settings.steps, settings.guidance, eta=eta, generator=generator,
+        # one expert is on the device while it runs; two swap there at the boundary (class Experts)
+        dit = self.cached_dit(scheduler.timesteps)
+        with self.running(self.model.dit) if self.model.dit_2 is None else dit.swapping():
+            latent = sample(dit, noise.to(self.device), cond, uncond, scheduler,
+                            settings.steps, guidance, eta=eta, generator=generator,
                             progress=lambda i, n: report("denoise", i, n))
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video
             raise SoragenError(f"sampling diverged: the latent holds NaN or infinite values ({settings.sampler} "
@@ -199,11 +219,13 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
-                 **sampling) -> np.ndarray:
+                 guidance_2: float | None = None, **sampling) -> np.ndarray:
         """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's
-        (sampling: sampler, steps, guidance, negative_prompt, shift)."""
+        (sampling: sampler, steps, guidance, negative_prompt, shift; of two experts, `guidance_2` is
+        the second's, default the first's)."""
         frames, height, width = self.video_size(frames, height, width)
-        latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress)
+        latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress,
+                                    guidance_2)
         report = progress or quiet
         report("decode", 0, 1)
         with self.running(self.model.vae.model):
@@ -257,3 +279,32 @@ class CachedDiT:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
         return self.predict(x.to(self.dtype), self.conditioning(x, t, text))
+
+
+class Experts:
+    """Two experts as the sampling loop calls them (Wan 2.2 A14B): the first denoises the steps at
+    or above the boundary timestep, the second the rest. With `offload` on a GPU only the running
+    expert is on it: they swap there when the steps cross the boundary."""
+
+    def __init__(self, experts: list[CachedDiT], boundary: float, pipe: Pipeline):
+        self.experts, self.boundary, self.pipe = experts, boundary, pipe
+        self.current: int | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        which = 0 if float(t[0]) >= self.boundary else 1
+        if which != self.current and self.pipe.offload and self.pipe.device.type != "cpu":
+            if self.current is not None:
+                self.experts[self.current].dit.to("cpu")
+            self.experts[which].dit.to(self.pipe.device)
+        self.current = which
+        return self.experts[which](x, t, text)
+
+    @contextlib.contextmanager
+    def swapping(self):
+        """Around a sampling run: with `offload`, the last expert back on the CPU after it."""
+        try:
+            yield self
+        finally:
+            if self.current is not None and self.pipe.offload and self.pipe.device.type != "cpu":
+                self.experts[self.current].dit.to("cpu")
+            self.current = None

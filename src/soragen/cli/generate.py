@@ -36,6 +36,9 @@ LastImageOption = Annotated[Optional[Path], typer.Option(help="With --image: an 
                                                          "model that takes one (first-last-frame).", show_default=False)]
 OffloadOption = Annotated[bool, typer.Option("--offload", help="On a GPU, keep only the running part (text encoder, "
                                              "DiT, VAE) on it: for models larger than its memory.")]
+GuidanceTwoOption = Annotated[Optional[float], typer.Option(help="Of a model with two experts (Wan 2.2 A14B): the "
+                                                            "guidance of the second, low-noise one (default: "
+                                                            "--guidance).")]
 TimingsOption = Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
                                                        "load, encode, denoise, decode, write) to this JSON file.")]
 
@@ -52,6 +55,7 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
                                                       "(default: the model's).")] = None,
+    guidance_2: GuidanceTwoOption = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc or euler (euler and not ddim for flow "
                                                    "models such as Wan; default: the model's).")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="What guidance steers away from (default: the "
@@ -87,12 +91,13 @@ def generate(
     """
     jobs = _generate_jobs(prompt, prompts, out, seed)
     check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
-    _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt)
+    _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     _check_images(image, last_image, model)
     pipe, seconds = _load(model, device, dtype, compile, offload, lora)
     settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
     size = pipe.video_size(frames, height, width)
-    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds)
+    pipe.guidance(settings, guidance_2)  # a second guidance needs a second expert: said before any video
+    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2)
     if prompts is not None:
         (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
         typer.echo(f"wrote {out / 'index.jsonl'}")
@@ -131,7 +136,7 @@ def _load(model, device, dtype, compile, offload, lora):
     return pipe, seconds
 
 
-def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds) -> list[dict]:
+def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None) -> list[dict]:
     """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
     Returns the index of what was written (prompt, file, seed)."""
     from soragen.io.video import write_video
@@ -144,7 +149,7 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds) -> list[di
     for i, (text, path) in enumerate(jobs):
         start = time.perf_counter()
         with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
-            video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars,
+            video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
                                   **dataclasses.asdict(settings))
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
@@ -191,8 +196,11 @@ def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, se
     return jobs
 
 
-def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, negative_prompt: str | None = None) -> None:
+def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, negative_prompt: str | None = None,
+                   guidance_2: float | None = None) -> None:
     from soragen.pipeline import DTYPES
+    if guidance_2 is not None and not 0 <= guidance_2 <= 100:
+        raise UsageError(f"--guidance-2 must be between 0 and 100, got {guidance_2:g}")
     if negative_prompt is not None:
         check_text(negative_prompt, "--negative-prompt")
     if dtype != "auto" and dtype not in DTYPES:

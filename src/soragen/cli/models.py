@@ -78,6 +78,9 @@ def export(
     sources = model_sources(model)
     check_export_target(out, force, sources)
     loaded = load_model(model)
+    if loaded.dit_2 is not None:  # a soragen folder holds one DiT: writing one would drop the second expert
+        raise SoragenError(f"{model} has two experts (Wan 2.2 A14B); soragen cannot export such a model yet: "
+                           f"pass the diffusers folder or hub id to --model instead")
     overrides = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
     sampling = dataclasses.replace(loaded.sampling, **overrides)
     scheduler = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}

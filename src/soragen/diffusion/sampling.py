@@ -117,15 +117,17 @@ def _flow_scheduler(name: str, config: dict, shift: float | None):
 
 
 def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond, scheduler, steps: int,
-            guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
+            guidance: float | Callable[[float], float], eta: float = 0.0, generator: torch.Generator | None = None,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run the sampler from `noise` (B, C, T, H, W) to a clean latent.
 
     `model(x, t, text)` predicts what the scheduler's prediction_type says (noise or velocity;
     `scheduler.step` converts); `cond` and `uncond` are TextEmbeddings for the batch. With
-    guidance != 1 both passes run as one batch of 2B: out = out_u + g * (out_c - out_u)."""
+    guidance != 1 both passes run as one batch of 2B: out = out_u + g * (out_c - out_u).
+    `guidance` may be a function of the timestep (two experts, each with its own scale)."""
     scheduler.set_timesteps(steps)
-    guided = guidance != 1.0
+    scale = guidance if callable(guidance) else (lambda t: guidance)
+    guided = any(scale(float(t)) != 1.0 for t in scheduler.timesteps)
     text = cond.cat(uncond) if guided else cond
     step_kwargs = {"eta": eta, "generator": generator} if "eta" in _step_params(scheduler) else {}
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedules start at the noise itself
@@ -137,7 +139,7 @@ def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond
         out = model(model_in, t_batch, text).float()
         if guided:
             out_cond, out_uncond = out.chunk(2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
+            out = out_uncond + scale(float(t)) * (out_cond - out_uncond)
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if progress:
             progress(i + 1, steps)

@@ -170,9 +170,13 @@ def read_pipeline_index(folder: Path) -> dict:
     if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
         raise SoragenError(f"{folder / 'model_index.json'}: soragen runs diffusers' WanPipeline (Wan 2.1 text to "
                            f"video), not {index.get('_class_name') if isinstance(index, dict) else index!r}")
-    if (index.get("transformer_2") or [None])[0] is not None or index.get("boundary_ratio") is not None:
-        raise SoragenError(f"{folder / 'model_index.json'}: two transformers (Wan 2.2 A14B): soragen runs Wan 2.1 and "
-                           f"Wan 2.2 TI2V-5B")
+    second, ratio = (index.get("transformer_2") or [None])[0] is not None, index.get("boundary_ratio")
+    if second != (ratio is not None):
+        raise SoragenError(f"{folder / 'model_index.json'}: a second transformer and a boundary_ratio go together "
+                           f"(Wan 2.2 A14B), not one without the other")
+    if second and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+        raise SoragenError(f"{folder / 'model_index.json'}: boundary_ratio must be a number between 0 and 1 (the "
+                           f"share of the timesteps the first expert denoises from), got {ratio!r}")
     return index
 
 
@@ -189,6 +193,12 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     check_sampler(sampling.sampler, scheduler_config, folder / "scheduler" / "scheduler_config.json")
     text = text_encoder_spec(folder, source)
     dit = load_transformer(folder / "transformer", dtype)
+    dit_2, boundary = None, None
+    if index.get("boundary_ratio") is not None:  # Wan 2.2 A14B: the second expert takes the low-noise steps
+        dit_2 = load_transformer(folder / "transformer_2", dtype)
+        if dit_2.config != dit.config:
+            raise SoragenError(f"{folder / 'transformer_2'}: the second expert's config differs from the first's")
+        boundary = index["boundary_ratio"] * scheduler_config.get("num_train_timesteps", 1000)
     vae = load_vae(folder / "vae")
     if vae.latent_channels != dit.config.in_channels:
         raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, the transformer "
@@ -196,7 +206,7 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     # Wan 2.2 TI2V-5B gives every token its own timestep (expand_timesteps): from text alone all of
     # them are the step's, so one modulation of the step serves every token, as it does for Wan 2.1.
     video = VideoDefaults(**(WAN_TI2V_VIDEO if index.get("expand_timesteps") else WAN_VIDEO))
-    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY)
+    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY, dit_2, boundary)
 
 
 def from_diffusers(transformer) -> "torch.nn.Module":

@@ -19,3 +19,11 @@ class Model:
     sampling: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
     path: Path | None = None
     family: "Family | None" = None  # noqa: F821  (soragen.families.registry); None: soragen's own
+    # A second expert (Wan 2.2 A14B): `dit` denoises the steps at or above the `boundary` timestep,
+    # `dit_2` the ones below it.
+    dit_2: "VideoDiT | None" = None  # noqa: F821
+    boundary: float | None = None
+
+    @property
+    def experts(self) -> list:
+        return [self.dit] if self.dit_2 is None else [self.dit, self.dit_2]

@@ -22,12 +22,13 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float
     return module.eval()
 
 
-def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False):
+def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False, experts: int = 1):
     """A diffusers WanPipeline of Wan 2.1's architecture at a toy size, every weight random: a
     word-level tokenizer, a 2-layer umT5, a Wan VAE of x4 in time and space, a 2-block transformer,
     UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path.
     `ti2v`: Wan 2.2 TI2V-5B's architecture instead: a residual VAE on 2x2 patches of pixels (x8 in
-    space), 8 latent channels, and a timestep per token (`expand_timesteps`)."""
+    space), 8 latent channels, and a timestep per token (`expand_timesteps`). `experts=2`: Wan 2.2
+    A14B's pair, a second transformer for the steps below boundary_ratio 0.875."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
@@ -53,12 +54,17 @@ def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False):
                                         num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                         num_train_timesteps=1000)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
-                       scheduler=scheduler, transformer=_randomise(transformer, g, 0.2), expand_timesteps=ti2v)
+    parts = dict(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
+                 scheduler=scheduler, transformer=_randomise(transformer, g, 0.2), expand_timesteps=ti2v)
+    if experts == 2:  # drawn after the rest: the one-expert pipeline's weights stay as they were
+        second = WanTransformer3DModel.from_config(transformer.config)
+        parts.update(transformer_2=_randomise(second, g, 0.2), boundary_ratio=0.875)
+    return WanPipeline(**parts)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--ti2v"]):
-        sys.exit("usage: python -m soragen.tools.tiny_wan FOLDER [--ti2v]")
-    tiny_pipeline(ti2v=sys.argv[2:] == ["--ti2v"]).save_pretrained(sys.argv[1])
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--ti2v"], ["--a14b"]):
+        sys.exit("usage: python -m soragen.tools.tiny_wan FOLDER [--ti2v | --a14b]")
+    tiny_pipeline(ti2v=sys.argv[2:] == ["--ti2v"], experts=2 if sys.argv[2:] == ["--a14b"] else 1).save_pretrained(
+        sys.argv[1])
     print(f"wrote a tiny random WanPipeline to {sys.argv[1]}")

@@ -97,6 +97,9 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
                          "folder or a hub id)")
     if init:
         base = load_model(init)
+        if base.dit_2 is not None:
+            raise UsageError(f"--init {init} has two experts (Wan 2.2 A14B); soragen does not fine-tune one of "
+                             f"them yet")
         vae = base.vae
         if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
             if lora.lora_rank:
