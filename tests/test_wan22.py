@@ -147,3 +147,39 @@ def test_two_expert_bad_input_is_one_line_and_writes_nothing(a14b_folder, ti2v_f
                  "--out", out / "x.mp4")
         assert_one_line_error(capfd.readouterr(), 1, rc, "model_index.json", *needles)
     assert listing(out) == []
+
+
+# ---- Wan 2.2 TI2V-5B from an image: its latent frame in place of the first, at timestep 0 ----------------
+
+def test_ti2v_from_an_image_gives_wan_image_to_video_pipelines_latent_and_frames(ti2v_folder, tmp_path):
+    from diffusers import WanImageToVideoPipeline
+
+    from soragen.pipeline import Pipeline
+    folder, pipe = ti2v_folder
+    reference = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                        scheduler=pipe.scheduler, transformer=pipe.transformer, expand_timesteps=True)
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # at the video's size: no resizing
+    path = tmp_path / "first.png"
+    image.save(path)
+    with torch.no_grad():  # the text pipeline's embeddings (its image pipeline would clean prompts with ftfy only)
+        embeds, negative = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True,
+                                              max_sequence_length=512, device=torch.device("cpu"))
+    call = dict(image=image, prompt_embeds=embeds, negative_prompt_embeds=negative, **RUN)
+    want_latent = reference(generator=torch.Generator("cpu").manual_seed(7), output_type="latent", **call).frames
+    want = reference(generator=torch.Generator("cpu").manual_seed(7), output_type="np", **call).frames[0]
+    ours = Pipeline.load(folder, device="cpu", dtype="float32")
+    assert ours.model.image_inputs == 1
+    settings = ours.sampling(steps=4, guidance=4.0, negative_prompt=NEGATIVE)
+    latent = ours.sample_latent(PROMPT, 5, 32, 48, settings, seed=7, image=np.asarray(image))
+    assert (latent - want_latent).abs().max() <= 1e-4, (latent - want_latent).abs().max()
+    text_only = ours.sample_latent(PROMPT, 5, 32, 48, settings, seed=7)
+    assert (text_only - want_latent).abs().max() > 1e-2  # the image is what made the difference
+
+    assert generate(folder, tmp_path / "frames", "--image", path) == 0
+    frames, expected = frames_in(tmp_path / "frames"), (want * 255).round().astype(np.int16)
+    assert frames.shape == expected.shape == (5, 32, 48, 3)
+    assert np.abs(frames.astype(np.int16) - expected).max() <= 2
+    # the first frame is the image, as closely as the VAE's round trip allows
+    first = np.abs(frames[0].astype(np.int16) - np.asarray(image).astype(np.int16)).mean()
+    assert first < 100, first

@@ -8,6 +8,7 @@ its sampling defaults from the model. It reports progress through a callback
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -192,9 +193,11 @@ class Pipeline:
     @torch.no_grad()
     def sample_latent(self, prompt: str, frames: int, height: int, width: int, settings: SamplingDefaults,
                       eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
-                      guidance_2: float | None = None) -> torch.Tensor:
-        """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes."""
+                      guidance_2: float | None = None, image: np.ndarray | None = None) -> torch.Tensor:
+        """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes. `image`
+        (height, width, 3) uint8, on a model that starts from one, is its first frame."""
         guidance = self.guidance(settings, guidance_2)
+        condition = None if image is None else self.image_latent(image)
         report = progress or quiet
         report("encode", 0, 1)
         cond, uncond = self.encode(prompt, settings.negative_prompt)
@@ -207,25 +210,41 @@ class Pipeline:
         # one expert is on the device while it runs; two swap there at the boundary (class Experts)
         dit = self.cached_dit(scheduler.timesteps)
         with self.running(self.model.dit) if self.model.dit_2 is None else dit.swapping():
-            latent = sample(dit, noise.to(self.device), cond, uncond, scheduler,
+            latent = sample(dit if condition is None else FirstFrame(dit, condition), noise.to(self.device), cond,
+                            uncond, scheduler,
                             settings.steps, guidance, eta=eta, generator=generator,
                             progress=lambda i, n: report("denoise", i, n))
+        if condition is not None:  # the image's frame as it is, not as the last step left it
+            latent[:, :, :condition.shape[2]] = condition.to(latent.dtype)
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video
             raise SoragenError(f"sampling diverged: the latent holds NaN or infinite values ({settings.sampler} "
                                f"{settings.steps} steps, guidance {settings.guidance:g}); a lower --guidance or "
                                f"another --sampler may help, or the model's weights are damaged")
         return latent
 
+    def image_latent(self, image: np.ndarray) -> torch.Tensor:
+        """An image (H, W, 3) uint8 as the VAE's normalised latent of one frame (1, C, 1, H', W')."""
+        if not self.model.image_inputs:
+            raise UsageError(f"--image: the model {self.model.path} cannot take an image; it makes videos from "
+                             f"text alone")
+        from soragen.models.vae import uint8_to_frames
+        with self.running(self.model.vae.model):
+            return self.model.vae.encode(uint8_to_frames(np.array(image)[None, None])).to(self.device)
+
     @torch.no_grad()
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
-                 guidance_2: float | None = None, **sampling) -> np.ndarray:
+                 guidance_2: float | None = None, image: np.ndarray | None = None, **sampling) -> np.ndarray:
         """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's
         (sampling: sampler, steps, guidance, negative_prompt, shift; of two experts, `guidance_2` is
-        the second's, default the first's)."""
+        the second's, default the first's). `image` (any size) is fitted to the video's: scaled to
+        cover it, its centre cropped (soragen.io.image)."""
         frames, height, width = self.video_size(frames, height, width)
+        if image is not None:
+            from soragen.io.image import fit
+            image = fit(image, height, width)
         latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress,
-                                    guidance_2)
+                                    guidance_2, image)
         report = progress or quiet
         report("decode", 0, 1)
         with self.running(self.model.vae.model):
@@ -247,10 +266,21 @@ class CachedDiT:
         self.dit, self.predict, self.device, self.dtype = dit, predict, device, dtype
         self.timesteps = [float(t) for t in timesteps]
         self.text = None
+        self.still_frames = 0  # leading latent frames that are an image's, at timestep 0 in every step
 
     def _prepare(self, text) -> None:
-        self.text, self.table = text, {}
+        self.text, self.table, self.still = text, {}, None
         self.text_kv = self.dit.text_kv(text.tokens, text.mask)
+
+    def _with_still(self, blocks, final, grid) -> tuple[list, torch.Tensor, list[int]]:
+        """The modulations with a first row for the still frames' tokens (timestep 0, made once per
+        text), and the two runs of tokens they apply to."""
+        if self.still is None:
+            c = self.dit.condition_vector(torch.zeros(self.text.tokens.shape[0], device=self.device), self.text.pooled)
+            self.still = (self.dit.block_modulations(c), self.dit.final.modulation(c))
+        still = self.still_frames * grid[1] * grid[2]
+        blocks = [torch.cat([s, b], dim=1) for s, b in zip(self.still[0], blocks)]
+        return blocks, torch.cat([self.still[1], final], dim=1), [still, math.prod(grid) - still]
 
     def _fill_table(self, start: int) -> None:
         """The modulations of timesteps[start : start + TABLE_STEPS], in place of the table's."""
@@ -275,7 +305,10 @@ class CachedDiT:
             c = self.dit.condition_vector(t.to(self.device), text.pooled)
             blocks, final = self.dit.block_modulations(c), self.dit.final.modulation(c)
         grid = token_grid(tuple(x.shape[-3:]), self.dit.config.patch_size)
-        return Conditioning(blocks, final, self.text_kv, self.dit.positions(grid, self.device, self.dtype))
+        segments = None
+        if self.still_frames:
+            blocks, final, segments = self._with_still(blocks, final, grid)
+        return Conditioning(blocks, final, self.text_kv, self.dit.positions(grid, self.device, self.dtype), segments)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
         return self.predict(x.to(self.dtype), self.conditioning(x, t, text))
@@ -308,3 +341,17 @@ class Experts:
             if self.current is not None and self.pipe.offload and self.pipe.device.type != "cpu":
                 self.experts[self.current].dit.to("cpu")
             self.current = None
+
+
+class FirstFrame:
+    """A DiT (one expert or two) that starts from an image (Wan 2.2 TI2V-5B): at every step the
+    image's latent stands in for the first latent frame, whose tokens are at timestep 0."""
+
+    def __init__(self, dit, condition: torch.Tensor):
+        self.dit, self.condition = dit, condition
+        for cached in getattr(dit, "experts", [dit]):
+            cached.still_frames = condition.shape[2]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        still = self.condition.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+        return self.dit(torch.cat([still, x[:, :, still.shape[2]:]], dim=2), t, text)

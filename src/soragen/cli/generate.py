@@ -92,12 +92,12 @@ def generate(
     jobs = _generate_jobs(prompt, prompts, out, seed)
     check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
-    _check_images(image, last_image, model)
+    images = _check_images(image, last_image, model)
     pipe, seconds = _load(model, device, dtype, compile, offload, lora)
     settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
-    size = pipe.video_size(frames, height, width)
+    size = _video_size(pipe, frames, height, width, images)
     pipe.guidance(settings, guidance_2)  # a second guidance needs a second expert: said before any video
-    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2)
+    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images)
     if prompts is not None:
         (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
         typer.echo(f"wrote {out / 'index.jsonl'}")
@@ -105,23 +105,24 @@ def generate(
         timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
 
 
-def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> None:
-    """--image and --last-image: readable images, on a model whose family takes them; checked from
-    the files and the model's manifest, before any weight is loaded."""
+def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
+    """--image and --last-image: readable images, on a model that takes them; checked from the files
+    and the model's manifest or layout, before any weight is loaded. Returns the images read."""
     from soragen.io.image import read_image
-    from soragen.io.model_folder import family_at
+    from soragen.io.model_folder import family_at, image_inputs_at
     if last_image is not None and image is None:
         raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
-    for option, path in (("--image", image), ("--last-image", last_image)):
-        if path is not None:
-            read_image(path, option)
-    if image is None:
-        return
-    folder, family = model_dir(model), family_at(model_dir(model))
-    if not family.takes_image or (last_image is not None and not family.takes_last_image):
-        option = "--image" if not family.takes_image else "--last-image"
-        raise UsageError(f"{option}: the model {folder} ({family.name}) cannot take "
-                         f"{'an image' if option == '--image' else 'a last image'}; it makes videos from text alone")
+    images = [read_image(path, option) for option, path in (("--image", image), ("--last-image", last_image))
+              if path is not None]
+    if not images:
+        return images
+    folder = model_dir(model)
+    inputs = image_inputs_at(folder)
+    if len(images) > inputs:
+        option, what = ("--image", "an image") if inputs == 0 else ("--last-image", "a last image")
+        raise UsageError(f"{option}: the model {folder} ({family_at(folder).name}) cannot take {what}"
+                         f"{'; it makes videos from text alone' if inputs == 0 else ''}")
+    return images
 
 
 def _load(model, device, dtype, compile, offload, lora):
@@ -136,7 +137,17 @@ def _load(model, device, dtype, compile, offload, lora):
     return pipe, seconds
 
 
-def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None) -> list[dict]:
+def _video_size(pipe, frames, height, width, images) -> tuple[int, int, int]:
+    """(frames, height, width): with an image and no --height/--width, the model's pixel area at the
+    image's aspect ratio, rounded to the size multiple (soragen.io.image.default_size)."""
+    if images and height is None and width is None:
+        from soragen.io.image import default_size
+        video = pipe.model.video
+        height, width = default_size(images[0].shape[:2], video.height * video.width, pipe.size_multiple)
+    return pipe.video_size(frames, height, width)
+
+
+def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None, images=()) -> list[dict]:
     """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
     Returns the index of what was written (prompt, file, seed)."""
     from soragen.io.video import write_video
@@ -150,6 +161,7 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
         start = time.perf_counter()
         with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
             video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
+                                  image=images[0] if images else None,
                                   **dataclasses.asdict(settings))
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)

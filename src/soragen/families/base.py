@@ -15,12 +15,15 @@ class Family:
     """One model family. Subclass it, override what differs, and register an instance."""
 
     name: str = ""
-    takes_image = False  # generate --image: the video starts from an image
-    takes_last_image = False  # generate --last-image: and ends at one
 
     def recognises(self, folder: Path) -> bool:
         """Whether `folder`, a folder in another tool's layout (no soragen.json), is one of ours to load."""
         return False
+
+    def image_inputs(self, folder: Path) -> int:
+        """How many images a video of a recognised folder's model can start (and end) from: 0 (text
+        alone), 1 (a first frame), 2 (a first and a last)."""
+        return 0
 
     def load(self, folder: Path, source: str, dtype: torch.dtype):
         """The Model (soragen.models.model) in a folder this family recognises; `source` is how the

@@ -206,7 +206,8 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     # Wan 2.2 TI2V-5B gives every token its own timestep (expand_timesteps): from text alone all of
     # them are the step's, so one modulation of the step serves every token, as it does for Wan 2.1.
     video = VideoDefaults(**(WAN_TI2V_VIDEO if index.get("expand_timesteps") else WAN_VIDEO))
-    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY, dit_2, boundary)
+    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY, dit_2, boundary,
+                 1 if index.get("expand_timesteps") else 0)
 
 
 def from_diffusers(transformer) -> "torch.nn.Module":
@@ -232,6 +233,9 @@ class WanFamily(Family):
 
     def recognises(self, folder: Path) -> bool:
         return (folder / "model_index.json").is_file()
+
+    def image_inputs(self, folder: Path) -> int:
+        return 1 if read_pipeline_index(folder).get("expand_timesteps") else 0  # TI2V-5B: a first frame
 
     def load(self, folder: Path, source: str, dtype: torch.dtype):
         return load_pipeline_folder(folder, source, dtype)

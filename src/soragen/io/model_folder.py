@@ -166,7 +166,8 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
                            f"the DiT expects {dit_config.in_channels}")
     load_into(dit, weights, "DiT")
     dit.eval().requires_grad_(False)
-    return Model(dit, vae, text_spec, video, scheduler_config, sampling, folder, kin)
+    return Model(dit, vae, text_spec, video, scheduler_config, sampling, folder, kin,
+                 image_inputs=image_inputs_at(folder))
 
 
 def _soragen_configs(folder: Path, check_text: bool = True) -> tuple[DiTConfig, TextEncoderSpec]:
@@ -195,6 +196,16 @@ def family_at(path: str | Path) -> Family:
     if found is None:
         raise SoragenError(f"{folder}: no model family soragen knows reads this folder")
     return found
+
+
+def image_inputs_at(path: str | Path) -> int:
+    """How many images the model `path` names can start (and end) a video from, by its manifest or
+    its family, before any weight is loaded."""
+    folder, manifest = _open_base(path)
+    if manifest is not None:
+        inputs = manifest.get("image_inputs", 0)
+        return inputs if isinstance(inputs, int) and not isinstance(inputs, bool) and 0 <= inputs <= 2 else 0
+    return family_at(path).image_inputs(folder)
 
 
 def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
@@ -273,7 +284,7 @@ def check_export_target(out: Path, force: bool, sources: list[Path] = ()) -> Non
 
 def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,
                scheduler_config: dict | None = None, sampling: SamplingDefaults | None = None,
-               extra: dict | None = None, dit_dtype=None, family_name: str = DEFAULT) -> Path:
+               extra: dict | None = None, dit_dtype=None, family_name: str = DEFAULT, image_inputs: int = 0) -> Path:
     """Write a complete model folder under a temporary name, then rename it into place.
     `extra` adds files: {relative name: JSON-able object}; `dit_dtype` stores the DiT weights in
     another precision (they load back into float32); `family_name` is written to the manifest
@@ -302,6 +313,7 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
         # The manifest goes last: a folder with soragen.json is complete.
         manifest = {"format": FORMAT, "soragen_version": __version__,
                     **({"family": family_name} if family_name != DEFAULT else {}),
+                    **({"image_inputs": image_inputs} if image_inputs else {}),
                     "video": dataclasses.asdict(video), "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
         (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder

@@ -13,7 +13,8 @@ from soragen.core.config import DiTConfig
 @dataclass
 class Modulation:
     """What adaLN regresses from c for one sub-layer: x -> norm(x) * (1 + scale) + shift, and the
-    gate on its residual branch. Each (B, 1, D)."""
+    gate on its residual branch. Each (B, 1, D); or (B, S, D) for S runs of tokens at timesteps of
+    their own (`segments`: how many tokens each run holds, in token order)."""
 
     shift: torch.Tensor
     scale: torch.Tensor
@@ -26,15 +27,21 @@ class Modulation:
         return [Modulation(*parts[3 * i:3 * i + 3]) for i in range(count)]
 
 
-def modulate(x: torch.Tensor, m: Modulation) -> torch.Tensor:
+def modulate(x: torch.Tensor, m: Modulation, segments: list[int] | None = None) -> torch.Tensor:
     """x * (1 + scale) + shift in one pass, in the modulation's dtype (float32 where it is kept so),
-    returned in x's."""
-    return torch.addcmul(m.shift, x, 1 + m.scale).to(x.dtype)
+    returned in x's; with `segments`, each run of tokens by its own row of the modulation."""
+    if segments is None:
+        return torch.addcmul(m.shift, x, 1 + m.scale).to(x.dtype)
+    return torch.cat([torch.addcmul(m.shift[:, i:i + 1], part, 1 + m.scale[:, i:i + 1])
+                      for i, part in enumerate(x.split(segments, dim=1))], dim=1).to(x.dtype)
 
 
-def gated(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+def gated(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
     """x + gate * branch: a residual branch scaled by its adaLN gate, returned in x's dtype."""
-    return torch.addcmul(x, gate, branch).to(x.dtype)
+    if segments is None:
+        return torch.addcmul(x, gate, branch).to(x.dtype)
+    return torch.cat([torch.addcmul(part, gate[:, i:i + 1], run) for i, (part, run) in
+                      enumerate(zip(x.split(segments, dim=1), branch.split(segments, dim=1)))], dim=1).to(x.dtype)
 
 
 def adaln(config: DiTConfig, count: int) -> nn.Module:

@@ -37,13 +37,14 @@ class DiTBlock(nn.Module):
         return self.adaLN_modulation(c)[:, None]
 
     def forward(self, x: torch.Tensor, modulation: torch.Tensor, text: TextKV | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, N, D); modulation = self.modulation(c); text = self.cross.text_kv(...); rope = rope_angles(...)."""
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, segments: list[int] | None = None) -> torch.Tensor:
+        """x (B, N, D); modulation = self.modulation(c); text = self.cross.text_kv(...); rope = rope_angles(...);
+        segments: runs of tokens at timesteps of their own (an image's frame at 0), one modulation row each."""
         attn, mlp = Modulation.split(modulation, 2)
-        x = gated(x, attn.gate, self.attn(modulate(self.norm1(x), attn), rope))  # x + gate * attention
+        x = gated(x, attn.gate, self.attn(modulate(self.norm1(x), attn, segments), rope), segments)  # x + gate * attention
         if text is not None:
             x = x + self.cross(self.norm_cross(x), text)
-        return gated(x, mlp.gate, self.mlp(modulate(self.norm2(x), mlp)))  # x + gate * MLP
+        return gated(x, mlp.gate, self.mlp(modulate(self.norm2(x), mlp, segments)), segments)  # x + gate * MLP
 
 
 class FinalLayer(nn.Module):
@@ -60,6 +61,6 @@ class FinalLayer(nn.Module):
         """c (B, D) -> (B, 1, 2D): shift, scale."""
         return self.adaLN_modulation(c)[:, None]
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
         shift, scale = modulation.chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), Modulation(shift, scale, None)))
+        return self.linear(modulate(self.norm(x), Modulation(shift, scale, None), segments))

@@ -36,12 +36,15 @@ class Conditioning:
     """Everything a forward pass takes besides the noisy latent: each block's adaLN modulation
     (B, 1, 6D), the final layer's (B, 1, 2D), each block's text keys/values, and the tokens'
     positions: (N, D) sin-cos features, or RoPE's (cos, sin). `VideoDiT.condition` makes it;
-    sampling reuses its parts across steps."""
+    sampling reuses its parts across steps. With `segments` (runs of tokens at timesteps of their
+    own, in token order: an image's latent frame at 0, the rest at the step's), the modulations are
+    (B, S, 6D) and (B, S, 2D), a row per run."""
 
     blocks: list[torch.Tensor]
     final: torch.Tensor
     text: list[TextKV | None]
     positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+    segments: list[int] | None = None
 
 
 class VideoDiT(nn.Module):
@@ -169,10 +172,10 @@ class VideoDiT(nn.Module):
             tokens = tokens + positions
         for block, modulation, text in zip(self.blocks, cond.blocks, cond.text):
             if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, modulation, text, rope, use_reentrant=False)
+                tokens = checkpoint(block, tokens, modulation, text, rope, cond.segments, use_reentrant=False)
             else:
-                tokens = block(tokens, modulation, text, rope)
-        out = unpatchify(self.final(tokens, cond.final), grid, ps)  # (B, C, T', H', W')
+                tokens = block(tokens, modulation, text, rope, cond.segments)
+        out = unpatchify(self.final(tokens, cond.final, cond.segments), grid, ps)  # (B, C, T', H', W')
         return out[:, :, :T, :H, :W]
 
     def flops_per_forward(self, num_tokens: int, text_len: int, batch: int = 1, text_kv: bool = True) -> int:

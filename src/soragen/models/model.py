@@ -23,6 +23,7 @@ class Model:
     # `dit_2` the ones below it.
     dit_2: "VideoDiT | None" = None  # noqa: F821
     boundary: float | None = None
+    image_inputs: int = 0  # images a video can start from: 0 (text alone), 1 (a first frame)
 
     @property
     def experts(self) -> list:
