@@ -183,3 +183,36 @@ def test_ti2v_from_an_image_gives_wan_image_to_video_pipelines_latent_and_frames
     # the first frame is the image, as closely as the VAE's round trip allows
     first = np.abs(frames[0].astype(np.int16) - np.asarray(image).astype(np.int16)).mean()
     assert first < 100, first
+
+
+def test_a_lora_goes_into_both_experts_or_the_one_named(a14b_folder, ti2v_folder, tmp_path, capfd):
+    from conftest import assert_one_line_error
+    from soragen.core.config import LoRAConfig
+    from soragen.families.wan import FAMILY as WAN
+    from soragen.families.wan import from_diffusers
+    from soragen.io import lora_file
+    from soragen.io.lora_file import parse_expert
+    from soragen.models.lora import add_lora, trainable_state
+    from soragen.pipeline import Pipeline
+    assert parse_expert("a.safetensors:0.8@high") == ("a.safetensors:0.8", "high")
+    assert parse_expert("runs/x@2") == ("runs/x@2", "both") and parse_expert("a.safetensors@low") == ("a.safetensors", "low")
+    folder, pipe = a14b_folder
+    dit = from_diffusers(pipe.transformer).float()
+    torch.manual_seed(0)
+    add_lora(dit, LoRAConfig(lora_rank=2))
+    with torch.no_grad():
+        for p in trainable_state(dit).values():
+            p.add_(torch.randn(p.shape) * 0.1)
+    adapter = tmp_path / "a.safetensors"
+    lora_file.save(dit, adapter, WAN)
+
+    def weights(expert):
+        loaded = Pipeline.load(folder, device="cpu", dtype="float32", loras=[(str(adapter), 1.0, expert)])
+        return [d.blocks[0].attn.qkv.weight.clone() for d in loaded.model.experts]
+
+    base = [d.blocks[0].attn.qkv.weight.clone() for d in Pipeline.load(folder, device="cpu", dtype="float32").model.experts]
+    changed = {expert: [not torch.equal(w, b) for w, b in zip(weights(expert), base)] for expert in ("both", "high", "low")}
+    assert changed == {"both": [True, True], "high": [True, False], "low": [False, True]}
+    rc = cli("generate", PROMPT, "--model", ti2v_folder[0], "--lora", f"{adapter}@high", "--frames", 5, "--height", 32,
+             "--width", 32, "--steps", 1, "--out", tmp_path / "x.mp4")
+    assert_one_line_error(capfd.readouterr(), 2, rc, "@high", "names an expert", "has one")

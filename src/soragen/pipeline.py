@@ -96,15 +96,19 @@ class Pipeline:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
-             offload: bool = False, loras: list[tuple[str, float]] = ()) -> "Pipeline":
-        """`loras`: (adapter file or LoRA run, weight) merged into the DiT's weights before it runs."""
+             offload: bool = False, loras: list[tuple] = ()) -> "Pipeline":
+        """`loras`: (adapter file or LoRA run, weight[, expert]) merged into the DiT's weights before it
+        runs; of two experts into both, or the one `expert` ("high", "low") names."""
         from soragen.io import lora_file as lora
         dev = resolve_device(device)
-        files = [(lora.resolve_file(path), weight) for path, weight in loras]  # before the heavy load
+        files = [(lora.resolve_file(path), weight, *rest) for path, weight, *rest in loras]  # before the heavy load
         model = load_model(model_dir, resolve_dtype(dtype, dev))
-        for file, weight in files:
-            for dit in model.experts:  # a model of two experts: into both
-                lora.apply(dit, file, family(model), weight)
+        for file, weight, *rest in files:
+            expert = rest[0] if rest else "both"
+            if expert != "both" and model.dit_2 is None:
+                raise UsageError(f"--lora {file}@{expert} names an expert; {model.path} has one")
+            for i in lora.EXPERTS[expert]:
+                lora.apply(model.experts[i], file, family(model), weight)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
                               compile, offload)

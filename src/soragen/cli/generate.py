@@ -28,7 +28,8 @@ ModelOption = Annotated[Optional[Path], typer.Option(help="A soragen model folde
                                                      "pipeline folder, or a hub id (default: the built-in model).")]
 LoraOption = Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
                                                          "(diffusers' Wan layout, or the original Wan or musubi-tuner "
-                                                         "ones) or a LoRA run; FILE:WEIGHT scales it. Repeatable.",
+                                                         "ones) or a LoRA run; FILE:WEIGHT scales it; of two experts, "
+                                                         "@high or @low picks one (default both). Repeatable.",
                                                          show_default=False)]
 ImageOption = Annotated[Optional[Path], typer.Option(help="An image (PNG, JPEG, WebP) to start the video from, on "
                                                      "a model that takes one (image-to-video).", show_default=False)]
@@ -127,11 +128,11 @@ def _check_images(image: Optional[Path], last_image: Optional[Path], model: Opti
 
 def _load(model, device, dtype, compile, offload, lora):
     """The pipeline, and the seconds the imports and the load took."""
-    from soragen.io.lora_file import parse
+    from soragen.io.lora_file import parse, parse_expert
     from soragen.pipeline import Pipeline
     t0 = time.perf_counter()
     seconds = {"imports": t0 - STARTED}
-    loras = [parse(spec) for spec in lora or []]
+    loras = [(*parse(spec), expert) for spec, expert in map(parse_expert, lora or [])]
     pipe = Pipeline.load(model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
     seconds["load"] = time.perf_counter() - t0
     return pipe, seconds

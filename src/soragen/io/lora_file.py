@@ -62,6 +62,15 @@ def resolve_file(source: str | Path) -> Path:
     return path
 
 
+EXPERTS = {"both": (0, 1), "high": (0,), "low": (1,)}  # @... : which of two experts (Wan 2.2 A14B) it goes into
+
+
+def parse_expert(spec: str) -> tuple[str, str]:
+    """'adapter.safetensors:0.8@high' -> ('adapter.safetensors:0.8', 'high'); no @...: both."""
+    head, sep, expert = spec.rpartition("@")
+    return (head, expert) if sep and head and expert in EXPERTS else (spec, "both")
+
+
 def parse(spec: str) -> tuple[str, float]:
     """'adapter.safetensors:0.8' -> (path, 0.8); a bare path weighs 1."""
     path, sep, weight = spec.rpartition(":")
