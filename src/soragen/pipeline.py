@@ -107,7 +107,7 @@ class Pipeline:
             expert = rest[0] if rest else "both"
             if expert != "both" and model.dit_2 is None:
                 raise UsageError(f"--lora {file}@{expert} names an expert; {model.path} has one")
-            for i in lora.EXPERTS[expert]:
+            for i in lora.EXPERTS[expert] if model.dit_2 is not None else (0,):
                 lora.apply(model.experts[i], file, family(model), weight)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),

@@ -78,9 +78,6 @@ def export(
     sources = model_sources(model)
     check_export_target(out, force, sources)
     loaded = load_model(model)
-    if loaded.dit_2 is not None:  # a soragen folder holds one DiT: writing one would drop the second expert
-        raise SoragenError(f"{model} has two experts (Wan 2.2 A14B); soragen cannot export such a model yet: "
-                           f"pass the diffusers folder or hub id to --model instead")
     overrides = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
     sampling = dataclasses.replace(loaded.sampling, **overrides)
     scheduler = {k: v for k, v in loaded.scheduler_config.items() if not k.startswith("_")}
@@ -89,7 +86,7 @@ def export(
         with undo_new_folders(out.parent):
             save_model(out, loaded.dit, loaded.vae, loaded.text_spec, loaded.video, scheduler, sampling,
                        dit_dtype=DTYPES[weights_dtype], family_name=family(loaded).name,
-                       image_inputs=loaded.image_inputs)
+                       image_inputs=loaded.image_inputs, dit_2=loaded.dit_2, boundary=loaded.boundary)
     except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing half-written is left
         raise SoragenError(f"cannot write {out}: {err.strerror or err}") from err
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

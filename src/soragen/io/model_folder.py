@@ -150,24 +150,37 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
     from soragen.models.vae import load_vae
 
     kin = family_of(folder, manifest)
-    dit_file = folder / "dit" / "config.json"
     dit_config, text_spec = _soragen_configs(folder)
     video, sampling = _defaults(folder, manifest)
     scheduler_config = read_schedule(folder)
     check_sampler(sampling.sampler, scheduler_config, folder / "soragen.json")
-    weights = [folder / "dit" / "model.safetensors"]
-    stored = read_header(weights)
-    with torch.device("meta"):  # no memory and no random init: every weight comes from the file
-        dit = VideoDiT(dit_config).cast("meta", dtype)
-    check_header(dit, stored, f"DiT ({dit_file})")
+    boundary = _boundary(folder, manifest)
+    experts = []
+    for name in ("dit", "dit_2") if boundary is not None else ("dit",):  # checked by their headers first
+        config = dit_config if name == "dit" else read_config(DiTConfig, folder / name / "config.json")
+        stored = read_header([folder / name / "model.safetensors"])
+        with torch.device("meta"):  # no memory and no random init: every weight comes from the file
+            experts.append(VideoDiT(config).cast("meta", dtype))
+        check_header(experts[-1], stored, f"DiT ({folder / name / 'config.json'})")
     vae = load_vae(folder / "vae")
     if vae.latent_channels != dit_config.in_channels:
         raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, "
                            f"the DiT expects {dit_config.in_channels}")
-    load_into(dit, weights, "DiT")
-    dit.eval().requires_grad_(False)
-    return Model(dit, vae, text_spec, video, scheduler_config, sampling, folder, kin,
-                 image_inputs=image_inputs_at(folder))
+    for name, dit in zip(("dit", "dit_2"), experts):
+        load_into(dit, [folder / name / "model.safetensors"], "DiT")
+        dit.eval().requires_grad_(False)
+    return Model(experts[0], vae, text_spec, video, scheduler_config, sampling, folder, kin,
+                 experts[1] if boundary is not None else None, boundary, image_inputs_at(folder))
+
+
+def _boundary(folder: Path, manifest: dict) -> float | None:
+    """A two-expert model's boundary timestep (soragen.json "boundary"; the second expert in dit_2/)."""
+    boundary = manifest.get("boundary")
+    if boundary is None:
+        return None
+    if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 < boundary < 100_000:
+        raise SoragenError(f"{folder / 'soragen.json'}: boundary must be a timestep above 0, got {boundary!r}")
+    return float(boundary)
 
 
 def _soragen_configs(folder: Path, check_text: bool = True) -> tuple[DiTConfig, TextEncoderSpec]:
@@ -220,6 +233,7 @@ def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
 # What save_model writes (export passes no extra files): the only entries a folder that export
 # replaces may hold, so that replacing it removes nothing export did not write.
 MODEL_FILES = frozenset({"soragen.json", "text_encoder.json", "dit", "dit/config.json", "dit/model.safetensors",
+                         "dit_2", "dit_2/config.json", "dit_2/model.safetensors",
                          "vae", "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler",
                          "scheduler/scheduler_config.json"})
 
@@ -284,7 +298,8 @@ def check_export_target(out: Path, force: bool, sources: list[Path] = ()) -> Non
 
 def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,
                scheduler_config: dict | None = None, sampling: SamplingDefaults | None = None,
-               extra: dict | None = None, dit_dtype=None, family_name: str = DEFAULT, image_inputs: int = 0) -> Path:
+               extra: dict | None = None, dit_dtype=None, family_name: str = DEFAULT, image_inputs: int = 0,
+               dit_2=None, boundary: float | None = None) -> Path:
     """Write a complete model folder under a temporary name, then rename it into place.
     `extra` adds files: {relative name: JSON-able object}; `dit_dtype` stores the DiT weights in
     another precision (they load back into float32); `family_name` is written to the manifest
@@ -296,9 +311,10 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder) as tmp:
-        (tmp / "dit").mkdir(parents=True)
-        (tmp / "dit" / "config.json").write_text(to_json(dit.config))
-        save_module(dit, tmp / "dit" / "model.safetensors", "DiT", dit_dtype)
+        for name, module in (("dit", dit), ("dit_2", dit_2)) if dit_2 is not None else (("dit", dit),):
+            (tmp / name).mkdir(parents=True)
+            (tmp / name / "config.json").write_text(to_json(module.config))
+            save_module(module, tmp / name / "model.safetensors", "DiT", dit_dtype)
         save_vae(vae, tmp / "vae")
         (tmp / "text_encoder.json").write_text(to_json(text_spec))
         (tmp / "scheduler").mkdir()
@@ -314,6 +330,7 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
         manifest = {"format": FORMAT, "soragen_version": __version__,
                     **({"family": family_name} if family_name != DEFAULT else {}),
                     **({"image_inputs": image_inputs} if image_inputs else {}),
+                    **({"boundary": boundary} if dit_2 is not None else {}),
                     "video": dataclasses.asdict(video), "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
         (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
