@@ -92,7 +92,6 @@ class Pipeline:
             fast_paths.install(part)
         self.predicts = [fast_paths.compile_for_sampling(dit) if self.compiled else dit.predict
                          for dit in self.model.experts]
-        self.predict = self.predicts[0]
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False,
@@ -127,11 +126,16 @@ class Pipeline:
         model.vae.to(home, dtype if dtype == torch.bfloat16 else torch.float32)
         return cls(model, text_encoder, device, dtype, compile, offload)
 
+    @property
+    def offloading(self) -> bool:
+        """Whether parts wait on the CPU and visit the device only to run (`offload` on a GPU)."""
+        return self.offload and self.device.type != "cpu"
+
     @contextlib.contextmanager
     def running(self, part):
         """With `offload`, `part` (the DiT, the VAE's model, the text encoder) on the device while the
         block runs, back on the CPU after."""
-        if self.offload and self.device.type != "cpu":
+        if self.offloading:
             part.to(self.device)
             try:
                 yield
@@ -329,7 +333,7 @@ class Experts:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
         which = 0 if float(t[0]) >= self.boundary else 1
-        if which != self.current and self.pipe.offload and self.pipe.device.type != "cpu":
+        if which != self.current and self.pipe.offloading:
             if self.current is not None:
                 self.experts[self.current].dit.to("cpu")
             self.experts[which].dit.to(self.pipe.device)
@@ -342,7 +346,7 @@ class Experts:
         try:
             yield self
         finally:
-            if self.current is not None and self.pipe.offload and self.pipe.device.type != "cpu":
+            if self.current is not None and self.pipe.offloading:
                 self.experts[self.current].dit.to("cpu")
             self.current = None
 

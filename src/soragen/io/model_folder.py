@@ -170,7 +170,7 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
         load_into(dit, [folder / name / "model.safetensors"], "DiT")
         dit.eval().requires_grad_(False)
     return Model(experts[0], vae, text_spec, video, scheduler_config, sampling, folder, kin,
-                 experts[1] if boundary is not None else None, boundary, image_inputs_at(folder))
+                 experts[1] if boundary is not None else None, boundary, _image_inputs(manifest))
 
 
 def _boundary(folder: Path, manifest: dict) -> float | None:
@@ -215,10 +215,12 @@ def image_inputs_at(path: str | Path) -> int:
     """How many images the model `path` names can start (and end) a video from, by its manifest or
     its family, before any weight is loaded."""
     folder, manifest = _open_base(path)
-    if manifest is not None:
-        inputs = manifest.get("image_inputs", 0)
-        return inputs if isinstance(inputs, int) and not isinstance(inputs, bool) and 0 <= inputs <= 2 else 0
-    return family_at(path).image_inputs(folder)
+    return _image_inputs(manifest) if manifest is not None else family_of(folder, None).image_inputs(folder)
+
+
+def _image_inputs(manifest: dict) -> int:
+    inputs = manifest.get("image_inputs", 0)
+    return inputs if isinstance(inputs, int) and not isinstance(inputs, bool) and 0 <= inputs <= 2 else 0
 
 
 def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:

@@ -72,7 +72,8 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
                progress: Progress | None, fsdp: bool = False) -> dict:
     """Train `task` (soragen.train.tasks) to cfg.max_steps: for each step its generator and learning
     rate, the micro-batches, clipping, the optimizer step and the EMA, a metrics line, a checkpoint."""
-    held = (Sharded if fsdp else Replicated)(task, dist, autocast_dtype(cfg.mixed_precision, dist.device))
+    amp = autocast_dtype(cfg.mixed_precision, dist.device)
+    held = (Sharded if fsdp else Replicated)(task, dist, amp)
     optimizer = torch.optim.AdamW(held.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     state = held.load(resume_from, optimizer) if resume_from is not None else {}
     step, skipped = state.get("step", 0), state.get("skipped_nonfinite", 0)
@@ -85,7 +86,7 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            total += micro_batch(task, held.model, cfg, dist, step, micro, generator)
+            total += micro_batch(task, held.model, cfg, dist, step, micro, generator, amp)
         grad_norm = torch.nn.utils.clip_grad_norm_(held.trained, cfg.max_grad_norm)
         finite = dist.all_agree(math.isfinite(total) and bool(torch.isfinite(grad_norm)))
         step += 1
@@ -111,12 +112,12 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
     return {"step": step, "loss": loss_value, "skipped_nonfinite": skipped}
 
 
-def micro_batch(task, model, cfg: TrainConfig, dist: Dist, step: int, micro: int, generator) -> float:
+def micro_batch(task, model, cfg: TrainConfig, dist: Dist, step: int, micro: int, generator,
+                amp: torch.dtype | None) -> float:
     """Forward and backward of one micro-batch (the items this process takes of the step's batch);
     its share of the step's loss."""
     position = ((step * cfg.grad_accum + micro) * dist.world + dist.rank) * cfg.batch_size
     items = sample_indices(task.num_items(), cfg.seed, position, cfg.batch_size)
-    amp = autocast_dtype(cfg.mixed_precision, dist.device)
     with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
         loss = task.loss(model, items, generator) / cfg.grad_accum
     loss.backward()
