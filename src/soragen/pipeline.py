@@ -127,6 +127,11 @@ class Pipeline:
         return cls(model, text_encoder, device, dtype, compile, offload)
 
     @property
+    def predict(self):
+        """The (first) DiT's step as sampling calls it: `predict`, or its compiled graph."""
+        return self.predicts[0]
+
+    @property
     def offloading(self) -> bool:
         """Whether parts wait on the CPU and visit the device only to run (`offload` on a GPU)."""
         return self.offload and self.device.type != "cpu"
