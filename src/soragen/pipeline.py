@@ -86,6 +86,7 @@ class Pipeline:
     dtype: torch.dtype
     compiled: bool = False
     offload: bool = False
+    image_encoder: "ImageEncoder | None" = None  # noqa: F821  (soragen.models.image_encoder; Wan 2.1 I2V's CLIP)
 
     def __post_init__(self):
         for part in (*self.model.experts, self.model.vae.model):
@@ -109,22 +110,29 @@ class Pipeline:
             for i in lora.EXPERTS[expert] if model.dit_2 is not None else (0,):
                 lora.apply(model.experts[i], file, family(model), weight)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
+        image_encoder = None
+        if model.image_encoder is not None:
+            from soragen.models.image_encoder import ImageEncoder
+            image_encoder = ImageEncoder(model.image_encoder, device=text_device)
         return cls.from_model(model, TextEncoder(model.text_spec, device=text_device), dev, resolve_dtype(dtype, dev),
-                              compile, offload)
+                              compile, offload, image_encoder)
 
     @classmethod
     def from_model(cls, model: Model, text_encoder: TextEncoder, device: torch.device, dtype: torch.dtype,
-                   compile: bool = False, offload: bool = False) -> "Pipeline":
+                   compile: bool = False, offload: bool = False, image_encoder=None) -> "Pipeline":
         if text_encoder.dim != model.dit.config.text_dim:
             raise SoragenError(f"text encoder {model.text_spec.source!r} gives {text_encoder.dim}-d embeddings, "
                                f"the DiT expects {model.dit.config.text_dim}")
+        if (image_encoder is None) != (model.image_encoder is None):
+            raise SoragenError(f"{model.path}: the DiT {'takes' if model.image_encoder else 'takes no'} an image "
+                               f"encoder's tokens, and {'none' if image_encoder is None else 'one'} was given")
         home = torch.device("cpu") if offload else device
         for dit in model.experts:
             dit.cast(home, dtype)
         # The VAE decodes in the DiT's dtype too where that is bf16: on a CPU with bf16 matmuls its
         # convolutions run several times faster, within a few levels of 255 (tests/test_fast_paths.py).
         model.vae.to(home, dtype if dtype == torch.bfloat16 else torch.float32)
-        return cls(model, text_encoder, device, dtype, compile, offload)
+        return cls(model, text_encoder, device, dtype, compile, offload, image_encoder)
 
     @property
     def predict(self):
@@ -180,9 +188,9 @@ class Pipeline:
         return settings
 
     # ---- generation ------------------------------------------------------------------------------
-    def cached_dit(self, timesteps: torch.Tensor):
+    def cached_dit(self, timesteps: torch.Tensor, image_tokens: torch.Tensor | None = None):
         """The DiT as the sampling loop calls it (of two experts, the one each step's timestep picks)."""
-        cached = [CachedDiT(dit, predict, timesteps, self.device, self.dtype)
+        cached = [CachedDiT(dit, predict, timesteps, self.device, self.dtype, image_tokens)
                   for dit, predict in zip(self.model.experts, self.predicts)]
         return cached[0] if len(cached) == 1 else Experts(cached, self.model.boundary, self)
 
@@ -206,11 +214,14 @@ class Pipeline:
     @torch.no_grad()
     def sample_latent(self, prompt: str, frames: int, height: int, width: int, settings: SamplingDefaults,
                       eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
-                      guidance_2: float | None = None, image: np.ndarray | None = None) -> torch.Tensor:
+                      guidance_2: float | None = None, image: np.ndarray | None = None,
+                      last_image: np.ndarray | None = None) -> torch.Tensor:
         """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes. `image`
-        (height, width, 3) uint8, on a model that starts from one, is its first frame."""
+        (height, width, 3) uint8, on a model that starts from one, is its first frame; `last_image`,
+        on a model that ends at one, its last."""
         guidance = self.guidance(settings, guidance_2)
-        condition = None if image is None else self.image_latent(image)
+        images = self.check_images(image, last_image)
+        condition = None if image is None or self.model.image_channels else self.image_latent(image)
         report = progress or quiet
         report("encode", 0, 1)
         cond, uncond = self.encode(prompt, settings.negative_prompt)
@@ -221,12 +232,14 @@ class Pipeline:
         scheduler.set_timesteps(settings.steps)
         report("denoise", 0, settings.steps)
         # one expert is on the device while it runs; two swap there at the boundary (class Experts)
-        dit = self.cached_dit(scheduler.timesteps)
-        with self.running(self.model.dit) if self.model.dit_2 is None else dit.swapping():
-            latent = sample(dit if condition is None else FirstFrame(dit, condition), noise.to(self.device), cond,
-                            uncond, scheduler,
-                            settings.steps, guidance, eta=eta, generator=generator,
-                            progress=lambda i, n: report("denoise", i, n))
+        experts = dit = self.cached_dit(scheduler.timesteps, self.image_tokens(images))
+        if self.model.image_channels:
+            dit = ImageChannels(dit, self.image_channels(images, frames))
+        elif condition is not None:
+            dit = FirstFrame(dit, condition)
+        with self.running(self.model.dit) if self.model.dit_2 is None else experts.swapping():
+            latent = sample(dit, noise.to(self.device), cond, uncond, scheduler, settings.steps, guidance, eta=eta,
+                            generator=generator, progress=lambda i, n: report("denoise", i, n))
         if condition is not None:  # the image's frame as it is, not as the last step left it
             latent[:, :, :condition.shape[2]] = condition.to(latent.dtype)
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video
@@ -235,29 +248,74 @@ class Pipeline:
                                f"another --sampler may help, or the model's weights are damaged")
         return latent
 
+    def check_images(self, image: np.ndarray | None, last_image: np.ndarray | None) -> list[np.ndarray]:
+        """The images a video starts (and ends) from, as many as the model takes: UsageError otherwise."""
+        images = [i for i in (image, last_image) if i is not None]
+        inputs, path = self.model.image_inputs, self.model.path
+        if last_image is not None and image is None:
+            raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
+        if len(images) > inputs:
+            raise UsageError(f"--image: the model {path} cannot take an image; it makes videos from text alone"
+                             if not inputs else f"--last-image: the model {path} starts a video from an image and "
+                                                f"cannot end it at one")
+        if self.model.image_channels and len(images) < inputs:
+            raise UsageError(f"the model {path} makes a video from " + ("an image: give --image" if inputs == 1 else
+                             "a first and a last image: give --image and --last-image"))
+        return images
+
     def image_latent(self, image: np.ndarray) -> torch.Tensor:
         """An image (H, W, 3) uint8 as the VAE's normalised latent of one frame (1, C, 1, H', W')."""
-        if not self.model.image_inputs:
-            raise UsageError(f"--image: the model {self.model.path} cannot take an image; it makes videos from "
-                             f"text alone")
+        self.check_images(image, None)
+        return self.video_latent(np.array(image)[None])
+
+    def video_latent(self, frames: np.ndarray) -> torch.Tensor:
+        """Frames (T, H, W, 3) uint8 as the VAE's normalised latent (1, C, T', H', W'), on the device."""
         from soragen.models.vae import uint8_to_frames
         with self.running(self.model.vae.model):
-            return self.model.vae.encode(uint8_to_frames(np.array(image)[None, None])).to(self.device)
+            return self.model.vae.encode(uint8_to_frames(frames[None])).to(self.device)
+
+    def image_channels(self, images: list[np.ndarray], frames: int) -> torch.Tensor:
+        """What an image-to-video DiT takes after the noisy latent (Wan's I2V): a mask of the frames
+        the images are (1 there), a channel per frame of a latent frame's (the first frame counts
+        as a whole latent frame's), then the latent of the video that is the images and black
+        (zeros) between: (1, tf + C, T', H', W')."""
+        height, width = images[0].shape[:2]
+        video = np.full((frames, height, width, 3), 127.5, dtype=np.float32)  # 0 once made -1..1
+        known = [0, frames - 1][:len(images)]
+        for index, picture in zip(known, images):
+            video[index] = picture
+        from soragen.models.vae import uint8_to_frames
+        with self.running(self.model.vae.model):
+            latent = self.model.vae.encode(uint8_to_frames(video[None])).to(self.device)
+        factor = self.model.vae.temporal_factor
+        mask = torch.zeros(frames + factor - 1, *latent.shape[-2:], device=self.device)
+        for index in known:  # the first frame stands for a whole latent frame's (factor) frames
+            mask[index if index == 0 else index + factor - 1] = 1
+        mask[:factor] = mask[0]
+        mask = mask.view(-1, factor, *latent.shape[-2:]).transpose(0, 1)[None]  # (1, tf, T', H', W')
+        return torch.cat([mask, latent.to(mask.dtype)], dim=1)
+
+    def image_tokens(self, images: list[np.ndarray]) -> torch.Tensor | None:
+        """The image encoder's tokens of the images, where the DiT takes them (Wan 2.1 I2V, FLF2V)."""
+        if self.image_encoder is None or not images:
+            return None
+        with self.running(self.image_encoder):
+            return self.image_encoder.encode(images).to(self.device, self.dtype)
 
     @torch.no_grad()
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
-                 guidance_2: float | None = None, image: np.ndarray | None = None, **sampling) -> np.ndarray:
+                 guidance_2: float | None = None, image: np.ndarray | None = None,
+                 last_image: np.ndarray | None = None, **sampling) -> np.ndarray:
         """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's
         (sampling: sampler, steps, guidance, negative_prompt, shift; of two experts, `guidance_2` is
-        the second's, default the first's). `image` (any size) is fitted to the video's: scaled to
-        cover it, its centre cropped (soragen.io.image)."""
+        the second's, default the first's). `image` and `last_image` (any size) are fitted to the
+        video's: scaled to cover it, the centre cropped (soragen.io.image)."""
         frames, height, width = self.video_size(frames, height, width)
-        if image is not None:
-            from soragen.io.image import fit
-            image = fit(image, height, width)
+        from soragen.io.image import fit
+        image, last_image = (None if i is None else fit(i, height, width) for i in (image, last_image))
         latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress,
-                                    guidance_2, image)
+                                    guidance_2, image, last_image)
         report = progress or quiet
         report("decode", 0, 1)
         with self.running(self.model.vae.model):
@@ -275,15 +333,17 @@ class CachedDiT:
 
     TABLE_STEPS = 50
 
-    def __init__(self, dit, predict: Callable, timesteps: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    def __init__(self, dit, predict: Callable, timesteps: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                 image_tokens: torch.Tensor | None = None):
         self.dit, self.predict, self.device, self.dtype = dit, predict, device, dtype
+        self.image_tokens = image_tokens  # an image encoder's, for the DiT's image cross-attention
         self.timesteps = [float(t) for t in timesteps]
         self.text = None
         self.still_frames = 0  # leading latent frames that are an image's, at timestep 0 in every step
 
     def _prepare(self, text) -> None:
         self.text, self.table, self.still = text, {}, None
-        self.text_kv = self.dit.text_kv(text.tokens, text.mask)
+        self.text_kv = self.dit.text_kv(text.tokens, text.mask, self.image_tokens)
 
     def _with_still(self, blocks, final, grid) -> tuple[list, torch.Tensor, list[int]]:
         """The modulations with a first row for the still frames' tokens (timestep 0, made once per
@@ -368,3 +428,14 @@ class FirstFrame:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
         still = self.condition.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)
         return self.dit(torch.cat([still, x[:, :, still.shape[2]:]], dim=2), t, text)
+
+
+class ImageChannels:
+    """A DiT (one expert or two) that takes its images as input channels (Wan's image-to-video):
+    the mask and the images' latent after the noisy latent, the same at every step."""
+
+    def __init__(self, dit, condition: torch.Tensor):
+        self.dit, self.condition = dit, condition
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.dit(torch.cat([x, self.condition.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1), t, text)

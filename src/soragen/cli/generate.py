@@ -110,19 +110,20 @@ def _check_images(image: Optional[Path], last_image: Optional[Path], model: Opti
     """--image and --last-image: readable images, on a model that takes them; checked from the files
     and the model's manifest or layout, before any weight is loaded. Returns the images read."""
     from soragen.io.image import read_image
-    from soragen.io.model_folder import family_at, image_inputs_at
+    from soragen.io.model_folder import family_at, image_inputs_at, model_configs
     if last_image is not None and image is None:
         raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
     images = [read_image(path, option) for option, path in (("--image", image), ("--last-image", last_image))
               if path is not None]
-    if not images:
-        return images
     folder = model_dir(model)
     inputs = image_inputs_at(folder)
     if len(images) > inputs:
         option, what = ("--image", "an image") if inputs == 0 else ("--last-image", "a last image")
         raise UsageError(f"{option}: the model {folder} ({family_at(folder).name}) cannot take {what}"
                          f"{'; it makes videos from text alone' if inputs == 0 else ''}")
+    if len(images) < inputs and inputs and model_configs(folder)[0].image_channels:  # an image-to-video model
+        raise UsageError(f"the model {folder} makes a video from " + ("an image: give --image" if inputs == 1 else
+                         "a first and a last image: give --image and --last-image"))
     return images
 
 
@@ -162,7 +163,7 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
         start = time.perf_counter()
         with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
             video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
-                                  image=images[0] if images else None,
+                                  image=images[0] if images else None, last_image=images[1] if images[1:] else None,
                                   **dataclasses.asdict(settings))
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)

@@ -86,7 +86,8 @@ def export(
         with undo_new_folders(out.parent):
             save_model(out, loaded.dit, loaded.vae, loaded.text_spec, loaded.video, scheduler, sampling,
                        dit_dtype=DTYPES[weights_dtype], family_name=family(loaded).name,
-                       image_inputs=loaded.image_inputs, dit_2=loaded.dit_2, boundary=loaded.boundary)
+                       image_inputs=loaded.image_inputs, dit_2=loaded.dit_2, boundary=loaded.boundary,
+                       image_encoder=loaded.image_encoder)
     except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing half-written is left
         raise SoragenError(f"cannot write {out}: {err.strerror or err}") from err
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

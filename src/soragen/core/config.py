@@ -40,9 +40,12 @@ class ConfigError(ValueError):
 
 def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
             above: float | None = None, choices: tuple | None = None, **kwargs) -> Any:
-    """A dataclass field with its allowed values: low <= x <= high, x > above, or x in choices."""
-    return field(default=default, metadata={"low": low, "high": high, "above": above, "choices": choices,
-                                            **({"help": kwargs.pop("help")} if "help" in kwargs else {})}, **kwargs)
+    """A dataclass field with its allowed values: low <= x <= high, x > above, or x in choices.
+    written="if_set": to_json leaves the field out while it has its default (a field added later,
+    so that folders which do not use it keep the bytes they had)."""
+    extra = {key: kwargs.pop(key) for key in ("help", "written") if key in kwargs}
+    return field(default=default, metadata={"low": low, "high": high, "above": above, "choices": choices, **extra},
+                 **kwargs)
 
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
@@ -151,6 +154,12 @@ class DiTConfig:
     gelu: str = bounded("exact", choices=("exact", "tanh"))
     timestep_features: str = bounded("sin_cos_float64", choices=("sin_cos_float64", "cos_sin_float32"))
     fp32_modulation: bool = False  # keep adaLN's inputs, modulation and gated residuals in float32 under bf16
+    # Image-to-video (Wan's): the input may carry more channels than the prediction (the noisy latent,
+    # then a mask and an image's latent), and the blocks may cross-attend to an image encoder's tokens too.
+    out_channels: int = bounded(0, low=0, high=1024, written="if_set")  # the prediction's; 0: in_channels
+    image_dim: int = bounded(0, low=0, high=16384, written="if_set")  # an image encoder's token size; 0: none
+    image_tokens: int = bounded(0, low=0, high=65536, written="if_set")  # learned positions of that many image
+    #   tokens (two images' for first-last-frame); 0: none
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -160,10 +169,23 @@ class DiTConfig:
             raise ValueError(f"head size {self.hidden_size // self.num_heads} must be even")
         if self.positions == "rope" and self.hidden_size // self.num_heads < 6:
             raise ValueError(f"3D RoPE needs a head size of at least 6, got {self.hidden_size // self.num_heads}")
+        if self.image_dim and not self.cross_attention:
+            raise ValueError("image_dim: the image's tokens are cross-attended to, and cross_attention is off")
+        if self.image_tokens and not self.image_dim:
+            raise ValueError(f"image_tokens {self.image_tokens}: positions of image tokens, and image_dim is 0")
 
     @property
     def mlp_width(self) -> int:
         return self.ffn_dim or int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def predicted_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @property
+    def image_channels(self) -> bool:
+        """Whether the input carries more than the noisy latent: an image's, as Wan's image-to-video has it."""
+        return self.in_channels != self.predicted_channels
 
 
 # Named DiT sizes. `tiny` is what the tests and the default model use; the others are for users
@@ -221,6 +243,21 @@ class TextEncoderSpec:
 
 
 @dataclass
+class ImageEncoderSpec:
+    """The frozen image encoder of an image-to-video model (Wan 2.1's CLIP ViT-H), by reference: its
+    weights stay where they are, as a text encoder's do."""
+
+    source: str  # a hub id or a local folder
+    subfolder: str = "image_encoder"
+    processor_subfolder: str = "image_processor"  # its resizing, cropping and normalisation
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.source.strip():
+            raise ConfigError("source", "must name an image encoder (a hub id or a folder), got ''")
+
+
+@dataclass
 class VideoDefaults:
     """The size a model was trained at: what `generate` uses unless told otherwise."""
 
@@ -248,7 +285,11 @@ class SamplingDefaults:
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(dataclasses.asdict(obj), indent=2) + "\n"
+    data = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("written") == "if_set" and data[f.name] == f.default:
+            del data[f.name]
+    return json.dumps(data, indent=2) + "\n"
 
 
 def from_dict(cls: type, data: dict[str, Any]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from soragen.core.config import DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults
+from soragen.core.config import DiTConfig, ImageEncoderSpec, SamplingDefaults, TextEncoderSpec, VideoDefaults
 from soragen.core.errors import SoragenError
 from soragen.core.jsonfile import INCOMPLETE, read_json
 from soragen.diffusion.sampling import check_sampler, read_schedule
@@ -35,23 +35,27 @@ WAN_SWITCHES = dict(cross_attention=True, qk_norm=True, qk_norm_across_heads=Tru
 
 
 def dit_config(transformer: dict, source: str = "transformer/config.json") -> DiTConfig:
-    """Our DiTConfig for a diffusers WanTransformer3DModel config; SoragenError for what we do not run."""
+    """Our DiTConfig for a diffusers WanTransformer3DModel config; SoragenError for what we do not run.
+    Image-to-video ones take more input channels than they predict (out_channels), and Wan 2.1's an
+    image encoder's tokens (image_dim, with learned positions of pos_embed_seq_len tokens for FLF2V)."""
     def need(key, ok, what):
         if not ok(transformer.get(key)):
             raise SoragenError(f"{source}: {key} = {transformer.get(key)!r}; soragen runs {what}")
-    need("image_dim", lambda v: v is None, "text-to-video Wan (image_dim null), not image-to-video")
-    need("added_kv_proj_dim", lambda v: v is None, "text-to-video Wan (added_kv_proj_dim null)")
     need("cross_attn_norm", lambda v: v is True, "Wan with cross_attn_norm true")
     need("qk_norm", lambda v: v == "rms_norm_across_heads", "Wan with qk_norm rms_norm_across_heads")
     need("freq_dim", lambda v: v == 256, "a 256-d timestep embedding")
     need("eps", lambda v: v is not None and abs(v - 1e-6) < 1e-12, "eps 1e-6")
-    out = transformer.get("out_channels") or transformer.get("in_channels")
-    need("out_channels", lambda v: out == transformer.get("in_channels"), "as many output as input channels")
     try:
         heads, head_dim = int(transformer["num_attention_heads"]), int(transformer["attention_head_dim"])
+        image_dim = transformer.get("image_dim") or 0
+        need("added_kv_proj_dim", lambda v: v == (heads * head_dim if image_dim else None),
+             "Wan whose image keys and values (added_kv_proj_dim) come from image_dim's projection to the width")
+        out = transformer.get("out_channels") or transformer["in_channels"]
         return DiTConfig(in_channels=transformer["in_channels"], patch_size=transformer["patch_size"],
                          hidden_size=heads * head_dim, depth=transformer["num_layers"], num_heads=heads,
-                         ffn_dim=transformer["ffn_dim"], text_dim=transformer["text_dim"], **WAN_SWITCHES)
+                         ffn_dim=transformer["ffn_dim"], text_dim=transformer["text_dim"], **WAN_SWITCHES,
+                         out_channels=0 if out == transformer["in_channels"] else out, image_dim=image_dim,
+                         image_tokens=transformer.get("pos_embed_seq_len") or 0)
     except (KeyError, TypeError, ValueError) as err:
         raise SoragenError(f"{source}: not a WanTransformer3DModel config we can read: {err}") from err
 
@@ -68,9 +72,14 @@ class Rule:
     how: str = "copy"  # copy | cat | conv
 
 
-def key_map(depth: int) -> list[Rule]:
+def key_map(depth: int, image: bool = False, image_positions: bool = False) -> list[Rule]:
+    """Our keys from diffusers'; `image`: an image-to-video DiT's image embedder and image keys/values,
+    `image_positions`: FLF2V's learned positions of the image tokens."""
     rules = [Rule("patch_embed.weight", ["patch_embedding.weight"], "conv"),
              Rule("patch_embed.bias", ["patch_embedding.bias"])]
+    rules += image_rules(depth) if image else []
+    if image_positions:
+        rules.append(Rule("image_tokens.positions", ["condition_embedder.image_embedder.pos_embed"]))
     pairs = {"time_embed.mlp.0": "condition_embedder.time_embedder.linear_1",
              "time_embed.mlp.2": "condition_embedder.time_embedder.linear_2",
              "time_proj.1": "condition_embedder.time_proj",
@@ -92,6 +101,22 @@ def key_map(depth: int) -> list[Rule]:
     rules.append(Rule("final.adaLN_modulation.table", ["scale_shift_table"]))
     rules += [Rule(f"{ours}.{part}", [f"{theirs}.{part}"]) for ours, theirs in pairs.items() for part in ("weight", "bias")]
     return rules
+
+
+def image_rules(depth: int) -> list[Rule]:
+    """The image embedder (norm, MLP, norm) and each block's image keys/values and key norm."""
+    parts = {"norm1": "norm1", "mlp.0": "ff.net.0.proj", "mlp.2": "ff.net.2", "norm2": "norm2"}
+    rules = [Rule(f"image_tokens.{ours}.{p}", [f"condition_embedder.image_embedder.{theirs}.{p}"])
+             for ours, theirs in parts.items() for p in ("weight", "bias")]
+    for i in range(depth):
+        rules += [Rule(f"blocks.{i}.cross.image_kv.{p}", [f"blocks.{i}.attn2.add_{x}_proj.{p}" for x in "kv"], "cat")
+                  for p in ("weight", "bias")]
+        rules.append(Rule(f"blocks.{i}.cross.image_k_norm.weight", [f"blocks.{i}.attn2.norm_added_k.weight"]))
+    return rules
+
+
+def config_key_map(config: DiTConfig) -> list[Rule]:
+    return key_map(config.depth, bool(config.image_dim), bool(config.image_tokens))
 
 
 def mapped_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -141,7 +166,7 @@ def load_transformer(folder: Path, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):  # no memory and no random init: every weight comes from the files
         dit = VideoDiT(config).cast("meta", dtype)
     load_into(dit, weight_files(folder, "Wan transformer"), f"Wan transformer ({folder})",
-              Mapping(key_map(config.depth), mapped_shape, combine, rows))
+              Mapping(config_key_map(config), mapped_shape, combine, rows))
     return dit.eval().requires_grad_(False)
 
 
@@ -165,11 +190,15 @@ def text_encoder_spec(folder: Path, source: str) -> TextEncoderSpec:
                            dtype="bfloat16" if stored == "bfloat16" else "float32")
 
 
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+
+
 def read_pipeline_index(folder: Path) -> dict:
     index = read_json(folder / "model_index.json", INCOMPLETE)
-    if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
+    if not isinstance(index, dict) or index.get("_class_name") not in PIPELINES:
         raise SoragenError(f"{folder / 'model_index.json'}: soragen runs diffusers' WanPipeline (Wan 2.1 text to "
-                           f"video), not {index.get('_class_name') if isinstance(index, dict) else index!r}")
+                           f"video) and WanImageToVideoPipeline, not "
+                           f"{index.get('_class_name') if isinstance(index, dict) else index!r}")
     second, ratio = (index.get("transformer_2") or [None])[0] is not None, index.get("boundary_ratio")
     if second != (ratio is not None):
         raise SoragenError(f"{folder / 'model_index.json'}: a second transformer and a boundary_ratio go together "
@@ -180,11 +209,38 @@ def read_pipeline_index(folder: Path) -> dict:
     return index
 
 
+def pipeline_image_inputs(folder: Path, index: dict, transformer: dict) -> int:
+    """The images a pipeline folder's videos start from: Wan 2.2 TI2V-5B's first frame
+    (expand_timesteps), an image-to-video model's first frame, FLF2V's first and last (its image
+    tokens have learned positions for two images); 0 for text-to-video."""
+    if index.get("expand_timesteps"):
+        return 1
+    if index["_class_name"] != "WanImageToVideoPipeline":
+        return 0
+    if transformer.get("image_dim") and (index.get("image_encoder") or [None])[0] is None:
+        raise SoragenError(f"{folder / 'model_index.json'}: the transformer cross-attends to an image encoder's "
+                           f"tokens (image_dim), and the pipeline names no image_encoder")
+    return 2 if transformer.get("pos_embed_seq_len") else 1
+
+
+def image_encoder_spec(folder: Path, source: str, config: DiTConfig) -> ImageEncoderSpec | None:
+    """Wan 2.1 I2V's CLIP vision tower, by reference, checked to give the tokens the DiT takes."""
+    if not config.image_dim:
+        return None
+    encoder = read_json(folder / "image_encoder" / "config.json", INCOMPLETE)
+    width = encoder.get("hidden_size") if isinstance(encoder, dict) else None
+    if width != config.image_dim:
+        raise SoragenError(f"{folder / 'image_encoder' / 'config.json'}: the image encoder gives {width!r}-d tokens, "
+                           f"the transformer takes {config.image_dim}-d ones (image_dim)")
+    return ImageEncoderSpec(source=source)
+
+
 def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.float32):
-    """A diffusers WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
-    tokenizer/, scheduler/) as our Model: the transformer as our DiT, the VAE as it is, the text
-    encoder by reference (it loads from the folder), its scheduler config, WanPipeline's defaults."""
-    from soragen.models.model import Model
+    """A diffusers WanPipeline or WanImageToVideoPipeline folder (model_index.json, transformer/,
+    vae/, text_encoder/, tokenizer/, scheduler/; image_encoder/ for Wan 2.1 I2V) as our Model: the
+    transformer as our DiT, the VAE as it is, the text and image encoders by reference (they load
+    from the folder), its scheduler config, the pipeline's defaults."""
+    from soragen.models.model import Model, check_latent_channels
     from soragen.models.vae import load_vae
 
     index = read_pipeline_index(folder)
@@ -193,6 +249,8 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
     check_sampler(sampling.sampler, scheduler_config, folder / "scheduler" / "scheduler_config.json")
     text = text_encoder_spec(folder, source)
     dit = load_transformer(folder / "transformer", dtype)
+    images = pipeline_image_inputs(folder, index, read_transformer_config(folder / "transformer"))
+    image_encoder = image_encoder_spec(folder, source, dit.config)
     dit_2, boundary = None, None
     if index.get("boundary_ratio") is not None:  # Wan 2.2 A14B: the second expert takes the low-noise steps
         dit_2 = load_transformer(folder / "transformer_2", dtype)
@@ -200,14 +258,15 @@ def load_pipeline_folder(folder: Path, source: str, dtype: torch.dtype = torch.f
             raise SoragenError(f"{folder / 'transformer_2'}: the second expert's config differs from the first's")
         boundary = index["boundary_ratio"] * scheduler_config.get("num_train_timesteps", 1000)
     vae = load_vae(folder / "vae")
-    if vae.latent_channels != dit.config.in_channels:
-        raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, the transformer "
-                           f"takes {dit.config.in_channels}")
+    check_latent_channels(dit.config, vae, folder)
+    if (dit.config.in_channels != vae.latent_channels) != (images > 0 and not index.get("expand_timesteps")):
+        raise SoragenError(f"{folder}: a {index['_class_name']} whose transformer takes {dit.config.in_channels} "
+                           f"channels of a {vae.latent_channels}-channel VAE: soragen cannot tell what they are")
     # Wan 2.2 TI2V-5B gives every token its own timestep (expand_timesteps): from text alone all of
     # them are the step's, so one modulation of the step serves every token, as it does for Wan 2.1.
     video = VideoDefaults(**(WAN_TI2V_VIDEO if index.get("expand_timesteps") else WAN_VIDEO))
-    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY, dit_2, boundary,
-                 1 if index.get("expand_timesteps") else 0)
+    return Model(dit, vae, text, video, scheduler_config, sampling, folder, FAMILY, dit_2, boundary, images,
+                 image_encoder)
 
 
 def from_diffusers(transformer) -> "torch.nn.Module":
@@ -218,7 +277,7 @@ def from_diffusers(transformer) -> "torch.nn.Module":
     theirs = transformer.state_dict()
     with torch.device("meta"):
         dit = VideoDiT(config)
-    state = {rule.key: combine(rule, [theirs[s] for s in rule.sources]).clone() for rule in key_map(config.depth)}
+    state = {rule.key: combine(rule, [theirs[s] for s in rule.sources]).clone() for rule in config_key_map(config)}
     dit.load_state_dict(state, strict=True, assign=True)
     return dit.eval().requires_grad_(False)
 
@@ -235,7 +294,7 @@ class WanFamily(Family):
         return (folder / "model_index.json").is_file()
 
     def image_inputs(self, folder: Path) -> int:
-        return 1 if read_pipeline_index(folder).get("expand_timesteps") else 0  # TI2V-5B: a first frame
+        return pipeline_image_inputs(folder, read_pipeline_index(folder), read_transformer_config(folder / "transformer"))
 
     def load(self, folder: Path, source: str, dtype: torch.dtype):
         return load_pipeline_folder(folder, source, dtype)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from soragen import __version__
 from soragen.core.atomic import atomic_path
-from soragen.core.config import (DEFAULT_TEXT_ENCODER, DiTConfig, SamplingDefaults, TextEncoderSpec, VideoDefaults,
-                                 from_dict, to_json)
+from soragen.core.config import (DEFAULT_TEXT_ENCODER, DiTConfig, ImageEncoderSpec, SamplingDefaults, TextEncoderSpec,
+                                 VideoDefaults, from_dict, to_json)
 from soragen.core.errors import SoragenError
 from soragen.core.jsonfile import INCOMPLETE, read_json
 from soragen.families.base import Family
@@ -147,6 +147,7 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
     from soragen.core.weights import check_header, load_into, read_header
     from soragen.diffusion.sampling import check_sampler, read_schedule
     from soragen.models.dit import VideoDiT
+    from soragen.models.model import check_latent_channels
     from soragen.models.vae import load_vae
 
     kin = family_of(folder, manifest)
@@ -163,14 +164,17 @@ def _load_soragen_folder(folder: Path, manifest: dict, dtype) -> Model:
             experts.append(VideoDiT(config).cast("meta", dtype))
         check_header(experts[-1], stored, f"DiT ({folder / name / 'config.json'})")
     vae = load_vae(folder / "vae")
-    if vae.latent_channels != dit_config.in_channels:
-        raise SoragenError(f"{folder}: the VAE has {vae.latent_channels} latent channels, "
-                           f"the DiT expects {dit_config.in_channels}")
+    check_latent_channels(dit_config, vae, folder)
     for name, dit in zip(("dit", "dit_2"), experts):
         load_into(dit, [folder / name / "model.safetensors"], "DiT")
         dit.eval().requires_grad_(False)
+    image_encoder = read_config(ImageEncoderSpec, folder / "image_encoder.json") \
+        if (folder / "image_encoder.json").exists() else None
+    if bool(image_encoder) != bool(dit_config.image_dim):
+        raise SoragenError(f"{folder}: its DiT {'takes' if dit_config.image_dim else 'takes no'} an image encoder's "
+                           f"tokens, and image_encoder.json {'is missing' if dit_config.image_dim else 'names one'}")
     return Model(experts[0], vae, text_spec, video, scheduler_config, sampling, folder, kin,
-                 experts[1] if boundary is not None else None, boundary, _image_inputs(manifest))
+                 experts[1] if boundary is not None else None, boundary, _image_inputs(manifest), image_encoder)
 
 
 def _boundary(folder: Path, manifest: dict) -> float | None:
@@ -234,7 +238,7 @@ def model_configs(path: str | Path) -> tuple[DiTConfig, TextEncoderSpec, Path]:
 
 # What save_model writes (export passes no extra files): the only entries a folder that export
 # replaces may hold, so that replacing it removes nothing export did not write.
-MODEL_FILES = frozenset({"soragen.json", "text_encoder.json", "dit", "dit/config.json", "dit/model.safetensors",
+MODEL_FILES = frozenset({"soragen.json", "text_encoder.json", "image_encoder.json", "dit", "dit/config.json", "dit/model.safetensors",
                          "dit_2", "dit_2/config.json", "dit_2/model.safetensors",
                          "vae", "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler",
                          "scheduler/scheduler_config.json"})
@@ -301,7 +305,7 @@ def check_export_target(out: Path, force: bool, sources: list[Path] = ()) -> Non
 def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: VideoDefaults,
                scheduler_config: dict | None = None, sampling: SamplingDefaults | None = None,
                extra: dict | None = None, dit_dtype=None, family_name: str = DEFAULT, image_inputs: int = 0,
-               dit_2=None, boundary: float | None = None) -> Path:
+               dit_2=None, boundary: float | None = None, image_encoder: ImageEncoderSpec | None = None) -> Path:
     """Write a complete model folder under a temporary name, then rename it into place.
     `extra` adds files: {relative name: JSON-able object}; `dit_dtype` stores the DiT weights in
     another precision (they load back into float32); `family_name` is written to the manifest
@@ -319,6 +323,8 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
             save_module(module, tmp / name / "model.safetensors", "DiT", dit_dtype)
         save_vae(vae, tmp / "vae")
         (tmp / "text_encoder.json").write_text(to_json(text_spec))
+        if image_encoder is not None:  # by reference, as the text encoder
+            (tmp / "image_encoder.json").write_text(to_json(image_encoder))
         (tmp / "scheduler").mkdir()
         if is_flow(scheduler_config):  # a flow model's schedule is its own (Wan's UniPC with flow sigmas)
             scheduler = {"_class_name": "UniPCMultistepScheduler", **scheduler_config}

@@ -45,11 +45,14 @@ class RMSNorm(nn.Module):
 @dataclass
 class TextKV:
     """The text as one block's cross-attention sees it: keys (normed) and values (B, heads, L, d),
-    the same at every denoising step, and the padding's additive bias (B, 1, 1, L)."""
+    the same at every denoising step, and the padding's additive bias (B, 1, 1, L). An image-to-video
+    model's image tokens come along as keys and values of their own (B, heads, M, d)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     bias: torch.Tensor | None
+    image_keys: torch.Tensor | None = None
+    image_values: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -102,18 +105,33 @@ class SelfAttention(Attention):
 
 
 class CrossAttention(Attention):
-    """Video tokens (queries) attend to the text tokens (keys and values, made once per text)."""
+    """Video tokens (queries) attend to the text tokens (keys and values, made once per text). With
+    `image_dim` (Wan's image-to-video) the same queries attend to an image's tokens too, through
+    keys and values of their own (and a norm of their own on the keys); the two results are added."""
 
     def __init__(self, config: DiTConfig):
         super().__init__(config)
-        self.q, self.kv = nn.Linear(config.hidden_size, config.hidden_size), nn.Linear(config.hidden_size,
-                                                                                        2 * config.hidden_size)
+        dim = config.hidden_size
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        if config.image_dim:
+            self.image_kv = nn.Linear(dim, 2 * dim)
+            self.image_k_norm = RMSNorm(dim if self.across_heads else dim // self.num_heads) if self.qk_norm \
+                else nn.Identity()
 
-    def text_kv(self, context: torch.Tensor, bias: torch.Tensor | None) -> TextKV:
-        """context (B, L, D): the projected text tokens."""
+    def text_kv(self, context: torch.Tensor, bias: torch.Tensor | None, image: torch.Tensor | None = None) -> TextKV:
+        """context (B, L, D): the projected text tokens; image (B, M, D): the projected image tokens."""
         k, v = self.kv(context).chunk(2, dim=-1)
         # made once per text, read at every step: contiguous
-        return TextKV(self.key_heads(k).contiguous(), self.heads(v).contiguous(), bias)
+        kv = TextKV(self.key_heads(k).contiguous(), self.heads(v).contiguous(), bias)
+        if image is not None:
+            k, v = self.image_kv(image).chunk(2, dim=-1)
+            k = self.heads(self.image_k_norm(k)) if self.across_heads else self.image_k_norm(self.heads(k))
+            kv.image_keys, kv.image_values = k.contiguous(), self.heads(v).contiguous()
+        return kv
 
     def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
-        return self.output(self.attend(self.query_heads(self.q(x)), text.keys, text.values, text.bias))
+        q = self.query_heads(self.q(x))
+        out = self.attend(q, text.keys, text.values, text.bias)
+        if text.image_keys is not None:
+            out = out + self.attend(q, text.image_keys, text.image_values, None)
+        return self.output(out)

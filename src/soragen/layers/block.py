@@ -54,7 +54,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.in_channels)
+        self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.predicted_channels)
         self.adaLN_modulation = adaln(config, 2)
 
     def modulation(self, c: torch.Tensor) -> torch.Tensor:

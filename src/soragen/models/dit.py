@@ -10,6 +10,10 @@ Wan 2.1 is the same model with other switches (DiTConfig): 3D RoPE on q and k in
 positions, one shared projection of the timestep plus a table per block instead of a linear per
 block, q/k normed across heads, an MLP projecting the text, tanh GELU, no pooled text.
 
+Image-to-video Wan (2.1 I2V, FLF2V) adds two switches: its input carries a mask and an image's
+latent after the noisy latent (more input than output channels), and each block's cross-attention
+attends to an image encoder's tokens (projected by `ImageProjection`) beside the text.
+
 This file says what is computed, in plain torch, from the layers in soragen.layers. The kernels that make it fast on a CPU are
 installed onto these modules from outside (`soragen.models.fast_paths`).
 """
@@ -47,6 +51,29 @@ class Conditioning:
     segments: list[int] | None = None
 
 
+class ImageProjection(nn.Module):
+    """An image encoder's tokens (B, M, image_dim) -> (B, M, D), as Wan's image embedder makes them:
+    layer norm, an MLP (exact GELU), layer norm, the norms in float32. With `image_tokens`
+    (first-last-frame: two images' tokens one after the other) learned positions are added first."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        width, dim = config.image_dim, config.hidden_size
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
+        if config.image_tokens:
+            self.positions = nn.Parameter(torch.zeros(1, config.image_tokens, width))
+
+    @staticmethod
+    def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "positions"):
+            image = image + self.positions
+        return self._norm(self.norm2, self.mlp(self._norm(self.norm1, image)))
+
+
 class VideoDiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -62,6 +89,8 @@ class VideoDiT(nn.Module):
             self.text_tokens = (nn.Linear(config.text_dim, dim) if config.text_projection == "linear" else
                                 nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"),
                                               nn.Linear(dim, dim)))
+        if config.image_dim:
+            self.image_tokens = ImageProjection(config)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final = FinalLayer(config)
         self.gradient_checkpointing = False
@@ -120,13 +149,19 @@ class VideoDiT(nn.Module):
         blocks_input = self.time_proj(c) if self.config.modulation == "shared" else c
         return [block.modulation(blocks_input) for block in self.blocks]
 
-    def text_kv(self, text: torch.Tensor, text_mask: torch.Tensor) -> list[TextKV | None]:
-        """text (B, L, Dt), mask (B, L) True for real tokens -> each block's cross-attention input."""
+    def text_kv(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor | None = None) -> list[TextKV | None]:
+        """text (B, L, Dt), mask (B, L) True for real tokens -> each block's cross-attention input;
+        `image` (1 or B, M, image_dim): an image encoder's tokens, where the model takes them."""
         if not self.config.cross_attention:
             return [None] * len(self.blocks)
         context = self.text_tokens(text)  # (B, L, D)
         bias = mask_bias(text_mask, context.dtype) if self.config.text_mask else None
-        return [block.cross.text_kv(context, bias) for block in self.blocks]
+        if (image is not None) != bool(self.config.image_dim):
+            raise ValueError("the DiT takes an image's tokens" if self.config.image_dim else
+                             "the DiT takes no image tokens")
+        if image is not None:
+            image = self.image_tokens(image.to(context.dtype)).expand(context.shape[0], -1, -1)
+        return [block.cross.text_kv(context, bias, image) for block in self.blocks]
 
     def positions(self, grid: tuple[int, int, int], device, dtype):
         """The positions of a token grid: (N, D) sin-cos features to add, or RoPE's (cos, sin)
@@ -145,17 +180,18 @@ class VideoDiT(nn.Module):
         return sincos_3d(grid, cfg.hidden_size).to(device, dtype)
 
     def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                  pooled: torch.Tensor) -> Conditioning:
+                  pooled: torch.Tensor, image: torch.Tensor | None = None) -> Conditioning:
         c = self.condition_vector(t, pooled)
-        return Conditioning(self.block_modulations(c), self.final.modulation(c), self.text_kv(text, text_mask))
+        return Conditioning(self.block_modulations(c), self.final.modulation(c), self.text_kv(text, text_mask, image))
 
     # ---- the forward pass ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                pooled: torch.Tensor) -> torch.Tensor:
+                pooled: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, T, H, W) noisy latent; t: (B,) steps; text: (B, L, Dt) tokens with mask (B, L)
-        (True = real token); pooled: (B, Dt). Returns the prediction, shaped like x."""
-        return self.predict(x, self.condition(t, text, text_mask, pooled))
+        (True = real token); pooled: (B, Dt); image: an image encoder's tokens, where the model takes
+        them. Returns the prediction, shaped like x (of `out_channels` channels, where it has them)."""
+        return self.predict(x, self.condition(t, text, text_mask, pooled, image))
 
     def predict(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The forward pass given its conditioning: patches -> tokens -> blocks -> patches."""
@@ -188,6 +224,8 @@ class VideoDiT(nn.Module):
         if cfg.cross_attention:
             per_block += 2 * num_tokens * D * D * 2 + (2 * text_len * D * 2 * D if text_kv else 0)  # q, out; kv
             per_block += 2 * 2 * num_tokens * text_len * D
-        patch_dim = math.prod(cfg.patch_size) * cfg.in_channels
-        total = cfg.depth * per_block + 2 * 2 * num_tokens * patch_dim * D  # + embed and final
+        if cfg.image_dim:  # the image tokens' attention (257 of CLIP's per image); their keys/values once
+            per_block += 2 * 2 * num_tokens * (cfg.image_tokens or 257) * D
+        patch_in, patch_out = (math.prod(cfg.patch_size) * c for c in (cfg.in_channels, cfg.predicted_channels))
+        total = cfg.depth * per_block + 2 * num_tokens * (patch_in + patch_out) * D  # + embed and final
         return batch * total

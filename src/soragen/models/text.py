@@ -88,6 +88,8 @@ TEXT_CONFIG_LIMITS = {
     **{key: (int, dict(low=1, high=1024)) for key in ("num_attention_heads", "num_heads", "n_head")},
     "vocab_size": (int, dict(low=1, high=1_000_000)),
     "max_position_embeddings": (int, dict(low=1, high=1 << 20)),
+    "image_size": (int, dict(low=1, high=8192)),  # an image encoder's (CLIP's vision tower)
+    "patch_size": (int, dict(low=1, high=8192)),
 }
 
 
@@ -99,9 +101,8 @@ def check_text_config(config_file: Path) -> None:
     try:
         if not isinstance(config, dict):
             raise ValueError(f"must be a JSON object, got {type(config).__name__}")
-        text_config = config.get("text_config") or {}
-        for part in (config, text_config if isinstance(text_config, dict) else {}):  # CLIP's text tower apart
-            check_keys(part, TEXT_CONFIG_LIMITS)
+        for part in (config, config.get("text_config") or {}, config.get("vision_config") or {}):  # CLIP's towers
+            check_keys(part if isinstance(part, dict) else {}, TEXT_CONFIG_LIMITS)
     except (TypeError, ValueError) as err:
         raise SoragenError(f"{config_file}: {err}") from err
 

@@ -3,6 +3,8 @@ benchmarking it): nothing in soragen imports this module.
 
     python -m soragen.tools.tiny_wan wan-tiny      # a diffusers WanPipeline folder
     soragen generate "a red ball" --model wan-tiny --frames 9 --height 64 --width 64 --steps 4
+    python -m soragen.tools.tiny_wan wan-i2v --i2v  # a WanImageToVideoPipeline (Wan 2.1 I2V's, with CLIP)
+    soragen generate "a red ball" --model wan-i2v --image first.png --frames 9 --height 64 --width 64 --steps 4
 """
 
 from __future__ import annotations
@@ -22,14 +24,27 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float
     return module.eval()
 
 
-def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False, experts: int = 1):
+def tiny_clip(generator: torch.Generator):
+    """A CLIP vision tower and its image processor at a toy size: 32x32 images in 8x8 patches, 17 tokens."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                             num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return _randomise(model, generator, 0.2), processor
+
+
+def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False, experts: int = 1, i2v: str | None = None):
     """A diffusers WanPipeline of Wan 2.1's architecture at a toy size, every weight random: a
     word-level tokenizer, a 2-layer umT5, a Wan VAE of x4 in time and space, a 2-block transformer,
     UniPC with flow sigmas. It makes noise, not videos; it runs every part of the Wan path.
     `ti2v`: Wan 2.2 TI2V-5B's architecture instead: a residual VAE on 2x2 patches of pixels (x8 in
     space), 8 latent channels, and a timestep per token (`expand_timesteps`). `experts=2`: Wan 2.2
-    A14B's pair, a second transformer for the steps below boundary_ratio 0.875."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    A14B's pair, a second transformer for the steps below boundary_ratio 0.875 (0.9 with `i2v`).
+    `i2v`: a WanImageToVideoPipeline whose transformer takes the image's latent and a mask as input
+    channels: "channels" (Wan 2.2 I2V-A14B's, with experts=2), "clip" (Wan 2.1 I2V's: and a tiny CLIP
+    vision tower's tokens), "flf2v" (FLF2V's: a first and a last image, their tokens positioned)."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -49,22 +64,36 @@ def tiny_pipeline(seed: int = 0, head_dim: int = 20, ti2v: bool = False, experts
                            latents_std=(stats[1] + 0.5).tolist() if ti2v else [1.5, 0.8, 2.0, 1.1],
                            scale_factor_spatial=8 if ti2v else 4, scale_factor_temporal=4,
                            **(dict(is_residual=True, in_channels=12, out_channels=12, patch_size=2) if ti2v else {}))
+    clip = i2v in ("clip", "flf2v")
+    image = dict(image_dim=24, added_kv_proj_dim=2 * head_dim, pos_embed_seq_len=34 if i2v == "flf2v" else None) \
+        if clip else {}
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                        in_channels=z_dim, out_channels=z_dim, text_dim=16, freq_dim=256, ffn_dim=48,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+                                        in_channels=2 * z_dim + 4 if i2v else z_dim, out_channels=z_dim, text_dim=16,
+                                        freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+                                        qk_norm="rms_norm_across_heads", eps=1e-6, **image)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                         num_train_timesteps=1000)
     parts = dict(tokenizer=tokenizer, text_encoder=_randomise(text_encoder, g, 0.2), vae=_randomise(vae, g, 0.1),
                  scheduler=scheduler, transformer=_randomise(transformer, g, 0.2), expand_timesteps=ti2v)
     if experts == 2:  # drawn after the rest: the one-expert pipeline's weights stay as they were
         second = WanTransformer3DModel.from_config(transformer.config)
-        parts.update(transformer_2=_randomise(second, g, 0.2), boundary_ratio=0.875)
-    return WanPipeline(**parts)
+        parts.update(transformer_2=_randomise(second, g, 0.2), boundary_ratio=0.9 if i2v else 0.875)
+    if not i2v:
+        return WanPipeline(**parts)
+    if clip:
+        parts["image_encoder"], parts["image_processor"] = tiny_clip(g)
+        if i2v == "flf2v":
+            with torch.no_grad():  # diffusers makes them zeros; random, so that a wrong order would show
+                transformer.condition_embedder.image_embedder.pos_embed.copy_(torch.randn(1, 34, 24, generator=g))
+    return WanImageToVideoPipeline(**parts)
 
+
+KINDS = {"": {}, "--ti2v": dict(ti2v=True), "--a14b": dict(experts=2), "--i2v": dict(i2v="clip"),
+         "--i2v-a14b": dict(i2v="channels", experts=2), "--flf2v": dict(i2v="flf2v")}
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--ti2v"], ["--a14b"]):
-        sys.exit("usage: python -m soragen.tools.tiny_wan FOLDER [--ti2v | --a14b]")
-    tiny_pipeline(ti2v=sys.argv[2:] == ["--ti2v"], experts=2 if sys.argv[2:] == ["--a14b"] else 1).save_pretrained(
-        sys.argv[1])
-    print(f"wrote a tiny random WanPipeline to {sys.argv[1]}")
+    if len(sys.argv) not in (2, 3) or " ".join(sys.argv[2:]) not in KINDS:
+        sys.exit(f"usage: python -m soragen.tools.tiny_wan FOLDER [{' | '.join(k for k in KINDS if k)}]")
+    pipe = tiny_pipeline(**KINDS[" ".join(sys.argv[2:])])
+    pipe.save_pretrained(sys.argv[1])
+    print(f"wrote a tiny random {type(pipe).__name__} to {sys.argv[1]}")
