@@ -123,6 +123,12 @@ def test_the_images_a_model_needs_and_takes(folders, images, tmp_path, capfd):
                  "--steps", 1, "--out", out / "x.mp4", *flags)
         assert_one_line_error(capfd.readouterr(), 2, rc, *needles)
     assert listing(out) == []
+    for name in ("i2v", "i2v-a14b"):  # fine-tuning one: refused before anything is read or written
+        for dry in ([], ["--dry-run"]):
+            rc = cli("train", "--init", folders[name][0], "--data", tmp_path, "--out", out / "run", "--max-steps", 1,
+                     *dry)
+            assert_one_line_error(capfd.readouterr(), 2, rc, "image-to-video", "does not fine-tune")
+    assert listing(out) == []
 
 
 def test_an_image_to_video_config_maps_every_tensor():

@@ -96,6 +96,9 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
         raise UsageError("--lora-rank adapts a pretrained model: give it --init (a model folder, a diffusers Wan "
                          "folder or a hub id)")
     if init:
+        from soragen.io.model_folder import model_configs
+        from soragen.train.plan import check_trainable
+        check_trainable(init, model_configs(init)[0])
         base = load_model(init)
         if base.dit_2 is not None:
             raise UsageError(f"--init {init} has two experts (Wan 2.2 A14B); soragen does not fine-tune one of "
