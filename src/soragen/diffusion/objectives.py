@@ -64,12 +64,15 @@ def flow_levels(count: int, generator: torch.Generator, shift: float) -> torch.T
 
 
 def flow_loss(dit, schedule: dict, latents: torch.Tensor, text, generator: torch.Generator,
-              object_weight: float = 0.0) -> torch.Tensor:
+              object_weight: float = 0.0, levels: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """The flow-matching loss of one batch (`schedule`: the flow scheduler config, its flow_shift and
-    num_train_timesteps); all randomness from `generator`."""
+    num_train_timesteps); all randomness from `generator`. `levels`: the span of noise levels
+    trained (one expert's of two: the levels drawn, squeezed into it)."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
     s = flow_levels(latents.shape[0], generator, float(schedule.get("flow_shift", 1.0))).to(device)
+    if levels != (0.0, 1.0):
+        s = levels[0] + (levels[1] - levels[0]) * s
     level = s.view(-1, *([1] * (latents.dim() - 1)))
     noisy = (1 - level) * latents + level * noise
     t = s * schedule.get("num_train_timesteps", 1000)

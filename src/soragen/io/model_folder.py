@@ -88,8 +88,17 @@ def _load_lora_model(folder: Path, manifest: dict, dtype, depth: int) -> Model:
     if not (folder / FILE).is_file():
         raise SoragenError(f"model folder is incomplete: {folder / FILE} is missing")
     model = load_model(base, dtype, _depth=depth + 1)
-    apply(model.dit, folder / FILE, family(model), 1.0, what=f"{folder / FILE}")
+    apply(lora_target(model, manifest.get("expert", ""), folder), folder / FILE, family(model), 1.0,
+          what=f"{folder / FILE}")
     return dataclasses.replace(model, video=video, sampling=sampling, path=folder)
+
+
+def lora_target(model: Model, expert: str, folder: Path):
+    """The DiT a LoRA run's adapter belongs to: the model's, or of two experts the one it names."""
+    if expert not in ("", "high", "low") or bool(expert) != (model.dit_2 is not None):
+        raise SoragenError(f"{folder / 'soragen.json'}: expert {expert!r} does not fit its base model "
+                           f"({'two experts: high or low' if model.dit_2 is not None else 'one DiT'})")
+    return model.dit_2 if expert == "low" else model.dit
 
 
 def family(model: Model) -> Family:
@@ -98,9 +107,11 @@ def family(model: Model) -> Family:
 
 
 def save_lora_model(folder: str | Path, dit, base: str, lora, video: VideoDefaults,
-                    sampling: SamplingDefaults | None = None, base_family: Family | None = None) -> Path:
+                    sampling: SamplingDefaults | None = None, base_family: Family | None = None,
+                    expert: str = "") -> Path:
     """A LoRA run's model folder: the adapter (in the layout its base's family names) and a manifest
-    naming the base model, written under a temporary name and renamed into place."""
+    naming the base model (and of two experts, the one it adapts), written under a temporary name and
+    renamed into place."""
     from soragen.io.lora_file import FILE, save
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,7 @@ def save_lora_model(folder: str | Path, dit, base: str, lora, video: VideoDefaul
         tmp.mkdir(parents=True, exist_ok=True)
         save(dit, tmp / FILE, base_family or named(DEFAULT, folder))
         manifest = {"format": FORMAT, "soragen_version": __version__, "kind": "lora", "base": base,
+                    **({"expert": expert} if expert else {}),
                     "lora": dataclasses.asdict(lora), "video": dataclasses.asdict(video),
                     "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
         (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")

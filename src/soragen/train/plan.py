@@ -127,15 +127,6 @@ def training_plan(dit_config, latent_shape: tuple[int, ...], batch: int, text_to
                  "activations": int(activations), "backward": int(per_block / 2)})
 
 
-def check_trainable(init: str, config) -> None:
-    """What soragen cannot fine-tune yet, refused before any weight is read: an image-to-video DiT
-    (its input carries an image's latent and mask, Wan 2.1 I2V's also an image encoder's tokens)."""
-    if config.image_channels or config.image_dim:
-        from soragen.core.errors import UsageError
-        raise UsageError(f"--init {init} is an image-to-video model (its DiT takes an image's latent besides the "
-                         f"noisy one); soragen does not fine-tune those yet")
-
-
 def plan_run(cfg, lora, init: str | None, vae_source: str | None, preset: str, text_source: str) -> Plan:
     """The plan of `soragen train` with these options, from the configs (no DiT weights are read)."""
     from soragen.core.config import TextEncoderSpec, dit_preset
@@ -144,6 +135,7 @@ def plan_run(cfg, lora, init: str | None, vae_source: str | None, preset: str, t
 
     if init:
         config, text_spec, vae_folder = model_configs(init)
+        from soragen.train.run import check_trainable
         check_trainable(init, config)
         text_tokens = text_spec.max_length  # what the text is padded to, or at most
         vae = load_vae(vae_folder)

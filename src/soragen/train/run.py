@@ -21,7 +21,7 @@ from soragen.core.progress import MESSAGE, Progress
 from soragen.core.options import check_multiple, option_error
 from soragen.diffusion.sampling import is_flow
 from soragen.io.folders import latest_checkpoint
-from soragen.io.model_folder import family, load_model, read_manifest
+from soragen.io.model_folder import family, load_model, lora_target, read_manifest
 from soragen.models.lora import add_lora
 from soragen.models.vae import VideoVAE, load_vae, new_vae
 from soragen.train.checkpoints import prepare_run_dir, resumable, stored_lora, stored_run
@@ -82,13 +82,14 @@ def base_reference(init: str, model) -> str:
 
 
 def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init: str | None,
-               resume_from: Path | None, lora: LoRAConfig) -> Start:
+               resume_from: Path | None, lora: LoRAConfig, expert: str = "") -> Start:
     if resume_from is not None:
         manifest = read_manifest(resume_from)
         if manifest.get("kind") == "lora":  # the base model, unmerged; the adapter comes from train_state/
             base = load_model(manifest["base"])
-            return Start(base.vae, base.text_spec, base.dit, base.dit.config, base.sampling, base.scheduler_config,
-                         manifest["base"], family(base))
+            dit = lora_target(base, expert, resume_from)
+            return Start(base.vae, base.text_spec, dit, dit.config, base.sampling, base.scheduler_config,
+                         manifest["base"], family(base), base.boundary, expert)
         model = load_model(resume_from)
         return Start(model.vae, model.text_spec, None, model.dit.config, model.sampling, model.scheduler_config,
                      family=family(model))
@@ -97,12 +98,9 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
                          "folder or a hub id)")
     if init:
         from soragen.io.model_folder import model_configs
-        from soragen.train.plan import check_trainable
         check_trainable(init, model_configs(init)[0])
         base = load_model(init)
-        if base.dit_2 is not None:
-            raise UsageError(f"--init {init} has two experts (Wan 2.2 A14B); soragen does not fine-tune one of "
-                             f"them yet")
+        _check_expert(init, base, expert, lora)
         vae = base.vae
         if vae_source:  # move the DiT onto another VAE's latents, e.g. a fine-tuned one
             if lora.lora_rank:
@@ -111,12 +109,34 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
             if vae.latent_channels != base.dit.config.in_channels:
                 raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
                                  f"DiT takes {base.dit.config.in_channels}")
-        return Start(vae, base.text_spec, base.dit, base.dit.config, base.sampling, base.scheduler_config,
-                     base_reference(init, base) if lora.lora_rank else None, family(base))
+        dit = base.dit_2 if expert == "low" else base.dit
+        return Start(vae, base.text_spec, dit, dit.config, base.sampling, base.scheduler_config,
+                     base_reference(init, base) if lora.lora_rank else None, family(base), base.boundary, expert)
+    if expert:
+        raise UsageError(f"--expert {expert} names one of an --init model's two experts (Wan 2.2 A14B); give --init")
     if not vae_source:
         raise UsageError("soragen train needs a VAE: --vae RUN_DIR_OR_MODEL (train one with soragen "
                          "train-vae) or a pretrained Wan 2.1 VAE folder or hub id")
     return Start(resolve_vae(vae_source), TextEncoderSpec(source=text_source))
+
+
+def check_trainable(init: str, config) -> None:
+    """What soragen cannot fine-tune yet, refused before any weight is read: an image-to-video DiT
+    (its input carries an image's latent and mask, Wan 2.1 I2V's also an image encoder's tokens)."""
+    if config.image_channels or config.image_dim:
+        raise UsageError(f"--init {init} is an image-to-video model (its DiT takes an image's latent besides the "
+                         f"noisy one); soragen does not fine-tune those yet")
+
+
+def _check_expert(init: str, base, expert: str, lora: LoRAConfig) -> None:
+    if base.dit_2 is None and expert:
+        raise UsageError(f"--expert {expert} names one of two experts; --init {init} has one DiT")
+    if base.dit_2 is not None and not expert:
+        raise UsageError(f"--init {init} has two experts (Wan 2.2 A14B): fine-tune one of them at a time, with "
+                         f"--expert high or --expert low and --lora-rank")
+    if expert and not lora.lora_rank:
+        raise UsageError(f"--expert {expert} fine-tunes a LoRA of one expert (the model folder keeps both): give "
+                         f"--lora-rank")
 
 
 def resolve_objective(objective: DiTObjective, start: Start) -> DiTObjective:
@@ -151,7 +171,7 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
     dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
     if resume_from is not None:
         lora = stored_lora(resume_from)
-    start = _dit_start(cfg, text_encoder, vae, init, resume_from, lora)
+    start = _dit_start(cfg, text_encoder, vae, init, resume_from, lora, objective.expert)
     objective = resolve_objective(objective, start)
     encoder = TextEncoder(start.text_spec)
     dit_config = start.dit_config or dit_preset(preset, in_channels=start.vae.latent_channels, text_dim=encoder.dim)

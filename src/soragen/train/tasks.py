@@ -41,6 +41,8 @@ class Start:
     schedule: dict | None = None
     base_ref: str | None = None
     family: object = None  # soragen.families.base.Family of the --init model; None: soragen's own
+    boundary: float | None = None  # of a two-expert model, the timestep between the experts' steps
+    expert: str = ""  # the one of them trained: high (the steps at or above the boundary) or low
 
 
 class Task:
@@ -77,9 +79,13 @@ class DiTTask(Task):
         self.module, self.vae, self.text_spec, self.video = dit, start.vae, start.text_spec, video
         self.samples, self.caption_dropout, self.objective = samples, caption_dropout, objective
         self.sampling = start.sampling  # None: the generic defaults; with --init, the tuned ones of that model
-        self.lora, self.base, self.family = lora, start.base_ref, start.family
+        self.lora, self.base, self.family, self.expert = lora, start.base_ref, start.family, start.expert
         self.scheduler_config = objective.schedule(start.schedule if is_flow(start.schedule) else None)
         self.scheduler = None if objective.prediction == "flow" else training_scheduler(self.scheduler_config)
+        self.levels = (0.0, 1.0)
+        if start.expert:  # the noise levels of the expert's steps (a flow's level is its timestep / 1000)
+            split = start.boundary / self.scheduler_config.get("num_train_timesteps", 1000)
+            self.levels = (split, 1.0) if start.expert == "high" else (0.0, split)
         if lora.lora_rank:
             self.trained = trainable_state
         self.sample_hook: Callable[[Path, int], None] | None = None
@@ -92,7 +98,8 @@ class DiTTask(Task):
         device = next(module.parameters()).device
         latents, text = latents.to(device), text.to(device, torch.float32)
         if self.scheduler is None:
-            return flow_loss(module, self.scheduler_config, latents, text, generator, self.objective.object_weight)
+            return flow_loss(module, self.scheduler_config, latents, text, generator, self.objective.object_weight,
+                             self.levels)
         return diffusion_loss(module, self.scheduler, latents, text, generator, self.objective.object_weight)
 
     def stored(self) -> dict:
@@ -106,7 +113,7 @@ class DiTTask(Task):
 
     def write_model(self, folder, ema):
         if self.lora.lora_rank:
-            save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling, self.family)
+            save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling, self.family, self.expert)
         else:
             save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling,
                        family_name=self.family.name if self.family else DEFAULT)
