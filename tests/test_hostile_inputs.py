@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli, listing
+from conftest import STATE_FILE, assert_one_line_error, cli, listing
 
 FAST = ["--steps", "2", "--frames", "1"]
 
@@ -293,7 +293,7 @@ def test_a_torn_metrics_log_does_not_stop_a_resume(tiny_model, clips, tmp_path, 
 @pytest.mark.parametrize("damage, needles", [
     ("state.json torn", ["checkpoint-4/train_state/state.json", "not valid JSON"]),
     ("config out of range", ["state.json", "batch_size"]),
-    ("optimizer truncated", ["optimizer.safetensors", "not a valid safetensors"]),
+    ("training state truncated", [f"train_state/dcp/{STATE_FILE}", "not a valid safetensors"]),
     ("optimizer of another model", ["optimizer", "999.exp_avg"]),
 ])
 def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_intact_one(tiny_model, clips, tmp_path, capfd,
@@ -305,11 +305,11 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_intact_one(t
         (state / "state.json").write_text('{"step": ')
     elif damage == "config out of range":
         edit_json(state / "state.json", lambda d: d["config"].update(batch_size=10**9))
-    elif damage == "optimizer truncated":
-        path = state / "optimizer.safetensors"
+    elif damage == "training state truncated":
+        path = state / "dcp" / STATE_FILE
         path.write_bytes(path.read_bytes()[:100])
-    else:
-        edit_json(state / "optimizer.json", lambda d: d["state"].update({"999": ["exp_avg"]}))
+    else:  # state.json lists moments of a parameter this model does not have
+        edit_json(state / "state.json", lambda d: d["dcp"][STATE_FILE].update({"optimizer.999.exp_avg": [3]}))
     capfd.readouterr()
     assert train(clips, tiny_model, out, tmp_path / "cache", 6, "--resume") == 0
     notes = [line for line in capfd.readouterr().err.splitlines() if "resuming from checkpoint-2" in line]
