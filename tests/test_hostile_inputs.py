@@ -320,6 +320,23 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_intact_one(t
         check_checkpoint(out / name)
 
 
+def test_a_checkpoint_is_safetensors_and_json_and_resuming_unpickles_nothing(tiny_model, clips, tmp_path,
+                                                                              monkeypatch):
+    import pickle
+    out = tmp_path / "run"
+    assert train(clips, tiny_model, out, tmp_path / "cache", 2) == 0
+    files = [p for p in (out / "checkpoint-2").rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".json", ".safetensors") for p in files), files
+    assert sorted(p.name for p in (out / "checkpoint-2" / "train_state" / "dcp").iterdir()) == [STATE_FILE]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+    for owner, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(owner, name, refuse)
+    assert train(clips, tiny_model, out, tmp_path / "cache", 4, "--resume") == 0
+    assert latest_name(out) == "checkpoint-4"
+
+
 def latest_name(run_dir: Path) -> str:
     from soragen.io.folders import latest_checkpoint
     return latest_checkpoint(run_dir).name
