@@ -12,7 +12,6 @@ read by soragen.train.legacy_state.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -54,10 +53,10 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
         if dist.main:
             listed = train_state.listing(state_dir / train_state.DIR)
             sharded = {"sharded": dist.world} if every_process else {}
-            (state_dir / "state.json").write_text(json.dumps({
+            (state_dir / "state.json").write_text(train_state.record_json({
                 "step": step, **record, **sharded,
                 "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
-                train_state.DIR: listed}, indent=2) + "\n")
+                }, listed))
             publish(folder, final)
     except BaseException:
         if dist.main:
@@ -245,9 +244,8 @@ def load_train_state(checkpoint: Path, tensors: Callable[[], dict], dist, sharde
     state_dir = checkpoint / "train_state"
     if bool(state.get("sharded")) != sharded:
         how = "with --fsdp: it was saved by an unsharded run" if sharded else \
-            "without --fsdp: it was saved by a sharded run (resume it with --fsdp under torchrun, or"
-        raise _damaged(checkpoint, f"cannot resume {checkpoint} {how} (train it on with --init {checkpoint} instead)"
-                       if sharded else f"cannot resume {checkpoint} {how} train it on with --init {checkpoint})")
+            "without --fsdp: it was saved by a sharded run (--fsdp under torchrun resumes it)"
+        raise _damaged(checkpoint, f"cannot resume {checkpoint} {how}; train it on with --init {checkpoint} instead")
     saved, bad = None, None
     try:
         if train_state.DIR not in state and not sharded and legacy is not None:
@@ -259,7 +257,7 @@ def load_train_state(checkpoint: Path, tensors: Callable[[], dict], dist, sharde
         raise
     except Exception as err:  # ValueError of ours; torch.distributed.checkpoint raises CheckpointException and others
         raise _damaged(checkpoint, f"cannot resume: the training state in {state_dir} does not fit this model "
-                                   f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})") from err
+                                   f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]})") from err
     if not (dist.all_agree(bad is None) if sharded else bad is None):
         raise _damaged(checkpoint, f"cannot resume: {bad or 'a tensor of another process'} in "
                                    f"{state_dir / train_state.DIR} holds NaN or infinity")

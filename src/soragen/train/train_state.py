@@ -15,6 +15,7 @@ their headers alone before a run starts.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -59,6 +60,14 @@ def listing(folder: Path) -> dict[str, dict[str, list[int]]]:
     from soragen.core.weights import read_header
     return {file.name: {name: list(t.shape) for name, t in sorted(read_header([file]).items())}
             for file in sorted(folder.glob("*.safetensors"))}
+
+
+def record_json(record: dict, listed: dict) -> str:
+    """state.json's text: `record` indented, then `listed` (listing's) under "dcp", a tensor a line."""
+    files = [f"    {json.dumps(file)}: {{\n" + ",\n".join(f"      {json.dumps(name)}: {json.dumps(shape)}"
+                                               for name, shape in tensors.items()) + "\n    }"
+             for file, tensors in listed.items()]
+    return json.dumps(record, indent=2)[:-2] + f',\n  "{DIR}": {{\n' + ",\n".join(files) + "\n  }\n}\n"
 
 
 def check(folder: Path, listed, state_file: Path) -> None:
