@@ -50,6 +50,9 @@ def write(folder: Path, tensors: dict, alone: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
+    others = [name for name, value in flat(tensors).items() if not torch.is_tensor(value)]
+    if others:  # torch.distributed.checkpoint would pickle them
+        raise SoragenError(f"the training state holds values that are not tensors, e.g. {others[0]}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ONE_PROCESS)
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True), no_dist=alone)
