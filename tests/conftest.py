@@ -99,3 +99,35 @@ def assert_one_line_error(captured, code: int, rc: int, *needles: str) -> str:
     for needle in needles:
         assert needle.lower() in line.lower(), f"{needle!r} not in {line!r}"
     return line
+
+
+STATE_FILE = "shard-00001-model-00001-of-00001.safetensors"  # one process's file of train_state/dcp/
+
+
+def as_written_before_dcp(checkpoint: Path, names: list[str]) -> None:
+    """Rewrite a one-process checkpoint's train_state/ as unsharded runs wrote it before
+    train_state/dcp/: the trained weights, the EMA and the optimizer's moments in files of their
+    own, the moments by parameter number (`names`: the trained parameters in the optimizer's
+    order), its settings beside them. The settings are garbage: a run uses its own, a file cannot
+    set them."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    state_dir = checkpoint / "train_state"
+    stored = load_file(state_dir / "dcp" / STATE_FILE)
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+    save_file(part("model."), str(state_dir / "model.safetensors"))
+    save_file(part("ema."), str(state_dir / "ema.safetensors"))
+    moments, meta = {}, {"param_groups": [{"lr": "high", "betas": None, "params": list(range(len(names)))}], "state": {}}
+    for pid, name in enumerate(names):
+        entries = {k: v for k, v in part(f"optimizer.{name}.").items() if "." not in k}
+        meta["state"][str(pid)] = sorted(entries)
+        moments.update({f"{pid}.{key}": value for key, value in entries.items()})
+    save_file(moments, str(state_dir / "optimizer.safetensors"))
+    (state_dir / "optimizer.json").write_text(json.dumps(meta))
+    shutil.rmtree(state_dir / "dcp")
+    state = json.loads((state_dir / "state.json").read_text())
+    del state["dcp"]
+    (state_dir / "state.json").write_text(json.dumps(state))

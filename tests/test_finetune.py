@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, cli, make_tiny_model
+from conftest import STATE_FILE, assert_one_line_error, cli, make_tiny_model
 from soragen.models import lora as lora_io
 from soragen.core.config import LoRAConfig
 from soragen.io.folders import latest_checkpoint
@@ -154,11 +154,10 @@ def test_a_lora_run_resumes_bit_for_bit_and_generates_as_base_plus_adapter(wan, 
     assert cli(*train_args(clips, resumed, wan, cache, 4, "--lora-rank", 4, "--resume")) == 0
     checkpoint = straight / "checkpoint-4"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["lora.safetensors", "soragen.json", "train_state"]
-    for name in ("lora.safetensors", "train_state/model.safetensors", "train_state/ema.safetensors",
-                 "train_state/optimizer.safetensors"):
+    for name in ("lora.safetensors", f"train_state/dcp/{STATE_FILE}"):  # the weights, EMA and optimizer
         a, b = load_file(checkpoint / name), load_file(resumed / "checkpoint-4" / name)
         assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert all(".lora_" in k for k in load_file(checkpoint / "train_state" / "model.safetensors"))
+    assert all(".lora_" in k for k in load_file(checkpoint / "train_state" / "dcp" / STATE_FILE))  # the adapter only
     losses = [line for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4
     # The run knows its base: --model RUN is --model BASE --lora RUN, frame for frame.

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli, listing
+from conftest import STATE_FILE, assert_one_line_error, cli, listing
 
 FAST = ["--steps", "2", "--frames", "1"]
 
@@ -293,7 +293,7 @@ def test_a_torn_metrics_log_does_not_stop_a_resume(tiny_model, clips, tmp_path, 
 @pytest.mark.parametrize("damage, needles", [
     ("state.json torn", ["checkpoint-4/train_state/state.json", "not valid JSON"]),
     ("config out of range", ["state.json", "batch_size"]),
-    ("optimizer truncated", ["optimizer.safetensors", "not a valid safetensors"]),
+    ("training state truncated", [f"train_state/dcp/{STATE_FILE}", "not a valid safetensors"]),
     ("optimizer of another model", ["optimizer", "999.exp_avg"]),
 ])
 def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_intact_one(tiny_model, clips, tmp_path, capfd,
@@ -305,11 +305,11 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_intact_one(t
         (state / "state.json").write_text('{"step": ')
     elif damage == "config out of range":
         edit_json(state / "state.json", lambda d: d["config"].update(batch_size=10**9))
-    elif damage == "optimizer truncated":
-        path = state / "optimizer.safetensors"
+    elif damage == "training state truncated":
+        path = state / "dcp" / STATE_FILE
         path.write_bytes(path.read_bytes()[:100])
-    else:
-        edit_json(state / "optimizer.json", lambda d: d["state"].update({"999": ["exp_avg"]}))
+    else:  # state.json lists moments of a parameter this model does not have
+        edit_json(state / "state.json", lambda d: d["dcp"][STATE_FILE].update({"optimizer.999.exp_avg": [3]}))
     capfd.readouterr()
     assert train(clips, tiny_model, out, tmp_path / "cache", 6, "--resume") == 0
     notes = [line for line in capfd.readouterr().err.splitlines() if "resuming from checkpoint-2" in line]
@@ -318,6 +318,23 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_intact_one(t
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     for name in ("checkpoint-4", "checkpoint-6"):  # the damaged one was written again, whole
         check_checkpoint(out / name)
+
+
+def test_a_checkpoint_is_safetensors_and_json_and_resuming_unpickles_nothing(tiny_model, clips, tmp_path,
+                                                                              monkeypatch):
+    import pickle
+    out = tmp_path / "run"
+    assert train(clips, tiny_model, out, tmp_path / "cache", 2) == 0
+    files = [p for p in (out / "checkpoint-2").rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".json", ".safetensors") for p in files), files
+    assert sorted(p.name for p in (out / "checkpoint-2" / "train_state" / "dcp").iterdir()) == [STATE_FILE]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+    for owner, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(owner, name, refuse)
+    assert train(clips, tiny_model, out, tmp_path / "cache", 4, "--resume") == 0
+    assert latest_name(out) == "checkpoint-4"
 
 
 def latest_name(run_dir: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli, listing
+from conftest import STATE_FILE, as_written_before_dcp, assert_one_line_error, cli, listing
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball moving right"
@@ -459,9 +460,15 @@ CHECKPOINT_DAMAGES = {  # a file of a LoRA checkpoint, what is done to it, and t
     "adapter gone": ("lora.safetensors", Path.unlink, ["lora.safetensors", "missing"]),
     "manifest torn": ("soragen.json", lambda p: p.write_text('{"format": 1, "ba'), ["soragen.json", "JSON"]),
     "manifest nested deep": ("soragen.json", lambda p: p.write_text(nest(50_000)), ["soragen.json", "nests deeper"]),
-    "EMA truncated": ("train_state/ema.safetensors", truncate, ["ema.safetensors", "not a valid safetensors"]),
-    "model state gone": ("train_state/model.safetensors", Path.unlink, ["train_state/model.safetensors", "missing"]),
-    "optimizer meta gone": ("train_state/optimizer.json", Path.unlink, ["optimizer.json", "missing"]),
+    "training state truncated": (f"train_state/dcp/{STATE_FILE}", truncate, [STATE_FILE, "not a valid safetensors"]),
+    "training state gone": (f"train_state/dcp/{STATE_FILE}", Path.unlink, [f"train_state/dcp/{STATE_FILE}", "missing"]),
+    "training state unlisted": ("train_state/state.json", lambda p: edit_json(p, lambda d: d.pop("dcp")),
+                                ["state.json", "does not list the files of dcp/"]),
+    "a stray file in the training state": ("train_state/dcp/shard-00002-model-00001-of-00001.safetensors",
+                                           lambda p: shutil.copy(p.with_name(STATE_FILE), p),
+                                           ["shard-00002", "not one of the files its state.json lists"]),
+    "training state of another shape": (f"train_state/dcp/{STATE_FILE}", lambda p: moments_of_another_shape(p),
+                                        [STATE_FILE, "does not hold what its state.json lists", "exp_avg"]),
     "LoRA rank negative": ("train_state/state.json", lambda p: edit_json(p, lambda d: d["lora"].update(lora_rank=-1)),
                            ["state.json", "lora_rank"]),
     "LoRA rank zero": ("train_state/state.json", lambda p: edit_json(p, lambda d: d["lora"].update(lora_rank=0)),
@@ -520,12 +527,12 @@ def test_the_rotation_never_removes_the_last_intact_checkpoint_for_a_damaged_one
     from soragen.train.checkpoints import prune
     run = copy_of(lora_run, tmp_path, "run")
     truncate(run / "checkpoint-4" / "lora.safetensors")
-    truncate(run / "checkpoint-6" / "train_state" / "optimizer.safetensors")
+    truncate(run / "checkpoint-6" / "train_state" / "dcp" / STATE_FILE)
     prune(run, 1)  # keep one: the newest intact is checkpoint-2; the damaged newer ones stay beside it
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     shutil.rmtree(run / "checkpoint-4")
-    (run / "checkpoint-6" / "train_state" / "optimizer.safetensors").write_bytes(
-        (lora_run / "checkpoint-6" / "train_state" / "optimizer.safetensors").read_bytes())
+    (run / "checkpoint-6" / "train_state" / "dcp" / STATE_FILE).write_bytes(
+        (lora_run / "checkpoint-6" / "train_state" / "dcp" / STATE_FILE).read_bytes())
     prune(run, 1)  # checkpoint-6 is whole again: now it is the one kept
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]
 
@@ -542,18 +549,51 @@ def test_train_from_a_damaged_model_leaves_no_folder_behind(wan, clips, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
-def moments_of_another_shape(path: Path) -> None:
+def rewrite(path: Path, change) -> None:
+    """The tensors of a safetensors file changed by `change(tensors)`, its header's metadata kept."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
     tensors = load_file(path)
-    name = next(k for k in sorted(tensors) if k.endswith(".exp_avg"))
-    tensors[name] = torch.zeros(tensors[name].numel() + 1)
-    save_file(tensors, str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def moments_of_another_shape(path: Path) -> str:
+    """One moment of the file made one longer; returns its name."""
+    name = next(k for k in sorted(load_file_keys(path)) if k.endswith(".exp_avg"))
+    rewrite(path, lambda tensors: tensors.update({name: torch.zeros(tensors[name].numel() + 1)}))
+    return name
+
+
+def load_file_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def listed_moments_of_another_shape(state_dir: Path) -> None:
+    """A file that does not fit the model, though state.json lists it as it is."""
+    name = moments_of_another_shape(state_dir / "dcp" / STATE_FILE)
+    listed = lambda d: d["dcp"][STATE_FILE]  # noqa: E731
+    edit_json(state_dir / "state.json", lambda d: listed(d).update({name: [math.prod(listed(d)[name]) + 1]}))
 
 
 def nan_moments(path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-    save_file({k: torch.full_like(v, float("nan")) if k.endswith(".exp_avg") else v
-               for k, v in load_file(path).items()}, str(path))
+    rewrite(path, lambda tensors: tensors.update({k: torch.full_like(v, float("nan"))
+                                                  for k, v in tensors.items() if k.endswith(".exp_avg")}))
+
+
+def before_dcp_with_garbage_settings(state_dir: Path) -> None:
+    """The checkpoint as runs wrote it before train_state/dcp/, its optimizer's settings garbage."""
+    from soragen.core.config import LoRAConfig
+    from soragen.io.model_folder import load_model
+    from soragen.models.lora import add_lora
+    state = json.loads((state_dir / "state.json").read_text())
+    dit = add_lora(load_model(json.loads((state_dir.parent / "soragen.json").read_text())["base"]).dit,
+                   LoRAConfig(**state["lora"]))
+    as_written_before_dcp(state_dir.parent, [n for n, p in dit.named_parameters() if p.requires_grad])
 
 
 @pytest.mark.parametrize("case, damage, outcome, needles", [
@@ -562,12 +602,12 @@ def nan_moments(path: Path) -> None:
     ("step of another checkpoint", lambda s: edit_json(s / "state.json", lambda d: d.update(step=4)), "note",
      ["state.json", "step of checkpoint-6"]),
     # tensors' values are read only once the run has built its model, after the clips were scanned
-    ("moments of another shape", lambda s: moments_of_another_shape(s / "optimizer.safetensors"), "error",
+    ("moments of another shape", listed_moments_of_another_shape, "error",
      ["optimizer", "exp_avg has shape", "resume from checkpoint-4"]),
-    ("NaN moments", lambda s: nan_moments(s / "optimizer.safetensors"), "error",
+    ("NaN moments", lambda s: nan_moments(s / "dcp" / STATE_FILE), "error",
      ["optimizer", "NaN", "resume from checkpoint-4"]),
-    ("settings not numbers", lambda s: edit_json(s / "optimizer.json", lambda d: d["param_groups"][0].update(
-        betas="high", eps=None)), "harmless", []),  # the run's own settings are used: the file cannot set them
+    # a run's state as written before train_state/dcp/: read as it was, the run's own settings used
+    ("settings not numbers", before_dcp_with_garbage_settings, "harmless", []),
 ])
 def test_a_hostile_training_state_is_named_or_harmless(wan, clips, lora_run, tmp_path, capfd, case, damage,
                                                        outcome, needles):

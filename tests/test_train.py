@@ -17,7 +17,7 @@ from soragen.cli import run
 from soragen.io.folders import latest_checkpoint
 from soragen.io.model_folder import load_model
 
-from conftest import make_tiny_model
+from conftest import STATE_FILE, as_written_before_dcp, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,22 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(clips, model_for_vae, t
     assert run(train_args(clips, straight, model_for_vae, cache, 4)) == 0
     assert run(train_args(clips, resumed, model_for_vae, cache, 2)) == 0
     assert run(train_args(clips, resumed, model_for_vae, cache, 4, "--resume")) == 0
-    for name in ("dit/model.safetensors", "train_state/model.safetensors", "train_state/optimizer.safetensors"):
+    for name in ("dit/model.safetensors", f"train_state/dcp/{STATE_FILE}"):  # the weights, EMA and optimizer
         a, b = load_file(straight / "checkpoint-4" / name), load_file(resumed / "checkpoint-4" / name)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    # a run begun before train_state/dcp/ (its state in model, ema and optimizer files) resumes as exactly
+    older = tmp_path / "older"
+    assert run(train_args(clips, older, model_for_vae, cache, 2)) == 0
+    names = [n for n, _ in load_model(older / "checkpoint-2").dit.named_parameters()]  # all of them train
+    as_written_before_dcp(older / "checkpoint-2", names)
+    assert run(train_args(clips, older, model_for_vae, cache, 4, "--resume")) == 0
+    for name in ("dit/model.safetensors", f"train_state/dcp/{STATE_FILE}"):
+        a, b = load_file(straight / "checkpoint-4" / name), load_file(older / "checkpoint-4" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.slow

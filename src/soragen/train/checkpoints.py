@@ -1,15 +1,17 @@
-"""A training run's checkpoints: checkpoint-STEP/ is a complete model folder plus train_state/
-(raw weights, EMA, optimizer moments, the step, the run's config and objective), all safetensors
-and JSON, written under a temporary name and renamed when complete, so a crash at any moment
-leaves the previous checkpoint as the latest. Resuming checks a checkpoint whole (every JSON file
-and every safetensors header, the adapter and the model folder too) before the run does anything
-else, and resumes from the newest checkpoint that is whole, naming each damaged one; the rotation
-never removes an intact checkpoint while it keeps a damaged one.
+"""A training run's checkpoints: checkpoint-STEP/ is a complete model folder plus train_state/:
+dcp/ (raw weights, EMA, optimizer moments, by torch.distributed.checkpoint as safetensors: one
+file in one process and under DDP, one per process under FSDP; soragen.train.train_state) and
+state.json (the step, the run's config and objective, what each file of dcp/ holds). Written under
+a temporary name and renamed when complete, so a crash at any moment leaves the previous
+checkpoint as the latest. Resuming checks a checkpoint whole (every JSON file and every
+safetensors header, the adapter and the model folder too) before the run does anything else, and
+resumes from the newest checkpoint that is whole, naming each damaged one; the rotation never
+removes an intact checkpoint while it keeps a damaged one. Checkpoints written before dcp/ are
+read by soragen.train.legacy_state.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,73 +19,62 @@ from typing import Callable
 
 import torch
 
-from soragen.core.atomic import atomic_path
+from soragen.core.atomic import publish, remove, staging, sweep
 from soragen.core.config import LoRAConfig, TrainConfig, from_dict
 from soragen.core.errors import SoragenError, UsageError
 from soragen.io.folders import CHECKPOINT_RE, latest_checkpoint
-from soragen.core.weights import assert_finite, read_safetensors
+from soragen.train import legacy_state, train_state
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entries in state["state"].items():
-        meta["state"][str(pid)] = sorted(entries)
-        for name, value in entries.items():
-            tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
-                else torch.tensor(value)
-    return tensors, meta
-
-
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """The moments from the file; the settings (lr, betas, eps, ...) are this run's, made from its
-    stored config as they were when the checkpoint was written: a file cannot set them."""
-    state = {int(pid): {name: tensors[f"{pid}.{name}"] for name in names} for pid, names in meta["state"].items()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for pid, entries in state.items():
-        if not 0 <= pid < len(params):
-            raise ValueError(f"it holds moments of parameter {pid}, the run has {len(params)} parameters")
-        for name, tensor in entries.items():
-            if name != "step" and tensor.shape != params[pid].shape:
-                raise ValueError(f"{pid}.{name} has shape {tuple(tensor.shape)}, its parameter "
-                                 f"{tuple(params[pid].shape)}")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{pid}.{name} holds NaN or infinity")
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def whole(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return module.state_dict()
-
-
-def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None], raw: torch.nn.Module,
-                    ema: torch.nn.Module, optimizer, record: dict, keep_last: int,
-                    trained: Callable[[torch.nn.Module], dict] = whole) -> Path:
-    """checkpoint-STEP/: the model (`write_model` writes the EMA's model folder) + train_state/,
-    complete before it gets its name. `record` is what state.json holds besides the step (the
-    kind of run, counters, the config and objective); `trained(module)` the tensors that training
-    changes (all of them, or a LoRA's)."""
-    from safetensors.torch import save_file
-    assert_finite(raw, "the model")
-    assert_finite(ema, "the EMA model")
+def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None], tensors: Callable[[], dict],
+                    record: dict, keep_last: int, dist, every_process: bool = False) -> Path | None:
+    """checkpoint-STEP/: the model folder (`write_model(folder)`; rank 0 writes it, every process of
+    a sharded run takes part) + train_state/: dcp/, the tensors `tensors()` gives (the trained
+    weights, their EMA, the optimizer's moments), written by every process (`every_process`: FSDP)
+    or by rank 0 alone (one process, DDP), and state.json, the one record of the run: `record` (the
+    kind of run, counters, the config and objective), the step and what dcp/ holds. Complete before
+    it gets its name; returns it on rank 0, None on the others."""
+    if not (every_process or dist.main):
+        return None
+    sync = dist.barrier if every_process else (lambda: None)
     final = run_dir / f"checkpoint-{step}"
-    with atomic_path(final) as staging:  # replaces a leftover of the same step from a killed run
-        write_model(staging)
-        state_dir = staging / "train_state"
-        state_dir.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in trained(raw).items()},
-                  str(state_dir / "model.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in trained(ema).items()},
-                  str(state_dir / "ema.safetensors"))
-        tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(state_dir / "optimizer.safetensors"))
-        (state_dir / "optimizer.json").write_text(json.dumps(meta) + "\n")
-        (state_dir / "state.json").write_text(json.dumps({
-            "step": step, **record,
-            "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
-        }, indent=2) + "\n")
-    prune(run_dir, keep_last)  # only now, with the new one complete, may old checkpoints go
-    return final
+    folder = _staging(final, dist, every_process)
+    if dist.main:
+        sweep(run_dir)
+        remove(folder)  # a leftover of the same step from a killed run
+    try:
+        write_model(folder)
+        state_dir = folder / "train_state"
+        if dist.main:
+            state_dir.mkdir()
+        sync()
+        train_state.write(state_dir / train_state.DIR, tensors(), alone=not every_process)
+        sync()
+        if dist.main:
+            listed = train_state.listing(state_dir / train_state.DIR)
+            sharded = {"sharded": dist.world} if every_process else {}
+            (state_dir / "state.json").write_text(train_state.record_json({
+                "step": step, **record, **sharded,
+                "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
+                }, listed))
+            publish(folder, final)
+    except BaseException:
+        if dist.main:
+            remove(folder)
+        raise
+    if dist.main:
+        prune(run_dir, keep_last)  # only now, with the new one complete, may old checkpoints go
+    sync()
+    return final if dist.main else None
+
+
+def _staging(final: Path, dist, every_process: bool) -> Path:
+    """The temporary name rank 0 writes `final` under, known to every process that writes."""
+    if not every_process or dist.world == 1:
+        return staging(final)
+    names = [str(staging(final))] if dist.main else [None]
+    torch.distributed.broadcast_object_list(names, src=0)
+    return Path(names[0])
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -141,12 +132,10 @@ def _state_json(checkpoint: Path, name: str) -> dict:
 
 
 # The files each kind of checkpoint holds besides train_state/state.json (soragen.io.model_folder's model
-# folder, a LoRA run's adapter, a train-vae run's VAE; an unsharded run's training state).
+# folder, a LoRA run's adapter, a train-vae run's VAE).
 HOLDS = {"dit": ["soragen.json", "dit/config.json", "dit/model.safetensors", "vae/config.json", "text_encoder.json",
                  "scheduler/scheduler_config.json"],
          "lora": ["soragen.json", "lora.safetensors"], "vae": ["soragen.json", "vae/config.json"]}
-UNSHARDED_STATE = ["train_state/model.safetensors", "train_state/ema.safetensors", "train_state/optimizer.safetensors",
-                   "train_state/optimizer.json"]
 
 
 def _object(path: Path) -> dict:
@@ -167,8 +156,8 @@ def _stored_run(state: dict, objective_class: type, older_defaults: dict | None 
 def check_checkpoint(checkpoint: Path) -> None:
     """Every file the checkpoint holds is whole: each one its kind needs is there, every JSON file
     parses (with soragen.core.jsonfile's limits), every safetensors file's header reads and covers the
-    file, and the training state means something (its config and LoRA in range, the optimizer's
-    tensors all stored, as many shard files as processes). SoragenError naming the first damaged
+    file, and the training state means something (its config and LoRA in range, each file of dcp/
+    holding the tensors state.json lists, in their shapes; no file missing or unlisted). SoragenError naming the first damaged
     file. Headers only: checking a checkpoint reads no weights."""
     from soragen.core.config import DiTObjective, VAEObjective
     from soragen.core.jsonfile import read_json
@@ -187,7 +176,7 @@ def check_checkpoint(checkpoint: Path) -> None:
         raise SoragenError(f"{state_file} is damaged: kind is {str(kind)[:40]!r}, not dit or vae")
     manifest = _object(checkpoint / "soragen.json") if (checkpoint / "soragen.json").exists() else {}
     holds = HOLDS["lora" if manifest.get("kind") == "lora" else kind]
-    for name in holds + ([] if state.get("sharded") else UNSHARDED_STATE):
+    for name in holds:
         if not (checkpoint / name).exists():
             raise SoragenError(f"{checkpoint / name} is missing")
     for root, _, files in os.walk(checkpoint):
@@ -207,23 +196,23 @@ def check_checkpoint(checkpoint: Path) -> None:
     if (manifest.get("kind") == "lora") != bool(lora.lora_rank):
         raise SoragenError(f"{state_file} is damaged: its LoRA rank {lora.lora_rank} does not fit the checkpoint "
                            f"({'a LoRA' if manifest.get('kind') == 'lora' else 'a whole model'}, by its soragen.json)")
-    state_dir = checkpoint / "train_state"
-    shards = state.get("sharded")
-    if shards:  # an FSDP run's: one safetensors file of shards per process (soragen.train.fsdp)
-        files = sorted((state_dir / "dcp").glob("*.safetensors"))
+    _check_train_state(checkpoint / "train_state", state)
+
+
+def _check_train_state(state_dir: Path, state: dict) -> None:
+    listed, shards = state.get(train_state.DIR), state.get("sharded")
+    if listed is not None:
+        train_state.check(state_dir / train_state.DIR, listed, state_dir / "state.json")
+    elif shards:  # an FSDP run's from before state.json listed dcp/: one file per process
+        files = sorted((state_dir / train_state.DIR).glob("*.safetensors"))
         if not isinstance(shards, int) or len(files) != shards:
-            raise SoragenError(f"{state_dir / 'dcp'} holds {len(files)} shard files, its state.json says {shards}")
-        return
-    meta = _object(state_dir / "optimizer.json")
-    stored = read_header([state_dir / "optimizer.safetensors"])
-    try:
-        wanted = {f"{pid}.{name}" for pid, names in meta["state"].items() for name in names}
-    except (KeyError, AttributeError, TypeError) as err:
-        raise SoragenError(f"{state_dir / 'optimizer.json'} is damaged ({err!r})") from err
-    if wanted - set(stored):
-        raise SoragenError(f"{state_dir / 'optimizer.safetensors'} does not hold the optimizer state its "
-                           f"optimizer.json names ({len(wanted - set(stored))} tensors missing, e.g. "
-                           f"{sorted(wanted - set(stored))[0]})")
+            raise SoragenError(f"{state_dir / train_state.DIR} holds {len(files)} shard files, its state.json says "
+                               f"{shards}")
+    elif (state_dir / train_state.DIR).exists():
+        raise SoragenError(f"{state_dir / 'state.json'} is damaged: it does not list the files of "
+                           f"{train_state.DIR}/")
+    else:
+        legacy_state.check(state_dir)
 
 
 def resumable(run_dir: Path, note: Callable[[str], None] | None = None) -> Path:
@@ -245,38 +234,34 @@ def resumable(run_dir: Path, note: Callable[[str], None] | None = None) -> Path:
     raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
 
 
-def _load_trained(module: torch.nn.Module, file: Path, what: str, trained: Callable) -> None:
-    """Load the tensors `trained(module)` names (a LoRA's: a few MB) from `file`, strictly."""
-    from soragen.core.weights import load_into
-    if trained is whole:
-        load_into(module, [file], what)
-        return
-    want, stored = trained(module), read_safetensors([file])
-    if set(want) != set(stored) or any(stored[k].shape != want[k].shape for k in want):
-        raise _damaged(file.parent.parent, f"cannot resume: {file} does not hold this run's adapter "
-                                           f"({len(set(want) ^ set(stored))} names or shapes differ)")
-    with torch.no_grad():
-        for name, tensor in stored.items():
-            if not torch.isfinite(tensor).all():
-                raise _damaged(file.parent.parent, f"cannot resume: {what} {name} in {file} holds NaN or infinity")
-            want[name].copy_(tensor)
-
-
-def load_train_state(checkpoint: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer,
-                     trained: Callable[[torch.nn.Module], dict] = whole) -> dict:
-    state_dir = checkpoint / "train_state"
+def load_train_state(checkpoint: Path, tensors: Callable[[], dict], dist, sharded: bool = False,
+                     legacy: Callable[[Path], None] | None = None) -> tuple[dict, dict | None]:
+    """state.json's record, and the tensors `tensors()` gives (this run's, as save_checkpoint took
+    them) filled from train_state/dcp/; a checkpoint of an unsharded run from before dcp/ is read
+    by `legacy(train_state)` instead (then None for the tensors). Every process of a sharded run
+    (`sharded`) reads its part; anything that does not fit this run names the checkpoint."""
     state = _state_json(checkpoint, "state.json")
-    _load_trained(raw, state_dir / "model.safetensors", "checkpoint model", trained)
-    _load_trained(ema, state_dir / "ema.safetensors", "checkpoint EMA", trained)
-    meta = _state_json(checkpoint, "optimizer.json")
+    state_dir = checkpoint / "train_state"
+    if bool(state.get("sharded")) != sharded:
+        how = "with --fsdp: it was saved by an unsharded run" if sharded else \
+            "without --fsdp: it was saved by a sharded run (--fsdp under torchrun resumes it)"
+        raise _damaged(checkpoint, f"cannot resume {checkpoint} {how}; train it on with --init {checkpoint} instead")
+    saved, bad = None, None
     try:
-        _load_optimizer(optimizer, read_safetensors([state_dir / "optimizer.safetensors"]), meta)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise _damaged(checkpoint, f"cannot resume: the optimizer state in {state_dir} does not fit this model "
-                                   f"({type(err).__name__}: {err})") from err
-    return state
-
-
+        if train_state.DIR not in state and not sharded and legacy is not None:
+            legacy(state_dir)
+        else:
+            saved = tensors()
+            bad = train_state.load(state_dir / train_state.DIR, saved, alone=not sharded)
+    except SoragenError:
+        raise
+    except Exception as err:  # ValueError of ours; torch.distributed.checkpoint raises CheckpointException and others
+        raise _damaged(checkpoint, f"cannot resume: the training state in {state_dir} does not fit this model "
+                                   f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]})") from err
+    if not (dist.all_agree(bad is None) if sharded else bad is None):
+        raise _damaged(checkpoint, f"cannot resume: {bad or 'a tensor of another process'} in "
+                                   f"{state_dir / train_state.DIR} holds NaN or infinity")
+    return state, saved
 
 
 def prepare_run_dir(out: Path, resume: bool, note: Callable[[str], None] | None = None) -> Path | None:

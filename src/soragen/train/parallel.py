@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from soragen.core.weights import assert_finite
 from soragen.train import fsdp as sharded
+from soragen.train import legacy_state, train_state
 from soragen.train.checkpoints import load_train_state, save_checkpoint
 
 
@@ -72,14 +74,28 @@ class Replicated:
             for e, p in self.ema_pairs:
                 e.lerp_(p.detach(), weight)
 
+    def tensors(self, optimizer) -> dict:
+        """What train_state/dcp/ keeps: the tensors training changes (all, or a LoRA's), the EMA of
+        the trained weights, the optimizer's moments."""
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        ema = dict(self.ema.named_parameters())
+        return {"model": self.task.trained(self.module), "ema": {n: ema[n] for n in names},
+                "optimizer": train_state.optimizer_state(self.module, optimizer)}
+
     def load(self, checkpoint: Path, optimizer) -> dict:
-        return load_train_state(checkpoint, self.module, self.ema, optimizer, self.task.trained)
+        def legacy(state_dir: Path) -> None:
+            legacy_state.load(state_dir, self.module, self.ema, optimizer, self.task.trained)
+        state, saved = load_train_state(checkpoint, lambda: self.tensors(optimizer), self.dist, legacy=legacy)
+        if saved is not None:  # the weights and the EMA were filled in place
+            train_state.restore_optimizer(self.module, optimizer, saved["optimizer"])
+        return state
 
     def save(self, run_dir: Path, step: int, optimizer, record: dict, keep_last: int) -> Path | None:
-        saved = None
         if self.dist.main:
-            saved = save_checkpoint(run_dir, step, lambda folder: self.task.write_model(folder, self.ema), self.module,
-                                    self.ema, optimizer, record, keep_last, self.task.trained)
+            assert_finite(self.module, "the model")
+            assert_finite(self.ema, "the EMA model")
+        saved = save_checkpoint(run_dir, step, lambda folder: self.task.write_model(folder, self.ema),
+                                lambda: self.tensors(optimizer), record, keep_last, self.dist)
         self.dist.barrier()
         return saved
 
@@ -98,11 +114,28 @@ class Sharded:
     def update_ema(self, weight: float) -> None:
         self.ema.update(weight)
 
+    def tensors(self, optimizer) -> dict:
+        """As Replicated's, each process's shards of them."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        trained = set(self.task.trained(self.module))
+        return {"model": {k: v for k, v in get_model_state_dict(self.module).items() if k in trained},
+                "ema": self.ema.state(), "optimizer": train_state.optimizer_state(self.module, optimizer)}
+
+    def write_model(self, folder: Path) -> None:
+        """Every process gathers the EMA's weights; rank 0 writes them as an ordinary model folder."""
+        full = sharded.full_state(self.module, self.ema)
+        if self.dist.main:
+            self.task.write_model(folder, sharded.plain_copy(self.task.build, full))
+
     def load(self, checkpoint: Path, optimizer) -> dict:
-        return sharded.load_train_state(checkpoint, self.module, self.ema, optimizer, set(self.task.trained(self.module)))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        state, saved = load_train_state(checkpoint, lambda: self.tensors(optimizer), self.dist, sharded=True)
+        set_model_state_dict(self.module, saved["model"], options=StateDictOptions(strict=False))  # what trains
+        train_state.restore_optimizer(self.module, optimizer, saved["optimizer"])
+        return state
 
     def save(self, run_dir: Path, step: int, optimizer, record: dict, keep_last: int) -> Path | None:
-        saved = sharded.save_checkpoint(run_dir, step, self.task.write_model, self.task.build, self.module, self.ema,
-                                        optimizer, record, keep_last, self.dist, set(self.task.trained(self.module)))
+        saved = save_checkpoint(run_dir, step, self.write_model, lambda: self.tensors(optimizer), record, keep_last,
+                                self.dist, every_process=True)
         self.dist.barrier()
-        return saved if self.dist.main else None
+        return saved

@@ -22,7 +22,7 @@ from soragen.families.registry import DEFAULT
 from soragen.io.model_folder import save_lora_model, save_model
 from soragen.models.lora import add_lora, trainable_state
 from soragen.models.vae import VideoVAE, save_vae, uint8_to_frames
-from soragen.train.checkpoints import whole
+from soragen.train.train_state import whole
 from soragen.train.data import Clip, load_clip
 from soragen.train.latent_cache import LatentSamples
 
