@@ -221,3 +221,60 @@ def test_a_lora_goes_into_both_experts_or_the_one_named(a14b_folder, ti2v_folder
     rc = cli("generate", PROMPT, "--model", ti2v_folder[0], "--lora", f"{adapter}@high", "--frames", 5, "--height", 32,
              "--width", 32, "--steps", 1, "--out", tmp_path / "x.mp4")
     assert_one_line_error(capfd.readouterr(), 2, rc, "@high", "names an expert", "has one")
+
+
+# ---- fine-tuning TI2V-5B from first frames (train --first-frame P) ---------------------------------------
+
+def test_the_dit_with_a_still_first_frame_is_diffusers_with_timestep_0_there():
+    """Training's forward (still_frames=1) against diffusers' transformer given a timestep per token,
+    0 for the first latent frame's, as WanImageToVideoPipeline with expand_timesteps gives it."""
+    from soragen.families.wan import from_diffusers
+    transformer = tiny_pipeline(ti2v=True).transformer
+    dit = from_diffusers(transformer).float()
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(2, 8, 3, 4, 6, generator=g), torch.randn(2, 7, 16, generator=g)
+    t = torch.tensor([800.0, 250.0])
+    per_token = t[:, None].repeat(1, 3 * 2 * 3)
+    per_token[:, :2 * 3] = 0.0  # the first latent frame's tokens (2 x 3 patches of 2 x 2)
+    with torch.no_grad():
+        theirs = transformer(hidden_states=x, timestep=per_token, encoder_hidden_states=text, return_dict=False)[0]
+        ours = dit(x, t, text, torch.ones(2, 7, dtype=torch.bool), None, still_frames=1)
+        plain = dit(x, t, text, torch.ones(2, 7, dtype=torch.bool), None)
+    assert (ours - theirs).abs().max() <= 1e-4, (ours - theirs).abs().max()
+    assert (plain - theirs).abs().max() > 1e-3  # the first frame's timestep matters
+
+
+def test_a_first_frame_batch_keeps_it_clean_and_out_of_the_loss():
+    from soragen.diffusion.objectives import flow_loss
+    from soragen.models.text import TextEmbedding
+    seen = {}
+
+    def dit(noisy, t, tokens, mask, pooled, image=None, still_frames=0):
+        seen.update(noisy=noisy.clone(), still=still_frames)
+        out = torch.zeros_like(noisy)
+        out[:, :, :1] = 1e6  # a prediction there would dominate any loss it took part in
+        return out
+    latents = torch.randn(2, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    text = TextEmbedding(torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), None)
+    loss = flow_loss(dit, {"flow_shift": 3.0}, latents, text, torch.Generator().manual_seed(1),
+                     condition={"still_frames": 1})
+    assert seen["still"] == 1 and torch.equal(seen["noisy"][:, :, :1], latents[:, :, :1])
+    assert not torch.equal(seen["noisy"][:, :, 1:], latents[:, :, 1:]) and float(loss) < 1e3
+
+
+@pytest.mark.slow
+def test_train_first_frame_runs_on_ti2v_and_is_refused_where_it_means_nothing(ti2v_folder, tmp_path, capfd):
+    from conftest import assert_one_line_error, listing
+    from soragen.tools.shapes import make_dataset
+    make_dataset(tmp_path / "clips", n=2, seed=0, frames=9, size=32)
+    args = ["--data", tmp_path / "clips", "--frames", 5, "--height", 32, "--width", 32, "--max-steps", 2,
+            "--batch-size", 2, "--lora-rank", 4, "--cache-dir", tmp_path / "cache"]
+    assert cli("train", "--init", ti2v_folder[0], "--out", tmp_path / "run", "--first-frame", 1, *args) == 0
+    assert (tmp_path / "run" / "checkpoint-2" / "lora.safetensors").is_file()
+    capfd.readouterr()
+    (tmp_path / "out").mkdir()
+    wan = tmp_path / "Wan-tiny"
+    tiny_pipeline().save_pretrained(wan)
+    rc = cli("train", "--init", wan, "--out", tmp_path / "out" / "run", "--first-frame", 0.5, *args)
+    assert_one_line_error(capfd.readouterr(), 2, rc, "--first-frame", "text alone")
+    assert listing(tmp_path / "out") == []

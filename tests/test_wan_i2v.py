@@ -123,11 +123,11 @@ def test_the_images_a_model_needs_and_takes(folders, images, tmp_path, capfd):
                  "--steps", 1, "--out", out / "x.mp4", *flags)
         assert_one_line_error(capfd.readouterr(), 2, rc, *needles)
     assert listing(out) == []
-    for name in ("i2v", "i2v-a14b"):  # fine-tuning one: refused before anything is read or written
-        for dry in ([], ["--dry-run"]):
-            rc = cli("train", "--init", folders[name][0], "--data", tmp_path, "--out", out / "run", "--max-steps", 1,
-                     *dry)
-            assert_one_line_error(capfd.readouterr(), 2, rc, "image-to-video", "does not fine-tune")
+    for name, flags, needles in (("i2v", ["--first-frame", 0.5], ["--first-frame", "image-to-video"]),
+                                 ("i2v-a14b", [], ["two experts", "--expert"])):
+        rc = cli("train", "--init", folders[name][0], "--data", tmp_path, "--out", out / "run", "--max-steps", 1,
+                 "--lora-rank", 4, *flags)
+        assert_one_line_error(capfd.readouterr(), 2, rc, *needles)
     assert listing(out) == []
 
 
@@ -142,3 +142,67 @@ def test_an_image_to_video_config_maps_every_tensor():
     assert sorted(s for r in rules for s in r.sources) == sorted(transformer.state_dict())
     from soragen.models.dit import VideoDiT
     assert sorted(r.key for r in rules) == sorted(VideoDiT(config).state_dict())
+
+
+# ---- fine-tuning: each clip's first (and last) frame is its condition --------------------------------
+
+def train_args(clips, out, init, cache, steps, *extra):
+    return ["train", "--init", init, "--data", clips, "--out", out, "--frames", 5, "--height", 32, "--width", 48,
+            "--batch-size", 2, "--max-steps", steps, "--save-every", 2, "--warmup", 1, "--lr", "1e-2",
+            "--cache-dir", cache, "--lora-rank", 4, *extra]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from soragen.tools.shapes import make_dataset
+    folder = tmp_path_factory.mktemp("data") / "clips"
+    make_dataset(folder, n=3, seed=0, frames=9, size=48)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["i2v", "i2v-a14b"])
+def test_a_lora_trained_from_first_frames_loads_into_diffusers(folders, clips, name, tmp_path):
+    """The run conditions each window on its first frame as generate --image does (the cached
+    condition is the pipeline's for that frame); its adapter, in diffusers' image-to-video
+    transformer, predicts what our merged DiT predicts."""
+    from safetensors.torch import load_file
+
+    from soragen.core.config import TrainConfig
+    from soragen.io.model_folder import load_model
+    from soragen.pipeline import Pipeline
+    from soragen.train.data import file_hash, scan_clips
+    from soragen.train.latent_cache import clip_windows
+    folder, _ = folders[name]
+    expert = ["--expert", "low"] if name == "i2v-a14b" else []
+    assert cli(*train_args(clips, tmp_path / "run", folder, tmp_path / "cache", 2, *expert)) == 0
+
+    pipe = Pipeline.load(folder, device="cpu", dtype="float32")
+    cfg = TrainConfig(data=str(clips), frames=5, height=32, width=48)
+    clip = min(scan_clips(clips, 5, cfg.fps).clips, key=lambda c: c.path)
+    [cached] = [load_file(f) for f in (tmp_path / "cache" / "conditions").glob(f"{file_hash(clip.path)}-*")]
+    first = clip_windows(clip, cfg, 4)[0][0]  # the first window's first frame
+    assert (cached["channels"][0] - pipe.image_channels([first], 5)[0]).abs().max() <= 1e-5
+    if pipe.image_encoder is not None:
+        assert (cached["tokens"][0] - pipe.image_tokens([first])[0]).abs().max() <= 1e-5
+
+    tuned = load_model(tmp_path / "run" / "checkpoint-2")
+    reference = tiny_pipeline(**KINDS[name])
+    transformer = reference.transformer_2 if expert else reference.transformer
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 12, 2, 8, 12, generator=g), torch.randn(2, 512, 16, generator=g)
+    image = torch.randn(2, 17, 24, generator=g) if name == "i2v" else None
+
+    def theirs():
+        with torch.no_grad():
+            return transformer(hidden_states=x, timestep=torch.tensor([950.0, 300.0]), encoder_hidden_states=text,
+                               encoder_hidden_states_image=image, return_dict=False)[0]
+    before = theirs()
+    reference.load_lora_weights(str(tmp_path / "run" / "checkpoint-2" / "lora.safetensors"),
+                                **({"load_into_transformer_2": True} if expert else {}))
+    after = theirs()
+    dit = tuned.dit_2 if expert else tuned.dit
+    with torch.no_grad():
+        ours = dit(x, torch.tensor([950.0, 300.0]), text, torch.ones(2, 512, dtype=torch.bool), None, image=image)
+    assert (after - before).abs().max() > 1e-3  # the adapter does something
+    assert (ours - after).abs().max() <= 1e-4, (ours - after).abs().max()

@@ -275,25 +275,11 @@ class Pipeline:
             return self.model.vae.encode(uint8_to_frames(frames[None])).to(self.device)
 
     def image_channels(self, images: list[np.ndarray], frames: int) -> torch.Tensor:
-        """What an image-to-video DiT takes after the noisy latent (Wan's I2V): a mask of the frames
-        the images are (1 there), a channel per frame of a latent frame's (the first frame counts
-        as a whole latent frame's), then the latent of the video that is the images and black
-        (zeros) between: (1, tf + C, T', H', W')."""
-        height, width = images[0].shape[:2]
-        video = np.full((frames, height, width, 3), 127.5, dtype=np.float32)  # 0 once made -1..1
-        known = [0, frames - 1][:len(images)]
-        for index, picture in zip(known, images):
-            video[index] = picture
-        from soragen.models.vae import uint8_to_frames
+        """What an image-to-video DiT takes after the noisy latent (Wan's I2V): the mask of the given
+        frames and the latent of the images with black between (soragen.diffusion.image_condition)."""
+        from soragen.diffusion.image_condition import condition_channels
         with self.running(self.model.vae.model):
-            latent = self.model.vae.encode(uint8_to_frames(video[None])).to(self.device)
-        factor = self.model.vae.temporal_factor
-        mask = torch.zeros(frames + factor - 1, *latent.shape[-2:], device=self.device)
-        for index in known:  # the first frame stands for a whole latent frame's (factor) frames
-            mask[index if index == 0 else index + factor - 1] = 1
-        mask[:factor] = mask[0]
-        mask = mask.view(-1, factor, *latent.shape[-2:]).transpose(0, 1)[None]  # (1, tf, T', H', W')
-        return torch.cat([mask, latent.to(mask.dtype)], dim=1)
+            return condition_channels(self.model.vae, images, frames).to(self.device)
 
     def image_tokens(self, images: list[np.ndarray]) -> torch.Tensor | None:
         """The image encoder's tokens of the images, where the DiT takes them (Wan 2.1 I2V, FLF2V)."""

@@ -19,7 +19,7 @@ from soragen.core.options import option_error
 
 # ---- training ----------------------------------------------------------------------------------
 
-LABELS = {"scan": "scanning clips", "cache": "encoding latents", "train": "training"}
+LABELS = {"scan": "scanning clips", "cache": "encoding latents", "conditions": "image conditions", "train": "training"}
 
 
 @contextlib.contextmanager

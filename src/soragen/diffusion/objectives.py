@@ -64,10 +64,14 @@ def flow_levels(count: int, generator: torch.Generator, shift: float) -> torch.T
 
 
 def flow_loss(dit, schedule: dict, latents: torch.Tensor, text, generator: torch.Generator,
-              object_weight: float = 0.0, levels: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+              object_weight: float = 0.0, levels: tuple[float, float] = (0.0, 1.0),
+              condition: dict | None = None) -> torch.Tensor:
     """The flow-matching loss of one batch (`schedule`: the flow scheduler config, its flow_shift and
     num_train_timesteps); all randomness from `generator`. `levels`: the span of noise levels
-    trained (one expert's of two: the levels drawn, squeezed into it)."""
+    trained (one expert's of two: the levels drawn, squeezed into it). `condition`: what an
+    image-to-video DiT takes besides (soragen.diffusion.image_condition): "still_frames", leading
+    latent frames given clean at timestep 0 and left out of the loss (Wan 2.2 TI2V-5B); "channels",
+    input channels after the noisy latent; "image", an image encoder's tokens."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
     s = flow_levels(latents.shape[0], generator, float(schedule.get("flow_shift", 1.0))).to(device)
@@ -76,8 +80,21 @@ def flow_loss(dit, schedule: dict, latents: torch.Tensor, text, generator: torch
     level = s.view(-1, *([1] * (latents.dim() - 1)))
     noisy = (1 - level) * latents + level * noise
     t = s * schedule.get("num_train_timesteps", 1000)
+    if condition:
+        return _conditioned_loss(dit, noisy, t, text, noise - latents, latents, object_weight, condition)
     prediction = dit(noisy, t, text.tokens, text.mask, text.pooled)
     return object_weighted_mse(prediction.float(), noise - latents, latents, object_weight)
+
+
+def _conditioned_loss(dit, noisy, t, text, target, latents, object_weight: float, condition: dict) -> torch.Tensor:
+    still = condition.get("still_frames", 0)
+    if still:
+        noisy = torch.cat([latents[:, :, :still], noisy[:, :, still:]], dim=2)
+    if condition.get("channels") is not None:
+        noisy = torch.cat([noisy, condition["channels"].to(noisy.dtype)], dim=1)
+    prediction = dit(noisy, t, text.tokens, text.mask, text.pooled, image=condition.get("image"), still_frames=still)
+    return object_weighted_mse(prediction.float()[:, :, still:], target[:, :, still:], latents[:, :, still:],
+                               object_weight)
 
 
 def detail_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:

@@ -180,18 +180,30 @@ class VideoDiT(nn.Module):
         return sincos_3d(grid, cfg.hidden_size).to(device, dtype)
 
     def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                  pooled: torch.Tensor, image: torch.Tensor | None = None) -> Conditioning:
+                  pooled: torch.Tensor, image: torch.Tensor | None = None,
+                  segments: list[int] | None = None) -> Conditioning:
+        """`segments` (still tokens, the rest): the first run of tokens is an image's, at timestep 0,
+        with a modulation row of its own."""
         c = self.condition_vector(t, pooled)
-        return Conditioning(self.block_modulations(c), self.final.modulation(c), self.text_kv(text, text_mask, image))
+        cond = Conditioning(self.block_modulations(c), self.final.modulation(c), self.text_kv(text, text_mask, image))
+        if segments:
+            c = self.condition_vector(torch.zeros_like(t), pooled)
+            cond.blocks = [torch.cat([s, b], dim=1) for s, b in zip(self.block_modulations(c), cond.blocks)]
+            cond.final, cond.segments = torch.cat([self.final.modulation(c), cond.final], dim=1), segments
+        return cond
 
     # ---- the forward pass ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                pooled: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+                pooled: torch.Tensor, image: torch.Tensor | None = None, still_frames: int = 0) -> torch.Tensor:
         """x: (B, C, T, H, W) noisy latent; t: (B,) steps; text: (B, L, Dt) tokens with mask (B, L)
         (True = real token); pooled: (B, Dt); image: an image encoder's tokens, where the model takes
-        them. Returns the prediction, shaped like x (of `out_channels` channels, where it has them)."""
-        return self.predict(x, self.condition(t, text, text_mask, pooled, image))
+        them; still_frames: leading latent frames that are an image's, at timestep 0 (Wan 2.2
+        TI2V-5B). Returns the prediction, shaped like x (of `out_channels` channels, where it has them)."""
+        grid = token_grid(tuple(x.shape[-3:]), self.config.patch_size)
+        still = math.ceil(still_frames / self.config.patch_size[0]) * grid[1] * grid[2]
+        segments = [still, math.prod(grid) - still] if still else None
+        return self.predict(x, self.condition(t, text, text_mask, pooled, image, segments))
 
     def predict(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The forward pass given its conditioning: patches -> tokens -> blocks -> patches."""

@@ -31,23 +31,33 @@ class LatentSamples:
                  empty_tokens: torch.Tensor, empty_pooled: torch.Tensor):
         self.latents, self.tokens, self.pooled = latents, tokens, pooled  # latents[i]: (K, C, T, H, W)
         self.empty_tokens, self.empty_pooled = empty_tokens, empty_pooled
+        # an image-to-video model's, per clip and window (soragen.train.image_cache): its input channels
+        # after the noisy latent (K, tf + C, T, H, W), and its image encoder's tokens (K, M, D)
+        self.channels: list[torch.Tensor] | None = None
+        self.image_tokens: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def batch(self, items: list[int], generator: torch.Generator, caption_dropout: float):
+        """(latents, text, condition): a window of each clip, its caption's embedding (or the empty
+        one's), and of an image-to-video model the window's condition (soragen.diffusion.objectives)."""
         from soragen.models.text import TextEmbedding
-        latents, tokens, pooled = [], [], []
+        latents, tokens, pooled, condition = [], [], [], {}
         for i in items:
             k = int(torch.randint(0, self.latents[i].shape[0], (1,), generator=generator))
             latents.append(self.latents[i][k])
+            for key, per_clip in (("channels", self.channels), ("image", self.image_tokens)):
+                if per_clip is not None:
+                    condition.setdefault(key, []).append(per_clip[i][k])
             drop = float(torch.rand((), generator=generator)) < caption_dropout
             tokens.append(self.empty_tokens if drop else self.tokens[i])
             pooled.append(self.empty_pooled if drop else self.pooled[i])
         length = max(t.shape[0] for t in tokens)
         mask = torch.stack([torch.arange(length) < t.shape[0] for t in tokens])
         tokens = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in tokens])
-        return torch.stack(latents), TextEmbedding(tokens, mask, torch.stack(pooled))
+        return (torch.stack(latents), TextEmbedding(tokens, mask, torch.stack(pooled)),
+                {key: torch.stack(parts) for key, parts in condition.items()})
 
 
 def _digest(*parts) -> str:

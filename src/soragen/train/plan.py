@@ -135,8 +135,6 @@ def plan_run(cfg, lora, init: str | None, vae_source: str | None, preset: str, t
 
     if init:
         config, text_spec, vae_folder = model_configs(init)
-        from soragen.train.run import check_trainable
-        check_trainable(init, config)
         text_tokens = text_spec.max_length  # what the text is padded to, or at most
         vae = load_vae(vae_folder)
     else:

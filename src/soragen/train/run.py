@@ -7,6 +7,7 @@ from soragen.train.latent_cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from soragen.models.lora import add_lora
 from soragen.models.vae import VideoVAE, load_vae, new_vae
 from soragen.train.checkpoints import prepare_run_dir, resumable, stored_lora, stored_run
 from soragen.train.data import require_clips, scan_clips
+from soragen.train.image_cache import add_image_conditions
 from soragen.train.latent_cache import build_samples
 from soragen.train.loop import train_loop
 from soragen.train.parallel import Dist, init_distributed
@@ -89,16 +91,14 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
             base = load_model(manifest["base"])
             dit = lora_target(base, expert, resume_from)
             return Start(base.vae, base.text_spec, dit, dit.config, base.sampling, base.scheduler_config,
-                         manifest["base"], family(base), base.boundary, expert)
+                         manifest["base"], family(base), base.boundary, expert, base.image_inputs, base.image_encoder)
         model = load_model(resume_from)
         return Start(model.vae, model.text_spec, None, model.dit.config, model.sampling, model.scheduler_config,
-                     family=family(model))
+                     family=family(model), image_inputs=model.image_inputs, image_encoder=model.image_encoder)
     if lora.lora_rank and not init:
         raise UsageError("--lora-rank adapts a pretrained model: give it --init (a model folder, a diffusers Wan "
                          "folder or a hub id)")
     if init:
-        from soragen.io.model_folder import model_configs
-        check_trainable(init, model_configs(init)[0])
         base = load_model(init)
         _check_expert(init, base, expert, lora)
         vae = base.vae
@@ -106,12 +106,13 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
             if lora.lora_rank:
                 raise UsageError("--vae with --lora-rank: a LoRA keeps its base model's VAE")
             vae = resolve_vae(vae_source)
-            if vae.latent_channels != base.dit.config.in_channels:
+            if vae.latent_channels != base.dit.config.predicted_channels:
                 raise UsageError(f"--vae {vae_source} makes {vae.latent_channels}-channel latents; the --init "
-                                 f"DiT takes {base.dit.config.in_channels}")
+                                 f"DiT takes {base.dit.config.predicted_channels}")
         dit = base.dit_2 if expert == "low" else base.dit
         return Start(vae, base.text_spec, dit, dit.config, base.sampling, base.scheduler_config,
-                     base_reference(init, base) if lora.lora_rank else None, family(base), base.boundary, expert)
+                     base_reference(init, base) if lora.lora_rank else None, family(base), base.boundary, expert,
+                     base.image_inputs, base.image_encoder)
     if expert:
         raise UsageError(f"--expert {expert} names one of an --init model's two experts (Wan 2.2 A14B); give --init")
     if not vae_source:
@@ -120,12 +121,19 @@ def _dit_start(cfg: TrainConfig, text_source: str, vae_source: str | None, init:
     return Start(resolve_vae(vae_source), TextEncoderSpec(source=text_source))
 
 
-def check_trainable(init: str, config) -> None:
-    """What soragen cannot fine-tune yet, refused before any weight is read: an image-to-video DiT
-    (its input carries an image's latent and mask, Wan 2.1 I2V's also an image encoder's tokens)."""
-    if config.image_channels or config.image_dim:
-        raise UsageError(f"--init {init} is an image-to-video model (its DiT takes an image's latent besides the "
-                         f"noisy one); soragen does not fine-tune those yet")
+def check_first_frame(init: str | None, first_frame: float) -> None:
+    """--first-frame: only on a model that makes videos from text or from an image (Wan 2.2
+    TI2V-5B), checked before any weight is read; an image-to-video model starts from its first
+    frames always."""
+    if not first_frame:
+        return
+    from soragen.io.model_folder import image_inputs_at, model_configs
+    if init is None or not image_inputs_at(init):
+        raise UsageError("--first-frame: the model trained makes videos from text alone" if init is None else
+                         f"--first-frame: --init {init} makes videos from text alone")
+    if model_configs(init)[0].image_channels:
+        raise UsageError(f"--first-frame: --init {init} is an image-to-video model, whose every batch starts from "
+                         f"its clips' first frames")
 
 
 def _check_expert(init: str, base, expert: str, lora: LoRAConfig) -> None:
@@ -168,6 +176,7 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise UsageError("--fsdp shards the model across processes: start them with torchrun "
                          "(torchrun --nproc_per_node=N -m soragen train ... --fsdp)")
+    check_first_frame(init, objective.first_frame)
     dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
     if resume_from is not None:
         lora = stored_lora(resume_from)
@@ -185,18 +194,44 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
         add_lora(dit, lora)
 
     report = scan(cfg, progress)
+    image_encoder = _image_encoder(start)
     fast_paths.install(start.vae.model)  # encoding the clips is inference
+    examples = functools.partial(_examples, report.clips, start, encoder, image_encoder, cfg, cache_dir, windows)
     if dist.main:
-        samples = build_samples(report.clips, start.vae, encoder, cfg, cache_dir, windows, progress)
+        samples = examples(progress)
     dist.barrier()
     if not dist.main:  # the cache is complete now: read it back
-        samples = build_samples(report.clips, start.vae, encoder, cfg, cache_dir, windows, None)
+        samples = examples(None)
     fast_paths.uninstall(start.vae.model)
     defaults = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
     task = DiTTask(dit, start, defaults, samples, cfg.caption_dropout, objective, lora)
     if sample_prompts:
-        task.sample_hook = _sample_hook(out, encoder, cfg, sample_prompts)
+        images = _sample_images(report.clips, cfg, start.image_inputs) if dit_config.image_channels else []
+        task.sample_hook = _sample_hook(out, encoder, cfg, sample_prompts, image_encoder, images)
     return _run(task, cfg, objective, out, dist, resume_from, progress, fsdp)
+
+
+def _examples(clips, start: Start, encoder, image_encoder, cfg: TrainConfig, cache_dir, windows: int, progress):
+    """The clips' training examples; of an image-to-video model with each window's condition."""
+    samples = build_samples(clips, start.vae, encoder, cfg, cache_dir, windows, progress)
+    if start.dit_config is not None and start.dit_config.image_channels:  # the first (and last) frame given
+        add_image_conditions(samples, clips, start.vae, image_encoder, start.image_inputs, cfg, cache_dir, windows,
+                             progress)
+    return samples
+
+
+def _image_encoder(start: Start):
+    if start.image_encoder is None:
+        return None
+    from soragen.models.image_encoder import ImageEncoder
+    return ImageEncoder(start.image_encoder)
+
+
+def _sample_images(clips, cfg: TrainConfig, images: int) -> list:
+    """What an image-to-video model's sample videos start (and end) from: the first clip's frames."""
+    from soragen.train.latent_cache import clip_windows
+    window = clip_windows(clips[0], cfg, 1)[0]
+    return [window[0], window[-1]][:images]
 
 
 def _run(task: Task, cfg: TrainConfig, objective, out: Path, dist: Dist, resume_from: Path | None,
@@ -212,19 +247,23 @@ def _run(task: Task, cfg: TrainConfig, objective, out: Path, dist: Dist, resume_
     return result
 
 
-def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str]):
+def _sample_hook(out: Path, text_encoder, cfg: TrainConfig, prompts: list[str], image_encoder=None,
+                 images: list = ()):
     """Videos of `prompts` from a checkpoint, made as `soragen generate --model CHECKPOINT` makes them
-    (its sampling settings, the auto dtype, seeds 0, 1, ...), at the steps cfg.sample_every says."""
+    (its sampling settings, the auto dtype, seeds 0, 1, ...), at the steps cfg.sample_every says;
+    an image-to-video model's from `images`."""
     def hook(checkpoint: Path, step: int) -> None:
         if step != cfg.max_steps and (not cfg.sample_every or step % cfg.sample_every):
             return
         from soragen.pipeline import Pipeline, resolve_dtype
         from soragen.io.video import write_video
         device = torch.device("cpu")
-        pipe = Pipeline.from_model(load_model(checkpoint), text_encoder, device, resolve_dtype("auto", device))
+        pipe = Pipeline.from_model(load_model(checkpoint), text_encoder, device, resolve_dtype("auto", device),
+                                   image_encoder=image_encoder)
         folder = out / "samples" / f"step-{step:06d}"
+        given = dict(zip(("image", "last_image"), images))
         for i, prompt in enumerate(prompts):
-            write_video(folder / f"{i:02d}.mp4", pipe.generate(prompt, seed=i), pipe.model.video.fps)
+            write_video(folder / f"{i:02d}.mp4", pipe.generate(prompt, seed=i, **given), pipe.model.video.fps)
         (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return hook
 

@@ -43,6 +43,8 @@ class Start:
     family: object = None  # soragen.families.base.Family of the --init model; None: soragen's own
     boundary: float | None = None  # of a two-expert model, the timestep between the experts' steps
     expert: str = ""  # the one of them trained: high (the steps at or above the boundary) or low
+    image_inputs: int = 0  # images the model's videos start (and end) from: soragen.models.model.Model's
+    image_encoder: object = None  # and its image encoder's spec, if any
 
 
 class Task:
@@ -80,6 +82,7 @@ class DiTTask(Task):
         self.samples, self.caption_dropout, self.objective = samples, caption_dropout, objective
         self.sampling = start.sampling  # None: the generic defaults; with --init, the tuned ones of that model
         self.lora, self.base, self.family, self.expert = lora, start.base_ref, start.family, start.expert
+        self.image_inputs, self.image_encoder = start.image_inputs, start.image_encoder
         self.scheduler_config = objective.schedule(start.schedule if is_flow(start.schedule) else None)
         self.scheduler = None if objective.prediction == "flow" else training_scheduler(self.scheduler_config)
         self.levels = (0.0, 1.0)
@@ -94,12 +97,15 @@ class DiTTask(Task):
         return len(self.samples)
 
     def loss(self, module, items, generator):
-        latents, text = self.samples.batch(items, generator, self.caption_dropout)
+        latents, text, condition = self.samples.batch(items, generator, self.caption_dropout)
         device = next(module.parameters()).device
         latents, text = latents.to(device), text.to(device, torch.float32)
+        condition = {key: value.to(device) for key, value in condition.items()}
+        if self.objective.first_frame and float(torch.rand((), generator=generator)) < self.objective.first_frame:
+            condition["still_frames"] = 1  # this batch starts from its clips' first frames (Wan 2.2 TI2V-5B)
         if self.scheduler is None:
             return flow_loss(module, self.scheduler_config, latents, text, generator, self.objective.object_weight,
-                             self.levels)
+                             self.levels, condition)
         return diffusion_loss(module, self.scheduler, latents, text, generator, self.objective.object_weight)
 
     def stored(self) -> dict:
@@ -116,7 +122,8 @@ class DiTTask(Task):
             save_lora_model(folder, ema, self.base, self.lora, self.video, self.sampling, self.family, self.expert)
         else:
             save_model(folder, ema, self.vae, self.text_spec, self.video, self.scheduler_config, self.sampling,
-                       family_name=self.family.name if self.family else DEFAULT)
+                       family_name=self.family.name if self.family else DEFAULT, image_inputs=self.image_inputs,
+                       image_encoder=self.image_encoder)
 
     def after_save(self, folder, step):
         if self.sample_hook:
