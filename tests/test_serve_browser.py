@@ -1,0 +1,189 @@
+"""soragen serve, driven from a real headless browser: `soragen serve` runs as a process on a free
+port with the default model, and Debian's chromium (through Playwright) uses the page as a person
+would: types a prompt, sets 8 frames, clicks Generate, downloads the MP4, cancels a long run, clicks a
+gallery item, and submits 0 frames.
+
+Without chromium (or Playwright, or Gradio) the test skips, unless SORAGEN_REQUIRE_BROWSER=1 (.ci/run
+sets it) says the browser must be there: then it fails. With SORAGEN_SERVE_SCREENSHOT=PATH it also
+saves its screenshot of the page after the first video there (docs/serve.png is made so).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, cli
+from soragen.io.video import read_video
+
+pytestmark = pytest.mark.slow
+PROMPT = "a red ball moving right in the blue sky"
+STARTUP_SECONDS = 180
+VIDEO_SECONDS = 180
+
+
+def _needed(what: str):
+    if os.environ.get("SORAGEN_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"SORAGEN_REQUIRE_BROWSER=1 but {what}")
+    pytest.skip(what)
+
+
+def chromium() -> str:
+    path = os.environ.get("SORAGEN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        _needed("no chromium here (apt-get install chromium)")
+    for module in ("gradio", "playwright"):
+        try:
+            __import__(module)
+        except ImportError:
+            _needed(f"{module} is not installed (pip install -e '.[test]')")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`soragen serve` with the default model on a free port: (url, output folder, the process)."""
+    chromium()
+    out = tmp_path_factory.mktemp("serve") / "out"
+    port = free_port()
+    log = open(out.parent / "server.log", "w+")
+    env = {**os.environ, "COLUMNS": "200"}
+    process = subprocess.Popen([sys.executable, "-m", "soragen", "serve", "--port", str(port), "--out", str(out)],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"soragen serve exited with {process.returncode}: {log.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"soragen serve did not answer within {STARTUP_SECONDS}s")
+        time.sleep(0.5)
+    yield url, out, process
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def page(server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), headless=True)
+        tab = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+        tab.set_default_timeout(30_000)
+        tab.goto(server[0])
+        tab.wait_for_selector("#generate")
+        yield tab
+        browser.close()
+
+
+def status_shows(page, text: str, timeout: float = VIDEO_SECONDS) -> str:
+    page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text,
+                           timeout=timeout * 1000)
+    return page.inner_text("#status").strip()
+
+
+def set_number(page, name: str, value) -> None:
+    page.locator(f"#{name} input").fill(str(value))
+
+
+def test_the_page_makes_a_video_restores_settings_and_survives_bad_ones(server, page, tmp_path, capfd):
+    url, out, process = server
+    # the model's defaults are in the form
+    assert page.locator("#frames input").input_value() == "16" and page.locator("#steps input").input_value() == "10"
+
+    # a prompt, 8 frames, Generate: the video plays, and its MP4 downloads
+    page.locator("#prompt textarea").fill(PROMPT)
+    set_number(page, "frames", 8)
+    page.locator("#generate").click()
+    status = status_shows(page, "done")
+    seed = int(re.search(r"seed (\d+)", status).group(1))  # random, and shown
+    assert "8 frames, 64x64" in status
+    page.wait_for_function("() => { const v = document.querySelector('#video video'); "
+                           "return v && v.readyState >= 2 && v.videoWidth === 64 && v.videoHeight === 64; }",
+                           timeout=60_000)  # decoded by the browser: it plays
+    with page.expect_download() as download:
+        page.locator("#download a").first.click()
+    saved = tmp_path / "downloaded.mp4"
+    download.value.save_as(saved)
+    frames, fps = read_video(saved)
+    assert frames.shape == (8, 64, 64, 3) and fps == 8
+    assert frames.std() > 1  # a picture, not a flat fill
+    page.wait_for_selector("#gallery button.thumbnail-item")
+    if os.environ.get("SORAGEN_SERVE_SCREENSHOT"):
+        page.screenshot(path=os.environ["SORAGEN_SERVE_SCREENSHOT"])
+
+    # Cancel stops a long run between steps: no video, nothing new in the gallery
+    set_number(page, "steps", 1000)
+    page.locator("#generate").click()
+    page.wait_for_function("() => /denoising \\d+\\/1000/.test(document.querySelector('#video').innerText)",
+                           timeout=60_000)
+    page.locator("#cancel").click()
+    assert re.search(r"cancelled while denoising \(\d+/1000 done\)", status_shows(page, "cancelled while", 60))
+    assert page.locator("#gallery button.thumbnail-item").count() == 1
+
+    # other settings in the form; clicking the gallery's video puts its own back
+    page.locator("#prompt textarea").fill("a blue square")
+    set_number(page, "frames", 4)
+    set_number(page, "steps", 3)
+    page.locator("#gallery button.thumbnail-item").first.click()
+    status_shows(page, "put back in the form", 30)
+    assert page.locator("#prompt textarea").input_value() == PROMPT
+    assert page.locator("#frames input").input_value() == "8"
+    assert page.locator("#steps input").input_value() == "10"
+    assert page.locator("#seed input").input_value() == str(seed)
+    assert not page.locator("#random_seed input").is_checked()
+
+    # 0 frames: the CLI's one-line message on the page, and the server goes on serving
+    rc = cli("generate", PROMPT, "--frames", 0, "--out", tmp_path / "x.mp4")
+    line = assert_one_line_error(capfd.readouterr(), 2, rc, "--frames")
+    set_number(page, "frames", 0)
+    page.locator("#generate").click()
+    assert status_shows(page, "error:", 60) == line
+    assert process.poll() is None
+    set_number(page, "frames", 8)
+    page.locator("#generate").click()
+    status = status_shows(page, "done")
+    assert f"seed {seed}" in status  # the restored seed, no longer random
+    page.wait_for_function("() => document.querySelectorAll('#gallery button.thumbnail-item').length === 2")
+    videos = sorted((out / "videos").iterdir())
+    assert len(videos) == 2 and all(read_video(v)[0].shape == (8, 64, 64, 3) for v in videos)
+    # the same settings and seed: the same frames as the first video
+    assert (read_video(videos[0])[0] == read_video(videos[1])[0]).all()
+
+
+def test_no_request_reads_a_path_the_page_did_not_make(server, page):
+    url, out, _ = server
+    for path in ("/etc/hostname", str(out / "history.jsonl"), str(Path(__file__).resolve())):
+        answer = page.request.get(f"{url}gradio_api/file={path}")
+        assert answer.status in (403, 404), (path, answer.status)
+    # the generate endpoint takes no path: its inputs are the form's values, none of them a file
+    info = page.request.get(f"{url}gradio_api/info").json()
+    inputs = info["named_endpoints"]["/generate"]["parameters"]
+    assert inputs and not any("file" in str(p.get("component", "")).lower() for p in inputs)
