@@ -1,7 +1,8 @@
 """soragen serve, driven from a real headless browser: `soragen serve` runs as a process on a free
 port with the default model, and Debian's chromium (through Playwright) uses the page as a person
 would: types a prompt, sets 8 frames, clicks Generate, downloads the MP4, cancels a long run, clicks a
-gallery item, and submits 0 frames.
+gallery item, and submits 0 frames. Then a load test: 20 requests from 4 clients (Gradio's own
+Python client) queue, all finish in the order they came, and the server's memory stays flat.
 
 Without chromium (or Playwright, or Gradio) the test skips, unless SORAGEN_REQUIRE_BROWSER=1 (.ci/run
 sets it) says the browser must be there: then it fails. With SORAGEN_SERVE_SCREENSHOT=PATH it also
@@ -58,11 +59,14 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`soragen serve` with the default model on a free port: (url, output folder, the process)."""
-    chromium()
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _needed("gradio is not installed (pip install -e '.[test]')")
     out = tmp_path_factory.mktemp("serve") / "out"
     port = free_port()
     log = open(out.parent / "server.log", "w+")
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", "GRADIO_TEMP_DIR": str(out.parent / "gradio")}  # its copies: ours to drop
     process = subprocess.Popen([sys.executable, "-m", "soragen", "serve", "--port", str(port), "--out", str(out)],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -187,3 +191,44 @@ def test_no_request_reads_a_path_the_page_did_not_make(server, page):
     info = page.request.get(f"{url}gradio_api/info").json()
     inputs = info["named_endpoints"]["/generate"]["parameters"]
     assert inputs and not any("file" in str(p.get("component", "")).lower() for p in inputs)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_twenty_requests_from_four_clients_all_finish_in_order(server, tmp_path):
+    """Each request is submitted once the one before it is in the queue, so the queue's order is known;
+    the server must finish all 20, one at a time, in that order, with memory flat after the first."""
+    from gradio_client import Client
+    url, out, process = server
+    if not Path(f"/proc/{process.pid}/status").exists():
+        pytest.skip("no /proc to read the server's memory from")
+    clients = [Client(url, verbose=False, download_files=str(tmp_path / f"client{i}")) for i in range(4)]
+    before = len((out / "history.jsonl").read_text().splitlines()) if (out / "history.jsonl").exists() else 0
+    jobs, queue_sizes, memory = [], [], []
+    for k in range(20):
+        # prompt, negative prompt, frames, height, width, steps, guidance, sampler, seed, random seed
+        job = clients[k % 4].submit(f"load {k}", "", 8, 64, 64, 4, 3.5, "dpm++", k, False, api_name="/generate")
+        deadline = time.monotonic() + 60
+        while (status := job.status()).code.name == "STARTING" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        queue_sizes.append(status.queue_size or 0)
+        jobs.append(job)
+        if k == 0:
+            job.result(timeout=VIDEO_SECONDS)  # the first video made: memory from here on stays flat
+            memory.append(rss_kib(process.pid))
+    for k, job in enumerate(jobs):
+        video, mp4, status, *_ = job.result(timeout=VIDEO_SECONDS)
+        assert status.startswith("done") and f"seed **{k}**" in status, (k, status)
+        assert read_video(video)[0].shape == (8, 64, 64, 3)
+    memory.append(rss_kib(process.pid))
+    assert max(queue_sizes) >= 2  # they did wait in a queue, whose length the clients were told
+    lines = (out / "history.jsonl").read_text().splitlines()[before:]
+    import json
+    assert [json.loads(line)["prompt"] for line in lines] == [f"load {k}" for k in range(20)]  # all, in order
+    print(f"server RSS after the first video {memory[0]} KiB, after all 20 {memory[-1]} KiB")
+    assert memory[-1] <= 1.1 * memory[0], f"RSS grew from {memory[0]} KiB to {memory[-1]} KiB"
