@@ -274,3 +274,28 @@ def test_lora_weights_per_request_make_what_generate_lora_makes(wan_and_lora, tm
                *[f"--{k}={v}" for k, v in settings.items()]) == 0
     assert np.array_equal(read_video(out), at[0.0])
     assert not np.array_equal(at[1.0], at[0.0])  # the adapter does something
+
+
+# ---- an image, on a model that starts from one -----------------------------------------------------
+
+def test_an_uploaded_image_makes_what_generate_image_makes(tmp_path):
+    """Wan 2.2 TI2V-5B's architecture, tiny: the upload's bytes, decoded in memory, give the frames
+    that `generate --image FILE` gives from the same file."""
+    from soragen.pipeline import Pipeline
+    from soragen.tools.tiny_wan import tiny_pipeline
+    folder = tmp_path / "ti2v"
+    tiny_pipeline(ti2v=True).save_pretrained(folder)
+    picture = tmp_path / "start.png"
+    yy, xx = np.mgrid[0:48, 0:40]
+    Image.fromarray(np.stack([yy * 5, xx * 6, np.full_like(yy, 90)], -1).astype(np.uint8)).save(picture)
+    settings = {"frames": 5, "height": 32, "width": 32, "steps": 2, "seed": 1}
+    studio = Studio(Pipeline.load(folder, dtype="float32"), tmp_path / "serve")
+    assert studio.takes_image
+    entry = studio.make(Request(prompt="a corgi", image=picture.read_bytes(), **settings))
+    assert entry["image"] is True
+    out = tmp_path / "cli.mp4"
+    assert cli("generate", "a corgi", "--model", folder, "--image", picture, "--out", out, "--dtype", "float32",
+               *[f"--{k}={v}" for k, v in settings.items()]) == 0
+    assert np.array_equal(read_video(tmp_path / "serve" / entry["file"]), read_video(out))
+    with pytest.raises(SoragenError, match=r"^--image \(the upload\) is not a readable image"):
+        studio.make(Request(prompt="a corgi", image=b"/etc/passwd", **settings))

@@ -56,19 +56,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`soragen serve` with the default model on a free port: (url, output folder, the process)."""
+def serving(folder: Path, *options):
+    """`soragen serve *options` on a free port, its output and Gradio's copies in `folder`:
+    yields (url, output folder, the process)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         _needed("gradio is not installed (pip install -e '.[test]')")
-    out = tmp_path_factory.mktemp("serve") / "out"
+    out = folder / "out"
     port = free_port()
-    log = open(out.parent / "server.log", "w+")
-    env = {**os.environ, "COLUMNS": "200", "GRADIO_TEMP_DIR": str(out.parent / "gradio")}  # its copies: ours to drop
-    process = subprocess.Popen([sys.executable, "-m", "soragen", "serve", "--port", str(port), "--out", str(out)],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    log = open(folder / "server.log", "w+")
+    env = {**os.environ, "COLUMNS": "200", "GRADIO_TEMP_DIR": str(folder / "gradio")}  # its copies: ours to drop
+    process = subprocess.Popen([sys.executable, "-m", "soragen", "serve", "--port", str(port), "--out", str(out),
+                                *map(str, options)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
@@ -92,6 +92,12 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The default model."""
+    yield from serving(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture
@@ -121,6 +127,7 @@ def test_the_page_makes_a_video_restores_settings_and_survives_bad_ones(server, 
     url, out, process = server
     # the model's defaults are in the form
     assert page.locator("#frames input").input_value() == "16" and page.locator("#steps input").input_value() == "10"
+    assert page.locator("#image").count() == 0  # a model that makes videos from text alone: no image input
 
     # a prompt, 8 frames, Generate: the video plays, and its MP4 downloads
     page.locator("#prompt textarea").fill(PROMPT)
@@ -232,3 +239,41 @@ def test_twenty_requests_from_four_clients_all_finish_in_order(server, tmp_path)
     assert [json.loads(line)["prompt"] for line in lines] == [f"load {k}" for k in range(20)]  # all, in order
     print(f"server RSS after the first video {memory[0]} KiB, after all 20 {memory[-1]} KiB")
     assert memory[-1] <= 1.1 * memory[0], f"RSS grew from {memory[0]} KiB to {memory[-1]} KiB"
+
+
+# ---- a model that starts from an image: uploads, and requests that name a path ------------------
+
+@pytest.fixture(scope="module")
+def ti2v_server(tmp_path_factory):
+    """A tiny random model of Wan 2.2 TI2V-5B's architecture, which takes an image."""
+    from soragen.tools.tiny_wan import tiny_pipeline
+    folder = tmp_path_factory.mktemp("ti2v")
+    tiny_pipeline(ti2v=True).save_pretrained(folder / "model")
+    yield from serving(folder, "--model", folder / "model")
+
+
+def test_an_upload_makes_a_video_and_a_request_naming_a_server_file_is_refused(ti2v_server, tmp_path):
+    import json
+
+    import numpy as np
+    from gradio_client import Client, handle_file
+    from PIL import Image
+    url, out, process = ti2v_server
+    picture = tmp_path / "start.png"
+    Image.fromarray(np.full((40, 40, 3), 180, np.uint8)).save(picture)
+    settings = [5, 32, 32, 2, 5.0, "unipc", 1, False]  # frames, height, width, steps, guidance, sampler, seed, random
+    client = Client(url, verbose=False, download_files=str(tmp_path / "client"))
+    video, _, status, *_ = client.predict("a corgi", "", handle_file(str(picture)), *settings, api_name="/generate")
+    assert status.startswith("done") and read_video(video)[0].shape == (5, 32, 32, 3)
+    made = sorted((out / "videos").iterdir())
+    for path in ("/etc/hostname", str(out / "history.jsonl"), str(made[0])):
+        request = {"data": ["a corgi", "", {"path": path, "meta": {"_type": "gradio.FileData"}}, *settings]}
+        call = urllib.request.Request(f"{url}gradio_api/call/generate", data=json.dumps(request).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(call, timeout=30) as answer:
+            event = json.load(answer)["event_id"]
+        with urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=60) as answer:
+            events = answer.read().decode()
+        assert events.startswith("event: error"), (path, events[:300])
+    assert sorted((out / "videos").iterdir()) == made  # no video from a file the request named
+    assert process.poll() is None
