@@ -299,3 +299,9 @@ def test_an_uploaded_image_makes_what_generate_image_makes(tmp_path):
     assert np.array_equal(read_video(tmp_path / "serve" / entry["file"]), read_video(out))
     with pytest.raises(SoragenError, match=r"^--image \(the upload\) is not a readable image"):
         studio.make(Request(prompt="a corgi", image=b"/etc/passwd", **settings))
+
+
+def test_a_run_cancelled_before_it_starts_makes_nothing(studio):
+    with pytest.raises(Cancelled, match="cancelled before it started"):
+        studio.make(Request(prompt="a red ball", **FAST), cancelled=lambda: True)
+    assert list(studio.videos.iterdir()) == [] and studio.history() == []

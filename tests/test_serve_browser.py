@@ -100,17 +100,28 @@ def server(tmp_path_factory):
     yield from serving(tmp_path_factory.mktemp("serve"))
 
 
-@pytest.fixture
-def page(server):
+@pytest.fixture(scope="module")
+def browser(server):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), headless=True)
-        tab = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
-        tab.set_default_timeout(30_000)
-        tab.goto(server[0])
-        tab.wait_for_selector("#generate")
-        yield tab
+        yield browser
         browser.close()
+
+
+def open_page(browser, url: str):
+    tab = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+    tab.set_default_timeout(30_000)
+    tab.goto(url)
+    tab.wait_for_selector("#generate")
+    return tab
+
+
+@pytest.fixture
+def page(server, browser):
+    tab = open_page(browser, server[0])
+    yield tab
+    tab.close()
 
 
 def status_shows(page, text: str, timeout: float = VIDEO_SECONDS) -> str:
@@ -133,7 +144,7 @@ def test_the_page_makes_a_video_restores_settings_and_survives_bad_ones(server, 
     page.locator("#prompt textarea").fill(PROMPT)
     set_number(page, "frames", 8)
     page.locator("#generate").click()
-    status = status_shows(page, "done")
+    status = status_shows(page, "done in")
     seed = int(re.search(r"seed (\d+)", status).group(1))  # random, and shown
     assert "8 frames, 64x64" in status
     page.wait_for_function("() => { const v = document.querySelector('#video video'); "
@@ -180,13 +191,39 @@ def test_the_page_makes_a_video_restores_settings_and_survives_bad_ones(server, 
     assert process.poll() is None
     set_number(page, "frames", 8)
     page.locator("#generate").click()
-    status = status_shows(page, "done")
+    status = status_shows(page, "done in")
     assert f"seed {seed}" in status  # the restored seed, no longer random
     page.wait_for_function("() => document.querySelectorAll('#gallery button.thumbnail-item').length === 2")
     videos = sorted((out / "videos").iterdir())
     assert len(videos) == 2 and all(read_video(v)[0].shape == (8, 64, 64, 3) for v in videos)
     # the same settings and seed: the same frames as the first video
     assert (read_video(videos[0])[0] == read_video(videos[1])[0]).all()
+
+
+def test_a_second_page_waits_in_the_queue_and_cancel_takes_it_off(server, browser):
+    url, out, process = server
+    first, second = open_page(browser, url), open_page(browser, url)
+    videos = sorted((out / "videos").iterdir()) if (out / "videos").exists() else []
+    for tab, steps in ((first, 1000), (second, 10)):
+        tab.locator("#prompt textarea").fill(f"{steps} steps")
+        set_number(tab, "frames", 8)
+        set_number(tab, "steps", steps)
+    first.locator("#generate").click()
+    first.wait_for_function("() => /denoising \\d+\\/1000/.test(document.querySelector('#video').innerText)",
+                            timeout=60_000)
+    second.locator("#generate").click()
+    second.wait_for_function("() => document.querySelector('#video').innerText.includes('queue: 1/1')")  # shown
+    second.locator("#cancel").click()
+    status_shows(second, "taken off", 30)
+    first.locator("#cancel").click()
+    status_shows(first, "cancelled while denoising", 60)
+    second.wait_for_timeout(2000)  # time for a run that was not taken off the queue to start
+    assert sorted((out / "videos").iterdir()) == videos  # neither made a video
+    second.locator("#generate").click()  # and the server goes on
+    status_shows(second, "done in")
+    assert len(list((out / "videos").iterdir())) == len(videos) + 1
+    first.close()
+    second.close()
 
 
 def test_no_request_reads_a_path_the_page_did_not_make(server, page):

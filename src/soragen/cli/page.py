@@ -9,6 +9,7 @@ gr.SelectData, as classes.)
 
 import sys
 import threading
+from dataclasses import dataclass, field
 
 import gradio as gr
 
@@ -20,12 +21,21 @@ FIELDS = ["prompt", "negative_prompt", "frames", "height", "width", "steps", "gu
 CSS = "#status { min-height: 2em; }"
 
 
+@dataclass
+class Run:
+    """A session's run in progress: Cancel sets `stop`, the run sets `done` with its `message`."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    message: str = ""
+
+
 class Page:
     """The Blocks of one server: components by name, and the events' handlers."""
 
     def __init__(self, studio: Studio, title: str):
         self.studio, self.title = studio, title
-        self.running: dict[str, threading.Event] = {}  # session -> its run's cancel flag
+        self.running: dict[str, Run] = {}  # session -> its run in progress
         self.c = {}  # the components, by name
 
     # ---- layout ----------------------------------------------------------------------------------
@@ -81,10 +91,12 @@ class Page:
         c = self.c
         inputs = {c[name] for name in FIELDS} | {c["random_seed"], *c["loras"]} | ({c["image"]} if "image" in c else set())
         results = [c["video"], c["download"], c["status"], c["gallery"], c["history"]]
-        c["generate"].click(lambda: "", outputs=[c["status"]], queue=False, show_progress="hidden").then(
+        run = c["generate"].click(lambda: "", outputs=[c["status"]], queue=False, show_progress="hidden",
+                                  api_visibility="private").then(
             self.generate, inputs=inputs, outputs=results, show_progress_on=[c["video"]], concurrency_limit=1,
             concurrency_id="generate", api_name="generate")
-        c["cancel"].click(self.cancel, outputs=[c["status"]], queue=False)
+        # Gradio takes a waiting run off the queue; a running one stops at its next step (self.cancel)
+        c["cancel"].click(self.cancel, outputs=[c["status"]], queue=False, cancels=[run], api_visibility="private")
         restored = [c[name] for name in FIELDS] + [c["random_seed"], *c["loras"], c["status"]]
         c["gallery"].select(self.restore, inputs=[c["history"]], outputs=restored, queue=False)
         demo.load(self.refresh, outputs=[c["gallery"], c["history"]], queue=False)
@@ -102,25 +114,19 @@ class Page:
     def generate(self, values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
         """The Generate button: (video, MP4, status, gallery, history)."""
         session = getattr(request, "session_hash", None) or "?"
-        stop = self.running[session] = threading.Event()
+        run = self.running[session] = Run()
 
         def report(stage, done, total, note=""):
             progress((done, total), desc=f"{STAGES.get(stage, stage)} {done}/{total}")
 
         try:
-            entry = self.studio.make(self._request(values), report, stop.is_set)
-        except Cancelled as err:
-            return None, None, f"{err}", gr.skip(), gr.skip()
-        except SoragenError as err:  # bad settings, as the CLI says them: one line
-            return None, None, f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", \
-                gr.skip(), gr.skip()
-        except Exception as err:  # a bug: one line on the page, the traceback on the server's stderr
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-            return None, None, f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}", \
-                gr.skip(), gr.skip()
+            entry = self.studio.make(self._request(values), report, run.stop.is_set)
+        except Exception as err:
+            run.message = self._failure(err)
+            return None, None, run.message, gr.skip(), gr.skip()
         finally:
-            if self.running.get(session) is stop:
+            run.done.set()
+            if self.running.get(session) is run:
                 del self.running[session]
         path = self.studio.out / entry["file"]
         print(f"wrote {path} ({entry['seconds']}s, seed {entry['seed']})", file=sys.stderr, flush=True)
@@ -129,13 +135,28 @@ class Page:
                   f"seed **{entry['seed']}**")
         return str(path), str(path), status, gallery, history
 
+    @staticmethod
+    def _failure(err: Exception) -> str:
+        """The status line of a run that made no video: cancelled, bad settings as the CLI says them,
+        or a bug (its traceback on the server's stderr)."""
+        if isinstance(err, Cancelled):
+            return str(err)
+        if isinstance(err, SoragenError):
+            return f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        return f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0]} (the server's log has more)"
+
     def cancel(self, request: gr.Request):
-        session = getattr(request, "session_hash", None) or "?"
-        stop = self.running.get(session)
-        if stop is None:
-            return "nothing of yours is running"
-        stop.set()
-        return "cancelling: the run stops before its next step"
+        """The Cancel button: this page's run stops at its next step (said once it has); a run of
+        this page still waiting in the queue Gradio takes off it."""
+        run = self.running.get(getattr(request, "session_hash", None) or "?")
+        if run is None:
+            return "nothing of yours was running (a run still waiting in the queue is taken off it)"
+        run.stop.set()
+        if not run.done.wait(timeout=60):
+            return "cancelling: the run stops before its next step"
+        return run.message or "cancelled"
 
     def refresh(self):
         """(gallery, history): the output folder's videos, newest first."""

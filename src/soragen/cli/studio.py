@@ -144,6 +144,8 @@ class Studio:
             report(stage, done, total)
 
         with self.lock:
+            if cancelled():
+                raise Cancelled("cancelled before it started")
             start = time.perf_counter()
             if self.loras:
                 self._merge([float(w) for w in req.lora_weights])
