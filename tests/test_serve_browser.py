@@ -286,7 +286,33 @@ def ti2v_server(tmp_path_factory):
     from soragen.tools.tiny_wan import tiny_pipeline
     folder = tmp_path_factory.mktemp("ti2v")
     tiny_pipeline(ti2v=True).save_pretrained(folder / "model")
-    yield from serving(folder, "--model", folder / "model")
+    yield from serving(folder, "--model", folder / "model", "--auth", f"{USER}:{PASSWORD}")
+
+
+USER, PASSWORD = "alice", "s3cret:with:colons"
+
+
+def logged_in(url: str, password: str = PASSWORD):
+    """A urllib opener holding the session cookie of a login (HTTPError 4xx where it is refused)."""
+    import http.cookiejar
+    import urllib.parse
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    opener.open(f"{url}login", data=urllib.parse.urlencode({"username": USER, "password": password}).encode(),
+                timeout=30)
+    return opener
+
+
+def test_auth_keeps_out_whoever_lacks_the_password(ti2v_server):
+    import urllib.error
+    url = ti2v_server[0]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{url}gradio_api/info", timeout=30)
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        logged_in(url, "wrong")
+    assert 400 <= refused.value.code < 500
+    with logged_in(url).open(f"{url}gradio_api/info", timeout=30) as answer:
+        assert answer.status == 200
 
 
 def test_an_upload_makes_a_video_and_a_request_naming_a_server_file_is_refused(ti2v_server, tmp_path):
@@ -299,7 +325,8 @@ def test_an_upload_makes_a_video_and_a_request_naming_a_server_file_is_refused(t
     picture = tmp_path / "start.png"
     Image.fromarray(np.full((40, 40, 3), 180, np.uint8)).save(picture)
     settings = [5, 32, 32, 2, 5.0, "unipc", 1, False]  # frames, height, width, steps, guidance, sampler, seed, random
-    client = Client(url, verbose=False, download_files=str(tmp_path / "client"))
+    client = Client(url, verbose=False, download_files=str(tmp_path / "client"), auth=(USER, PASSWORD))
+    opener = logged_in(url)
     video, _, status, *_ = client.predict("a corgi", "", handle_file(str(picture)), *settings, api_name="/generate")
     assert status.startswith("done") and read_video(video)[0].shape == (5, 32, 32, 3)
     made = sorted((out / "videos").iterdir())
@@ -307,9 +334,9 @@ def test_an_upload_makes_a_video_and_a_request_naming_a_server_file_is_refused(t
         request = {"data": ["a corgi", "", {"path": path, "meta": {"_type": "gradio.FileData"}}, *settings]}
         call = urllib.request.Request(f"{url}gradio_api/call/generate", data=json.dumps(request).encode(),
                                       headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(call, timeout=30) as answer:
+        with opener.open(call, timeout=30) as answer:
             event = json.load(answer)["event_id"]
-        with urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=60) as answer:
+        with opener.open(f"{url}gradio_api/call/generate/{event}", timeout=60) as answer:
             events = answer.read().decode()
         assert events.startswith("event: error"), (path, events[:300])
     assert sorted((out / "videos").iterdir()) == made  # no video from a file the request named
