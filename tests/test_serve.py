@@ -252,6 +252,7 @@ def wan_and_lora(tmp_path_factory):
     return folder, folder.parent / "a.safetensors"
 
 
+@pytest.mark.slow
 def test_lora_weights_per_request_make_what_generate_lora_makes(wan_and_lora, tmp_path):
     from soragen.pipeline import Pipeline
     folder, adapter = wan_and_lora
@@ -278,6 +279,7 @@ def test_lora_weights_per_request_make_what_generate_lora_makes(wan_and_lora, tm
 
 # ---- an image, on a model that starts from one -----------------------------------------------------
 
+@pytest.mark.slow
 def test_an_uploaded_image_makes_what_generate_image_makes(tmp_path):
     """Wan 2.2 TI2V-5B's architecture, tiny: the upload's bytes, decoded in memory, give the frames
     that `generate --image FILE` gives from the same file."""
@@ -297,6 +299,13 @@ def test_an_uploaded_image_makes_what_generate_image_makes(tmp_path):
     assert cli("generate", "a corgi", "--model", folder, "--image", picture, "--out", out, "--dtype", "float32",
                *[f"--{k}={v}" for k, v in settings.items()]) == 0
     assert np.array_equal(read_video(tmp_path / "serve" / entry["file"]), read_video(out))
+    # no height and width: as generate, the image's aspect ratio at the model's area (48x40 is taller than wide)
+    sized = studio.make(Request(prompt="a corgi", image=picture.read_bytes(), frames=1, steps=1))
+    out = tmp_path / "cli-sized.mp4"
+    assert cli("generate", "a corgi", "--model", folder, "--image", picture, "--out", out, "--dtype", "float32",
+               "--frames", 1, "--steps", 1, "--seed", sized["seed"]) == 0
+    assert read_video(out).shape == read_video(tmp_path / "serve" / sized["file"]).shape
+    assert sized["height"] > sized["width"]
     with pytest.raises(SoragenError, match=r"^--image \(the upload\) is not a readable image"):
         studio.make(Request(prompt="a corgi", image=b"/etc/passwd", **settings))
 
@@ -305,3 +314,11 @@ def test_a_run_cancelled_before_it_starts_makes_nothing(studio):
     with pytest.raises(Cancelled, match="cancelled before it started"):
         studio.make(Request(prompt="a red ball", **FAST), cancelled=lambda: True)
     assert list(studio.videos.iterdir()) == [] and studio.history() == []
+
+
+def test_guidance_that_is_not_finite_gets_the_cli_s_message(studio, tiny_model, tmp_path, capfd):
+    rc = cli("generate", "a red ball", "--model", tiny_model, "--out", tmp_path / "x.mp4", "--guidance", "nan")
+    line = assert_one_line_error(capfd.readouterr(), 2, rc)
+    with pytest.raises(UsageError) as err:
+        studio.check(Request(guidance=float("nan")))
+    assert f"error: {err.value}" == line

@@ -68,8 +68,10 @@ class Page:
             c["image"] = gr.File(label="Image to start from (PNG, JPEG, WebP)", type="binary", elem_id="image",
                                  file_types=[".png", ".jpg", ".jpeg", ".webp"])
         with gr.Row():
-            for name in ("frames", "height", "width"):
-                c[name] = gr.Number(label=name, value=d[name], precision=0, elem_id=name)
+            c["frames"] = gr.Number(label="frames", value=d["frames"], precision=0, elem_id="frames")
+            for name in ("height", "width"):  # a model that starts from an image: empty, the image's aspect
+                c[name] = gr.Number(label=name, value=None if self.studio.takes_image else d[name], precision=0,
+                                    elem_id=name, placeholder=f"{d[name]}, or the image's aspect ratio")
         with gr.Row():
             c["steps"] = gr.Number(label="steps", value=d["steps"], precision=0, elem_id="steps")
             c["guidance"] = gr.Number(label="guidance", value=d["guidance"], elem_id="guidance")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from soragen.cli.app import check_overrides, check_text
-from soragen.cli.generate import _check_choices, _slug
+from soragen.cli.generate import _check_choices, _slug, _video_size
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import SoragenError, UsageError
 
@@ -100,6 +101,8 @@ class Studio:
     def check(self, req: Request):
         """(sampling settings, (frames, height, width), seed, image): the request checked as
         `soragen generate` checks its options, with its messages; UsageError otherwise."""
+        if isinstance(req.guidance, float) and not math.isfinite(req.guidance):  # as the CLI's `command` says it
+            raise UsageError(f"--guidance must be a finite number, not {req.guidance}")
         if not isinstance(req.prompt, str):
             raise UsageError("PROMPT must be text")
         check_text(req.prompt, "PROMPT")
@@ -117,8 +120,11 @@ class Studio:
                                  f"not {weight!r}")
         settings = self.pipe.sampling(sampler=req.sampler, steps=numbers["steps"], guidance=req.guidance,
                                       negative_prompt=req.negative_prompt)
-        size = self.pipe.video_size(numbers["frames"], numbers["height"], numbers["width"])
-        return settings, size, seed, self._image(req.image)
+        image = self._image(req.image)
+        # no height and width: the model's, or with an image its aspect ratio at the model's area, as generate
+        size = _video_size(self.pipe, numbers["frames"], numbers["height"], numbers["width"],
+                           [] if image is None else [image])
+        return settings, size, seed, image
 
     def _image(self, data: Optional[bytes]):
         if data is None:
