@@ -322,3 +322,12 @@ def test_guidance_that_is_not_finite_gets_the_cli_s_message(studio, tiny_model, 
     with pytest.raises(UsageError) as err:
         studio.check(Request(guidance=float("nan")))
     assert f"error: {err.value}" == line
+
+
+def test_auth_from_the_environment_lets_a_non_loopback_host_start(tmp_path):
+    # past the host rule: it goes on to load the model, which is not there (exit 1, one line)
+    done = _soragen("serve", "--host", "0.0.0.0", "--port", _free_port(), "--out", tmp_path / "out",
+                    "--model", tmp_path / "no-model", env_extra={"SORAGEN_AUTH": "alice:secret"})
+    assert_one_line_error(done, 1, done.returncode, "no-model")
+    done = _soragen("serve", "--host", "0.0.0.0", "--out", tmp_path / "out", env_extra={"SORAGEN_AUTH": "alice"})
+    assert_one_line_error(done, 2, done.returncode, "USER:PASSWORD")

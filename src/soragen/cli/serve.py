@@ -78,8 +78,9 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="The port to serve on.")] = 7860,
     host: Annotated[str, typer.Option(help="The address to serve on; other than loopback (127.0.0.1, ::1, "
                                       "localhost) it needs --auth or --insecure.")] = "127.0.0.1",
-    auth: Annotated[Optional[str], typer.Option(help="USER:PASSWORD: the page asks for them.",
-                                                show_default=False)] = None,
+    auth: Annotated[Optional[str], typer.Option(envvar="SORAGEN_AUTH", help="USER:PASSWORD: the page asks for "
+                                                "them (or set SORAGEN_AUTH, which ps does not show).",
+                                                show_default=False, show_envvar=False)] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
     out: Annotated[Optional[Path], typer.Option(help="Where the videos and history.jsonl are kept (default: "
                                                 "~/.cache/soragen/serve).", show_default=False)] = None,
