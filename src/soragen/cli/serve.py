@@ -108,7 +108,8 @@ def serve(
     from soragen.cli.page import CSS, Page
     from soragen.io.image import MAX_BYTES
     pipe = studio.pipe
-    title = f"model `{pipe.model.path}` on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}"
+    name = "the built-in model" if model is None else f"`{pipe.model.path}`"
+    title = f"{name} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}"
     demo = Page(studio, title).build()
     demo.queue(default_concurrency_limit=1)
     stderr().print(f"serving {pipe.model.path} at http://{host}:{port} (videos in {out}); Ctrl+C stops")
