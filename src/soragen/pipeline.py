@@ -55,6 +55,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def merge_lora(model: Model, file: Path, weight: float, expert: str = "both") -> None:
+    """Merge the LoRA adapter `file` at `weight` into the model's DiT; of two experts into both, or
+    the one `expert` ("high", "low") names."""
+    from soragen.io import lora_file as lora
+    if expert != "both" and model.dit_2 is None:
+        raise UsageError(f"--lora {file}@{expert} names an expert; {model.path} has one")
+    for i in lora.EXPERTS[expert] if model.dit_2 is not None else (0,):
+        lora.apply(model.experts[i], file, family(model), weight)
+
+
 class StageTimes:
     """A progress callback that adds up the seconds spent in each stage (from its `done == 0` call
     to its `done == total` call) and passes every call on to `forward`."""
@@ -104,11 +114,7 @@ class Pipeline:
         files = [(lora.resolve_file(path), weight, *rest) for path, weight, *rest in loras]  # before the heavy load
         model = load_model(model_dir, resolve_dtype(dtype, dev))
         for file, weight, *rest in files:
-            expert = rest[0] if rest else "both"
-            if expert != "both" and model.dit_2 is None:
-                raise UsageError(f"--lora {file}@{expert} names an expert; {model.path} has one")
-            for i in lora.EXPERTS[expert] if model.dit_2 is not None else (0,):
-                lora.apply(model.experts[i], file, family(model), weight)
+            merge_lora(model, file, weight, *rest)
         text_device = dev if dev.type == "cpu" else torch.device("cpu")
         image_encoder = None
         if model.image_encoder is not None:

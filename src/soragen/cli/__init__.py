@@ -6,4 +6,4 @@ progress bars); generate.py, train.py and models.py the commands.
 """
 
 from soragen.cli.app import main, run  # noqa: F401  (first: it notes when the command started)
-from soragen.cli import generate, train, models  # noqa: F401,E402,I001  (each registers its commands, in this order)
+from soragen.cli import generate, train, models, serve  # noqa: F401,E402,I001  (each registers its commands, in this order)

@@ -103,6 +103,12 @@ def model_dir(model: Optional[Path]) -> Path:
     return default
 
 
+def default_cache() -> Path:
+    """~/.cache/soragen, or under $XDG_CACHE_HOME where that is set."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "soragen"
+
+
 def check_writable(path: Path) -> None:
     """Fail before the long work if the output cannot be written."""
     parent = path if path.is_dir() else path.parent

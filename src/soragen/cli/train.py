@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soragen.cli.app import command, stderr
+from soragen.cli.app import command, default_cache, stderr
 from soragen.core.config import MAX_SEED, ConfigError, DiTObjective, LoRAConfig, TrainConfig, VAEObjective
 from soragen.core.errors import UsageError
 from soragen.core.options import option_error
@@ -154,7 +154,7 @@ def train(
     from soragen.core.atomic import undo_new_folders
     with _train_progress() as progress, undo_new_folders(out):  # a failed start leaves no folder
         result = run_train(cfg, objective, out=out, preset=preset, text_encoder=text_encoder, vae=vae,
-                           init=init, resume=resume, cache_dir=(cache_dir or _default_cache()) if cache else None,
+                           init=init, resume=resume, cache_dir=(cache_dir or default_cache()) if cache else None,
                            windows=windows, device=device, sample_prompts=_sample_prompts(samples), progress=progress,
                            lora=lora, fsdp=fsdp)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -179,11 +179,6 @@ def _sample_prompts(path: Optional[Path]) -> list[str]:
     if not path.is_file():
         raise UsageError(f"--samples {path}: no such file")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "soragen"
 
 
 # train-vae's own defaults: smaller batches, a higher rate, and no bf16 (its gradients overflow in the

@@ -29,8 +29,6 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def read_image(path: Path, what: str = "--image") -> np.ndarray:
     """(H, W, 3) uint8 RGB of the image at `path`; SoragenError naming `what` and the file otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     from soragen.core.jsonfile import read_bytes
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
@@ -40,24 +38,33 @@ def read_image(path: Path, what: str = "--image") -> np.ndarray:
         data = read_bytes(path, MAX_BYTES)  # a regular file of bounded size
     except SoragenError as err:
         raise SoragenError(f"{what} {err}") from None
+    return decode_image(data, f"{what} {path}")
+
+
+def decode_image(data: bytes, what: str = "the image") -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image's bytes (an upload to `soragen serve`, or a file read_image
+    read), decoded in memory under the limits above; SoragenError starting with `what` otherwise."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if len(data) > MAX_BYTES:
+        raise SoragenError(f"{what} is {len(data)} bytes, more than soragen reads ({MAX_BYTES >> 20} MB)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size  # from the header: nothing decoded yet
             if width * height > MAX_PIXELS:
-                raise SoragenError(f"{what} {path} claims {width}x{height} pixels, more than soragen decodes "
+                raise SoragenError(f"{what} claims {width}x{height} pixels, more than soragen decodes "
                                    f"({MAX_PIXELS // 10**6} megapixels): not an image to start a video from")
             if min(width, height) < MIN_SIDE:
-                raise SoragenError(f"{what} {path} is {width}x{height} pixels; an image to start a video from needs "
+                raise SoragenError(f"{what} is {width}x{height} pixels; an image to start a video from needs "
                                    f"at least {MIN_SIDE} a side")
             image.load()
             return _rgb(ImageOps.exif_transpose(image))
     except SoragenError:
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, above ours: its header claims still more
-        raise SoragenError(f"{what} {path} claims more pixels than soragen decodes ({MAX_PIXELS // 10**6} "
+        raise SoragenError(f"{what} claims more pixels than soragen decodes ({MAX_PIXELS // 10**6} "
                            f"megapixels): not an image to start a video from") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise SoragenError(f"{what} {path} is not a readable image: {(str(err).splitlines() or [''])[0]}") from None
+        raise SoragenError(f"{what} is not a readable image: {(str(err).splitlines() or [''])[0]}") from None
 
 
 def _rgb(image) -> np.ndarray:
