@@ -206,3 +206,17 @@ def test_a_lora_trained_from_first_frames_loads_into_diffusers(folders, clips, n
         ours = dit(x, torch.tensor([950.0, 300.0]), text, torch.ones(2, 512, dtype=torch.bool), None, image=image)
     assert (after - before).abs().max() > 1e-3  # the adapter does something
     assert (ours - after).abs().max() <= 1e-4, (ours - after).abs().max()
+
+
+def test_any_frame_count_and_the_dry_run_work_on_image_to_video_models(folders, images, clips, tmp_path, capfd):
+    """7 frames (the VAE takes 1 + 4k: the condition video is padded as the sampled latent is), and
+    train --dry-run's plan runs the DiT's training forward with its image inputs."""
+    assert cli("generate", PROMPT, "--model", folders["flf2v"][0], "--image", images[0], "--last-image", images[1],
+               "--frames", 7, "--height", 32, "--width", 48, "--steps", 2, "--out", tmp_path / "seven") == 0
+    assert len(list((tmp_path / "seven").glob("frame_*.png"))) == 7
+    for name, extra in (("i2v", []), ("i2v-a14b", ["--expert", "low"])):
+        capfd.readouterr()
+        assert cli("train", "--init", folders[name][0], "--data", clips, "--out", tmp_path / "run", "--frames", 5,
+                   "--height", 32, "--width", 48, "--lora-rank", 4, "--dry-run", *extra) == 0
+        assert "memory per device" in capfd.readouterr().out
+    assert not (tmp_path / "run").exists()

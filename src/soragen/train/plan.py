@@ -76,17 +76,19 @@ def activation_bytes(dit, batch: int, latent_shape: tuple[int, ...], text_tokens
             kept[id(base)] = base.numel() * base.element_size()
         return tensor
 
-    with torch.device("meta"):
-        x = torch.zeros(batch, *latent_shape, requires_grad=not trained)
+    config = dit.config
+    with torch.device("meta"):  # an image-to-video DiT's input: the latent, then the mask and image latent
+        x = torch.zeros(batch, config.in_channels, *latent_shape[1:], requires_grad=not trained)
         t = torch.zeros(batch)
         text = torch.zeros(batch, text_tokens, text_dim)
         mask = torch.ones(batch, text_tokens, dtype=torch.bool)
         pooled = torch.zeros(batch, text_dim)
+        image = torch.zeros(batch, config.image_tokens or 257, config.image_dim) if config.image_dim else None
     before = Attention.__dict__["attend"]  # the staticmethod itself
     Attention.attend = staticmethod(_fused)
     try:
         with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            dit(x, t, text, mask, pooled)
+            dit(x, t, text, mask, pooled, image=image)
     finally:
         Attention.attend = before
     return sum(kept.values())
