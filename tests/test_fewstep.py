@@ -1,0 +1,115 @@
+"""Few-step videos: step-distillation LoRAs in the layouts people download (LightX2V / Lightning /
+CausVid's original Wan names, kohya / musubi-tuner's, diffusers' own with lora_B biases) merged as
+diffusers' load_lora_weights + fuse_lora merges them, and LCM sampling with explicit timesteps,
+against diffusers on a tiny random Wan pipeline."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from soragen.families.wan import FAMILY as WAN
+from soragen.families.wan import from_diffusers
+from soragen.io import lora_file
+from soragen.tools.tiny_wan import tiny_pipeline
+
+PROMPT = "a red ball moving right"
+DIM, FFN, OUT = 40, 48, 16  # the tiny transformer's width, FFN width and output features (4 channels x 2 x 2)
+
+
+def inputs(seed=1, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 3, 8, 8, generator=g), torch.tensor([900.0, 300.0][:batch]),
+            torch.randn(batch, 7, 16, generator=g))
+
+
+def ours_forward(dit, x, t, text):
+    return dit(x, t, text, torch.ones(text.shape[:2], dtype=torch.bool), None)
+
+
+def theirs_forward(transformer, x, t, text):
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def lightx2v_adapter(rank=4, alpha=8.0, seed=5, bias=True, norms="zero") -> dict[str, torch.Tensor]:
+    """An adapter in the original Wan layout as LightX2V's distillation LoRAs are published:
+    `diffusion_model.` names, lora_down / lora_up with an alpha, a `diff_b` bias delta beside every
+    pair (attention, FFN, head), and norm deltas (`norms`: "zero" as in those files, "random", or
+    "none"). Random values throughout."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    state = {}
+
+    def pair(name, fan_in, fan_out, with_alpha=True):
+        state[f"diffusion_model.{name}.lora_down.weight"] = rand(rank, fan_in)
+        state[f"diffusion_model.{name}.lora_up.weight"] = rand(fan_out, rank)
+        if with_alpha:
+            state[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
+        if bias:
+            state[f"diffusion_model.{name}.diff_b"] = rand(fan_out)
+    for i in range(2):
+        for attn in ("self_attn", "cross_attn"):
+            for part in "qkvo":
+                pair(f"blocks.{i}.{attn}.{part}", DIM, DIM)
+        pair(f"blocks.{i}.ffn.0", DIM, FFN)
+        pair(f"blocks.{i}.ffn.2", FFN, DIM)
+        if norms != "none":
+            make = (lambda n: torch.zeros(n)) if norms == "zero" else rand
+            for name in (f"blocks.{i}.self_attn.norm_q", f"blocks.{i}.cross_attn.norm_k", f"blocks.{i}.norm3"):
+                state[f"diffusion_model.{name}.diff"] = make(DIM)
+            state[f"diffusion_model.blocks.{i}.norm3.diff_b"] = make(DIM)
+    pair("head.head", DIM, OUT, with_alpha=False)  # diffusers' converter reads no alpha for the head
+    return state
+
+
+def save_adapter(path, state, metadata=None):
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt", **(metadata or {})})
+    return path
+
+
+def diffusers_fused(path, weight=1.0):
+    """The tiny pipeline with the adapter loaded and fused by diffusers itself."""
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(path), adapter_name="a")
+    if weight != 1.0:
+        pipe.set_adapters(["a"], [weight])
+    pipe.fuse_lora(components=["transformer"])
+    return pipe
+
+
+def soragen_merged(path, weight=1.0):
+    dit = from_diffusers(tiny_pipeline().transformer).float()
+    changed = lora_file.apply(dit, path, WAN, weight)
+    return dit, changed
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_a_lightx2v_adapter_merges_as_diffusers_fuses_it_bias_deltas_included(tmp_path, weight):
+    path = save_adapter(tmp_path / "lightx2v.safetensors", lightx2v_adapter())
+    pipe = diffusers_fused(path, weight)
+    dit, changed = soragen_merged(path, weight)
+    # per block: qkv's weight and bias, proj's, q's, kv's, proj's, two FFN linears' (7 x 2), the
+    # norms' 4 tensors (norm_q, norm_k, the cross-attention norm's weight and bias: zero deltas,
+    # added all the same); and the head's weight and bias
+    assert changed == 2 * (7 * 2 + 4) + 2
+    x, t, text = inputs()
+    with torch.no_grad():
+        want = theirs_forward(pipe.transformer, x, t, text)
+        plain = theirs_forward(tiny_pipeline().transformer, x, t, text)
+        got = ours_forward(dit, x, t, text)
+    assert (want - plain).abs().max() > 0.05  # the adapter does something
+    assert (got - want).abs().max() <= 1e-4, (got - want).abs().max()
+
+
+def test_the_bias_deltas_matter(tmp_path):
+    """Merged without its diff_b keys, the same adapter lands far from diffusers' fused model: a
+    merge that dropped the bias deltas would fail the test above."""
+    full = save_adapter(tmp_path / "full.safetensors", lightx2v_adapter())
+    no_bias = save_adapter(tmp_path / "no-bias.safetensors", lightx2v_adapter(bias=False))
+    pipe = diffusers_fused(full)
+    dit, _ = soragen_merged(no_bias)
+    x, t, text = inputs()
+    with torch.no_grad():
+        assert (ours_forward(dit, x, t, text) - theirs_forward(pipe.transformer, x, t, text)).abs().max() > 1e-2
