@@ -113,3 +113,92 @@ def test_the_bias_deltas_matter(tmp_path):
     x, t, text = inputs()
     with torch.no_grad():
         assert (ours_forward(dit, x, t, text) - theirs_forward(pipe.transformer, x, t, text)).abs().max() > 1e-2
+
+
+def musubi_adapter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same pairs in kohya / musubi-tuner's names (`lora_unet_blocks_0_self_attn_q.lora_down.weight`);
+    musubi has no bias deltas and an alpha on every pair."""
+    out = {}
+    for key, value in state.items():
+        module, _, tail = key.removeprefix("diffusion_model.").partition(".lora_")
+        if not tail or module.startswith("head"):
+            continue
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{tail}"] = value
+        out[f"{name}.alpha"] = state.get(f"diffusion_model.{module}.alpha", torch.tensor(4.0))
+    return out
+
+
+def diffusers_layout_with_bias(seed=6, rank=3) -> dict[str, torch.Tensor]:
+    """diffusers' own layout with lora_B biases (what a peft LoRA with lora_bias=True saves)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(2):
+        for name, fan_in, fan_out in ((f"blocks.{i}.attn1.to_k", DIM, DIM), (f"blocks.{i}.attn2.to_v", DIM, DIM),
+                                      (f"blocks.{i}.ffn.net.0.proj", DIM, FFN)):
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.1
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.1
+            state[f"transformer.{name}.lora_B.bias"] = torch.randn(fan_out, generator=g) * 0.1
+    return state
+
+
+LAYOUTS = {
+    "original, lora_A / lora_B names (ComfyUI)": lambda: {k.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v
+                                                          for k, v in lightx2v_adapter(seed=7).items()},
+    "kohya / musubi-tuner": lambda: musubi_adapter(lightx2v_adapter(seed=8, bias=False, norms="none")),
+    "diffusers with lora_B biases": diffusers_layout_with_bias,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_other_layouts_merge_as_diffusers_fuses_them(tmp_path, layout):
+    path = save_adapter(tmp_path / "a.safetensors", LAYOUTS[layout]())
+    pipe = diffusers_fused(path)
+    dit, _ = soragen_merged(path)
+    x, t, text = inputs()
+    with torch.no_grad():
+        want = theirs_forward(pipe.transformer, x, t, text)
+        assert (want - theirs_forward(tiny_pipeline().transformer, x, t, text)).abs().max() > 0.05
+        assert (ours_forward(dit, x, t, text) - want).abs().max() <= 1e-4
+
+
+def test_whole_tensor_deltas_land_on_the_tensors_their_original_names_say(tmp_path):
+    """The deltas diffusers' converter drops or fails on (a norm's, the patch embedding's kernel,
+    a modulation table's, a weight inside our fused q/k/v, bias deltas without a LoRA pair): each
+    added to the tensor diffusers' names say, as if added to WanPipeline's transformer before it
+    is mapped onto ours (its kernel flattened, its k among the fused rows)."""
+    g = torch.Generator().manual_seed(9)
+    reference = tiny_pipeline().transformer
+    theirs = dict(reference.named_parameters())
+    deltas = {"patch_embedding.diff": "patch_embedding.weight", "blocks.0.modulation.diff": "blocks.0.scale_shift_table",
+              "blocks.1.self_attn.k.diff": "blocks.1.attn1.to_k.weight", "blocks.1.norm3.diff": "blocks.1.norm2.weight",
+              "blocks.0.cross_attn.norm_q.diff": "blocks.0.attn2.norm_q.weight",
+              "text_embedding.0.diff_b": "condition_embedder.text_embedder.linear_1.bias",
+              "time_projection.1.diff_b": "condition_embedder.time_proj.bias", "head.modulation.diff": "scale_shift_table",
+              "head.head.diff": "proj_out.weight"}
+    state = {}
+    with torch.no_grad():
+        for key, name in deltas.items():
+            state[f"diffusion_model.{key}"] = torch.randn(theirs[name].shape, generator=g) * 0.1
+            theirs[name].add_(state[f"diffusion_model.{key}"] * 0.5)
+    path = save_adapter(tmp_path / "deltas.safetensors", state)
+    dit, changed = soragen_merged(path, weight=0.5)
+    assert changed == len(deltas)
+    want = from_diffusers(reference).state_dict()
+    got = dit.state_dict()
+    assert all((got[k] - want[k]).abs().max() <= 1e-6 for k in want)
+
+
+@pytest.mark.parametrize("key, shape", [("blocks.0.norm1.diff", (DIM,)), ("blocks.0.modulation.diff_b", (DIM,)),
+                                        ("blocks.5.self_attn.q.diff_b", (DIM,))])
+def test_a_delta_soragen_cannot_place_is_refused_naming_it(tmp_path, key, shape):
+    """Wan's norm1 has no weight, a modulation table no bias, the tiny model no block 5: refused
+    before any weight changes (diffusers drops the first two without a word)."""
+    from soragen.core.errors import SoragenError
+    state = {**lightx2v_adapter(), f"diffusion_model.{key}": torch.ones(shape)}
+    path = save_adapter(tmp_path / "odd.safetensors", state)
+    dit = from_diffusers(tiny_pipeline().transformer).float()
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    with pytest.raises(SoragenError, match=key.replace(".", r"\.")):
+        lora_file.apply(dit, path, WAN)
+    assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())

@@ -46,10 +46,10 @@ class Family:
         onto ours: "copy", "cat" or another the family's `lora_delta` knows)."""
         return {}
 
-    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """A LoRA file's tensors as (lora_A / lora_B pairs, lora_B biases and kohya-style alphas in
-        the layout `lora_names` names; whole-tensor deltas keyed by the parameter names of
-        `lora_targets`); other tools' layouts converted. Raises on a layout it cannot read."""
+        the layout `lora_names` names; whole-tensor deltas: a parameter name of `lora_targets` ->
+        (the file's key, the delta)); other tools' layouts converted. Raises on a layout it cannot read."""
         return tensors, {}
 
     def lora_delta(self, how: str, delta: torch.Tensor) -> torch.Tensor:

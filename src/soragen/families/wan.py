@@ -322,7 +322,7 @@ class WanFamily(Family):
     def lora_delta(self, how: str, delta: torch.Tensor) -> torch.Tensor:
         return combine(Rule("", [], how), [delta]) if how == "conv" and delta.dim() == 5 else delta
 
-    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """diffusers' own conversion of the original Wan (LightX2V, Lightning, CausVid) and
         kohya / musubi-tuner layouts (given tensors, never a file to unpickle), and the deltas its
         converter drops (soragen.families.wan_lora.split_deltas): (lora tensors, their parameter -> delta)."""

@@ -60,9 +60,9 @@ def parameter(key: str) -> str:
     return f"{theirs}.{'weight' if kind == 'diff' else 'bias'}"
 
 
-def split_deltas(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the tensors for diffusers' converter, the deltas it would drop or fail on, keyed by
-    diffusers' name of their parameter): every `diff` of the original layout, the `diff_b` of norms
+def split_deltas(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
+    """(the tensors for diffusers' converter, the deltas it would drop or fail on: diffusers' name
+    of their parameter -> (the file's key, the delta)): every `diff` of the original layout, the `diff_b` of norms
     and of modules without a LoRA pair. The `diff_b` of a module with a pair stays with diffusers,
     which merges it as peft merges `lora_B.bias`."""
     if not any(k.startswith(PREFIX) for k in tensors):
@@ -73,7 +73,7 @@ def split_deltas(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
         module, _, kind = name.rpartition(".")
         paired = any(f"{PREFIX}{module}.{p}.weight" in tensors for p in PAIRS)
         if key.startswith(PREFIX) and kind in ("diff", "diff_b") and (kind == "diff" or "norm" in module or not paired):
-            deltas[parameter(name)] = value
+            deltas[parameter(name)] = (key, value)
         else:
             rest[key] = value
     return rest, deltas

@@ -176,10 +176,12 @@ def _some(keys: list[str]) -> str:
     return keys[0] + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
 
 
-def _place(targets: dict, weights: dict, name: str, what: str, depth: int):
-    """(our tensor, its rows, how) that the other tool's parameter `name` is part of; refused where there is none."""
+def _place(targets: dict, weights: dict, name: str, what: str, depth: int, key: str | None = None):
+    """(our tensor, its rows, how) that the other tool's parameter `name` is part of; refused where
+    there is none (naming the file's `key` where it differs)."""
     if name not in targets:
-        raise SoragenError(f"{what} adapts {name}, which this model ({depth} blocks) does not have: an adapter for "
+        named = name if key is None or key.endswith(name) else f"{key} ({name})"
+        raise SoragenError(f"{what} adapts {named}, which this model ({depth} blocks) does not have: an adapter for "
                            f"another model, or a key soragen cannot place (refused, not dropped)")
     ours, part, parts, how = targets[name]
     target = weights[ours]
@@ -249,12 +251,12 @@ def _bias_update(targets: dict, weights: dict, theirs: str, bias: torch.Tensor, 
 def _delta_updates(dit, deltas: dict, family, targets: dict, weights: dict, weight: float, what: str) -> list:
     """Whole-tensor deltas (the original layout's `diff` and `diff_b`), each added times `weight`."""
     updates = []
-    for name, delta in sorted(deltas.items()):
-        target, rows, how = _place(targets, weights, name, what, len(dit.blocks))
+    for name, (key, delta) in sorted(deltas.items()):
+        target, rows, how = _place(targets, weights, name, what, len(dit.blocks), key)
         ours = family.lora_delta(how, delta.float())
         want = (rows.stop - rows.start, *target.shape[1:])
         if tuple(ours.shape) != want:
-            raise SoragenError(f"{what} does not fit this model: its delta of {name} has shape {tuple(delta.shape)}, "
-                               f"the model's {name} {want} (an adapter for another model)")
-        updates.append((target, rows, _finite(ours * weight, name, what)))
+            raise SoragenError(f"{what} does not fit this model: its {key} of shape {tuple(delta.shape)} cannot add to "
+                               f"the model's {name} (an adapter for another model)")
+        updates.append((target, rows, _finite(ours * weight, key, what)))
     return updates
