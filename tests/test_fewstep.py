@@ -202,3 +202,59 @@ def test_a_delta_soragen_cannot_place_is_refused_naming_it(tmp_path, key, shape)
     with pytest.raises(SoragenError, match=key.replace(".", r"\.")):
         lora_file.apply(dit, path, WAN)
     assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())
+
+
+# ---- few-step sampling: LCM and explicit timesteps, against WanPipeline ------------------------------
+
+RUN = dict(height=32, width=32, num_frames=5)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan") / "Wan-tiny"
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(folder, max_shard_size="40KB")
+    return folder, pipe
+
+
+def lcm_reference(pipe, seed, steps, timesteps=None, pass_generator=True, output_type="latent"):
+    """WanPipeline with diffusers' FlowMatchLCMScheduler at the folder's shift, guidance 1 (one
+    pass per step). WanPipeline 0.42.1 does not pass its generator to `scheduler.step`, so LCM's
+    re-noising would come from torch's global generator and differ run to run; here the
+    scheduler's own step is called with the run's generator, the one WanPipeline drew the
+    starting noise from: the same stream soragen draws from. Everything else (the loop, the
+    transformer, the scheduler's arithmetic) is diffusers' as it is. `timesteps`: the scheduler's
+    set_timesteps given them as sigmas t / 1000 (which it shifts), as soragen gives them."""
+    import copy
+
+    from diffusers import FlowMatchLCMScheduler
+    pipe = copy.copy(pipe)
+    scheduler = FlowMatchLCMScheduler(shift=pipe.scheduler.config.flow_shift)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    step, set_timesteps = scheduler.step, scheduler.set_timesteps
+    if pass_generator:
+        scheduler.step = lambda *args, **kwargs: step(*args, generator=generator, **kwargs)
+    if timesteps is not None:
+        scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=[t / 1000 for t in timesteps],
+                                                                       device=device)
+    pipe.scheduler = scheduler
+    return pipe(PROMPT, generator=generator, guidance_scale=1.0, num_inference_steps=steps, output_type=output_type,
+                **RUN).frames
+
+
+@pytest.mark.parametrize("timesteps", [None, (1000.0, 750.0, 500.0, 250.0)])
+def test_lcm_at_guidance_1_matches_wanpipeline_with_its_generator_passed(wan_folder, timesteps):
+    from soragen.pipeline import Pipeline
+    folder, pipe = wan_folder
+    want = lcm_reference(pipe, 7, 4, timesteps)
+    ours = Pipeline.load(folder, device="cpu", dtype="float32")
+    settings = ours.sampling(sampler="lcm", steps=None if timesteps else 4, guidance=1.0, timesteps=timesteps)
+    assert settings.steps == 4
+    latent = ours.sample_latent(PROMPT, 5, 32, 32, settings, seed=7)
+    assert (latent - want).abs().max() <= 1e-4, (latent - want).abs().max()
+    assert torch.equal(ours.sample_latent(PROMPT, 5, 32, 32, settings, seed=7), latent)  # a seed, one video
+    assert (ours.sample_latent(PROMPT, 5, 32, 32, settings, seed=8) - latent).abs().max() > 0.1
+    # the steps' noise matters: drawn from another generator, the video is another
+    assert (lcm_reference(pipe, 7, 4, timesteps, pass_generator=False) - want).abs().max() > 0.1
+    if timesteps:  # and the list matters: the default 4 steps land elsewhere
+        assert (lcm_reference(pipe, 7, 4) - want).abs().max() > 1e-2

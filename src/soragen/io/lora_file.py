@@ -105,6 +105,46 @@ def _read(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
+RECIPE = "soragen.recipe"  # the safetensors metadata key of an adapter's recommended sampling settings
+RECIPE_KEYS = ("sampler", "steps", "guidance", "shift", "timesteps")
+
+
+def read_recipe(path: Path) -> dict:
+    """The sampling settings the adapter in `path` recommends: its metadata's soragen.recipe, a
+    JSON object of sampler, steps, guidance, shift and timesteps (a list), checked as a model's own
+    settings are; {} where it has none. SoragenError naming the file otherwise (only the header is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from soragen.core.config import ConfigError, SamplingDefaults
+    from soragen.core.jsonfile import not_regular, parse_json
+    what = f"--lora {path}"
+    if not_regular(path):
+        raise SoragenError(f"{what} is {not_regular(path)}, not a regular file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(RECIPE)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SoragenError(f"{what} is not a readable safetensors file: "
+                           f"{(str(err).splitlines() or [type(err).__name__])[0]}") from err
+    if raw is None:
+        return {}
+    recipe = parse_json(raw, f"{what}: its {RECIPE} metadata")
+    if not isinstance(recipe, dict):
+        raise SoragenError(f"{what}: its {RECIPE} metadata must be a JSON object, not {type(recipe).__name__}")
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise SoragenError(f"{what}: its {RECIPE} metadata recommends {unknown[0]!r}, which soragen does not know "
+                           f"(it knows {', '.join(RECIPE_KEYS)})")
+    try:
+        settings = SamplingDefaults(**recipe)
+    except ConfigError as err:
+        raise SoragenError(f"{what} recommends settings out of range ({RECIPE} metadata): {err}") from None
+    if settings.timesteps and "steps" in recipe and len(settings.timesteps) != settings.steps:
+        raise SoragenError(f"{what} recommends {settings.steps} steps and {len(settings.timesteps)} timesteps "
+                           f"({RECIPE} metadata): they must agree")
+    return {k: getattr(settings, k) for k in recipe}
+
+
 def _number(value, where: str, positive: bool = False) -> float:
     """A finite number from an adapter's metadata or alpha tensor (a positive one for a rank)."""
     if torch.is_tensor(value):
