@@ -5,11 +5,14 @@ against diffusers on a tiny random Wan pipeline."""
 
 from __future__ import annotations
 
+import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import assert_one_line_error, cli
 from soragen.families.wan import FAMILY as WAN
 from soragen.families.wan import from_diffusers
 from soragen.io import lora_file
@@ -258,3 +261,103 @@ def test_lcm_at_guidance_1_matches_wanpipeline_with_its_generator_passed(wan_fol
     assert (lcm_reference(pipe, 7, 4, timesteps, pass_generator=False) - want).abs().max() > 0.1
     if timesteps:  # and the list matters: the default 4 steps land elsewhere
         assert (lcm_reference(pipe, 7, 4) - want).abs().max() > 1e-2
+
+
+# ---- the command line: recommended settings, bad input ----------------------------------------------
+
+SMALL = ["--frames", 5, "--height", 32, "--width", 32, "--dtype", "float32"]
+
+
+def frames_in(folder) -> np.ndarray:
+    from PIL import Image
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("frame_*.png"))])
+
+
+def recipe_adapter(folder, recipe, name="lightx2v.safetensors"):
+    return save_adapter(folder / name, lightx2v_adapter(), {"soragen.recipe": json.dumps(recipe)})
+
+
+def test_an_adapters_recommended_settings_are_used_and_said_unless_overridden(wan_folder, tmp_path, capfd):
+    folder, _ = wan_folder
+    adapter = recipe_adapter(tmp_path, {"sampler": "lcm", "steps": 4, "guidance": 1, "shift": 5,
+                                        "timesteps": [1000, 750, 500, 250]})
+    plain = save_adapter(tmp_path / "plain.safetensors", lightx2v_adapter())
+    capfd.readouterr()
+    assert cli("generate", PROMPT, "--model", folder, "--lora", adapter, *SMALL, "--out", tmp_path / "a") == 0
+    notes = [line for line in capfd.readouterr().err.splitlines() if "recommend" in line]
+    assert notes == [f"note: using the settings {adapter} recommends: sampler lcm, steps 4, guidance 1, shift 5, "
+                     f"timesteps 1000,750,500,250 (an option given overrides its own)"]
+    assert cli("generate", PROMPT, "--model", folder, "--lora", plain, *SMALL, "--sampler", "lcm", "--guidance", 1,
+               "--shift", 5, "--timesteps", "1000,750,500,250", "--out", tmp_path / "b") == 0
+    assert np.array_equal(frames_in(tmp_path / "a"), frames_in(tmp_path / "b"))
+    # each option given overrides its own: --steps drops the recommended list of timesteps too
+    capfd.readouterr()
+    assert cli("generate", PROMPT, "--model", folder, "--lora", adapter, *SMALL, "--steps", 2, "--guidance", 1.5,
+               "--out", tmp_path / "c") == 0
+    err = capfd.readouterr().err
+    assert "recommends: sampler lcm, shift 5 (" in err and "lcm 2" in err and "guidance 1.5" in err
+
+
+BAD_RECIPES = {
+    "steps 0": ({"steps": 0}, ["steps", "between 1 and 1000"]),
+    "a sampler soragen lacks": ({"sampler": "turbo"}, ["sampler", "turbo"]),
+    "timesteps rising": ({"timesteps": [250, 500, 750, 1000]}, ["timesteps", "decrease"]),
+    "timesteps past the schedule": ({"timesteps": [4000, 2000]}, ["timesteps", "at most 1000"]),
+    "guidance negative": ({"guidance": -1}, ["guidance"]),
+    "a key soragen does not know": ({"cfg": 1}, ["'cfg'"]),
+    "not an object": ([4], ["JSON object"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECIPES)
+def test_an_adapter_recommending_settings_out_of_range_is_one_line_naming_it(wan_folder, tmp_path, capfd, case):
+    folder, _ = wan_folder
+    recipe, needles = BAD_RECIPES[case]
+    adapter = recipe_adapter(tmp_path, recipe, "odd.safetensors")
+    capfd.readouterr()
+    rc = cli("generate", PROMPT, "--model", folder, "--lora", adapter, *SMALL, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "odd.safetensors", *needles)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+BAD_OPTIONS = {
+    "timesteps rising": (["--timesteps", "250,500"], ["--timesteps", "decrease"]),
+    "timesteps repeated": (["--timesteps", "500,500"], ["--timesteps", "decrease"]),
+    "timesteps not numbers": (["--timesteps", "1000,half"], ["--timesteps", "numbers"]),
+    "timesteps NaN": (["--timesteps", "nan"], ["--timesteps", "finite"]),
+    "timesteps zero": (["--timesteps", "1000,0"], ["--timesteps", "above 0"]),
+    "timesteps past the schedule": (["--timesteps", "1500,750"], ["--timesteps", "at most 1000"]),
+    "timesteps and steps disagree": (["--timesteps", "1000,500", "--steps", 3], ["--timesteps", "--steps"]),
+    "timesteps with dpm++": (["--timesteps", "1000,500", "--sampler", "dpm++"], ["--timesteps", "dpm++"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_bad_timesteps_are_a_usage_error(wan_folder, tmp_path, capfd, case):
+    folder, _ = wan_folder
+    options, needles = BAD_OPTIONS[case]
+    capfd.readouterr()
+    rc = cli("generate", PROMPT, "--model", folder, *SMALL, *options, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 2, rc, *needles)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("options, needles", [(["--sampler", "lcm"], ["--sampler lcm", "DDPM"]),
+                                              (["--timesteps", "999,500"], ["--timesteps", "flow-matching"])])
+def test_lcm_and_timesteps_on_the_default_ddpm_model_are_a_usage_error(tmp_path, capfd, options, needles):
+    capfd.readouterr()
+    rc = cli("generate", PROMPT, *options, "--frames", 4, "--steps", 2, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 2, rc, *needles)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("key, needle", [("blocks.0.norm1.diff", "cannot place"),
+                                         ("blocks.0.self_attn.q.dora_scale", "DoRA")])
+def test_an_adapter_with_a_key_soragen_cannot_place_is_one_line_naming_it(wan_folder, tmp_path, capfd, key, needle):
+    """diffusers drops both (norm1 has no weight; DoRA's magnitudes with a warning): soragen refuses."""
+    folder, _ = wan_folder
+    adapter = save_adapter(tmp_path / "odd.safetensors", {**lightx2v_adapter(), f"diffusion_model.{key}": torch.ones(DIM)})
+    capfd.readouterr()
+    rc = cli("generate", PROMPT, "--model", folder, "--lora", adapter, *SMALL, "--steps", 1, "--out", tmp_path / "v.mp4")
+    assert_one_line_error(capfd.readouterr(), 1, rc, "odd.safetensors", key, needle)
+    assert not (tmp_path / "v.mp4").exists()
