@@ -361,3 +361,43 @@ def test_an_adapter_with_a_key_soragen_cannot_place_is_one_line_naming_it(wan_fo
     rc = cli("generate", PROMPT, "--model", folder, "--lora", adapter, *SMALL, "--steps", 1, "--out", tmp_path / "v.mp4")
     assert_one_line_error(capfd.readouterr(), 1, rc, "odd.safetensors", key, needle)
     assert not (tmp_path / "v.mp4").exists()
+
+
+def reference_frames(video) -> np.ndarray:
+    return (video[0] * 255).round().astype(np.int16)
+
+
+@pytest.mark.slow
+def test_generate_with_a_lightx2v_adapter_gives_the_frames_of_wanpipeline_with_it_fused(wan_folder, tmp_path):
+    """The latent of a video (where the adapter's effect shows: the tiny random VAE's frames barely
+    depend on it) within 1e-4 of WanPipeline's with the adapter fused, far from the one without;
+    and the PNG frames `generate` writes within 2 levels of WanPipeline's (merge, sampling, decode
+    and writing end to end)."""
+    from soragen.pipeline import Pipeline
+    folder, plain = wan_folder
+    adapter = save_adapter(tmp_path / "lightx2v.safetensors", lightx2v_adapter())
+    pipe = diffusers_fused(adapter)
+    run = dict(negative_prompt="the sky", guidance_scale=4.0, num_inference_steps=3, **RUN)
+    latents = [p(PROMPT, output_type="latent", generator=torch.Generator("cpu").manual_seed(7), **run).frames
+               for p in (pipe, plain)]
+    ours = Pipeline.load(folder, device="cpu", dtype="float32", loras=[(adapter, 1.0)])
+    latent = ours.sample_latent(PROMPT, 5, 32, 32, ours.sampling(steps=3, guidance=4.0, negative_prompt="the sky"),
+                                seed=7)
+    assert (latent - latents[0]).abs().max() <= 1e-4, (latent - latents[0]).abs().max()
+    assert (latents[1] - latents[0]).abs().max() > 0.1
+    want = pipe(PROMPT, output_type="np", generator=torch.Generator("cpu").manual_seed(7), **run).frames
+    assert cli("generate", PROMPT, "--model", folder, "--lora", adapter, *SMALL, "--steps", 3, "--guidance", 4,
+               "--negative-prompt", "the sky", "--seed", 7, "--out", tmp_path / "frames") == 0
+    frames = frames_in(tmp_path / "frames")
+    assert frames.shape == (5, 32, 32, 3)
+    assert np.abs(frames.astype(np.int16) - reference_frames(want)).max() <= 2
+
+
+@pytest.mark.slow
+def test_generate_lcm_4_steps_guidance_1_gives_the_frames_of_the_reference(wan_folder, tmp_path):
+    """The command line end to end (its latent is compared, tighter, above)."""
+    folder, pipe = wan_folder
+    want = lcm_reference(pipe, 3, 4, output_type="np")
+    assert cli("generate", PROMPT, "--model", folder, *SMALL, "--sampler", "lcm", "--steps", 4, "--guidance", 1,
+               "--seed", 3, "--out", tmp_path / "frames") == 0
+    assert np.abs(frames_in(tmp_path / "frames").astype(np.int16) - reference_frames(want)).max() <= 2
