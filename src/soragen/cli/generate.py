@@ -41,6 +41,8 @@ OffloadOption = Annotated[bool, typer.Option("--offload", help="On a GPU, keep o
 GuidanceTwoOption = Annotated[Optional[float], typer.Option(help="Of a model with two experts (Wan 2.2 A14B): the "
                                                             "guidance of the second, low-noise one (default: "
                                                             "--guidance).")]
+SamplerOption = Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc, euler or lcm (euler, lcm and not "
+                                                     "ddim for flow models such as Wan; default: the model's).")]
 TimestepsOption = Annotated[Optional[str], typer.Option(help="The timesteps to denoise at, decreasing, as a "
                                                        "step-distilled model was trained (e.g. 1000,750,500,250; "
                                                        "before --shift); flow models with euler, lcm or unipc.",
@@ -62,8 +64,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
                                                       "(default: the model's).")] = None,
     guidance_2: GuidanceTwoOption = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc, euler or lcm (euler, lcm and not ddim "
-                                                   "for flow models such as Wan; default: the model's).")] = None,
+    sampler: SamplerOption = None,
     timesteps: TimestepsOption = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="What guidance steers away from (default: the "
                                                            "model's own, empty for soragen's).")] = None,
@@ -101,12 +102,10 @@ def generate(
     check_overrides(**given, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images = _check_images(image, last_image, model)
-    loras = _parse_loras(lora)
-    recommended, sources = _recommended(loras, given)
+    loras, recommended, sources = _recommended(_parse_loras(lora), given)
     pipe, seconds = _load(model, device, dtype, compile, offload, loras)
-    settings = _settings(pipe, given, recommended, sources, negative_prompt)
+    settings = _settings(pipe, given, recommended, sources, negative_prompt, guidance_2)
     size = _video_size(pipe, frames, height, width, images)
-    pipe.guidance(settings, guidance_2)  # a second guidance needs a second expert: said before any video
     index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images)
     if prompts is not None:
         (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
@@ -156,9 +155,9 @@ def _parse_loras(lora: Optional[list[str]]) -> list[tuple]:
             ((*parse(spec), expert) for spec, expert in map(parse_expert, lora or []))]
 
 
-def _recommended(loras: list[tuple], given: dict) -> tuple[dict, list[str]]:
-    """The sampling settings the adapters recommend (their soragen.recipe metadata) that no option
-    overrides, and the files they come from. An option given overrides its own setting; --steps
+def _recommended(loras: list[tuple], given: dict) -> tuple[list[tuple], dict, list[str]]:
+    """`loras`, the sampling settings the adapters recommend (their soragen.recipe metadata) that no
+    option overrides, and the files they come from. An option given overrides its own setting; --steps
     also a recommended list of timesteps, --timesteps a recommended number of steps."""
     from soragen.io.lora_file import read_recipe
     merged = {}
@@ -172,12 +171,15 @@ def _recommended(loras: list[tuple], given: dict) -> tuple[dict, list[str]]:
     skip |= {"timesteps"} if given["steps"] is not None else set()
     skip |= {"steps"} if given["timesteps"] is not None else set()
     used = {k: v for k, (v, _) in merged.items() if k not in skip}
-    return used, sorted({str(path) for k, (_, path) in merged.items() if k in used})
+    return loras, used, sorted({str(path) for k, (_, path) in merged.items() if k in used})
 
 
-def _settings(pipe, given: dict, recommended: dict, sources: list[str], negative_prompt: Optional[str]):
+def _settings(pipe, given: dict, recommended: dict, sources: list[str], negative_prompt: Optional[str],
+              guidance_2: Optional[float] = None):
     """The run's sampling settings: the model's, the adapters' recommended ones on top, the options
-    given on top of those; a note on stderr when recommended ones are used."""
+    given on top of those; a note on stderr when recommended ones are used. A second guidance needs
+    a second expert: said here, before any video."""
+    pipe.guidance(pipe.model.sampling, guidance_2)
     if not recommended:
         return pipe.sampling(**given, negative_prompt=negative_prompt)
     files = f"{' and '.join(sources)} recommend{'s' if len(sources) == 1 else ''}"
