@@ -401,3 +401,27 @@ def test_generate_lcm_4_steps_guidance_1_gives_the_frames_of_the_reference(wan_f
     assert cli("generate", PROMPT, "--model", folder, *SMALL, "--sampler", "lcm", "--steps", 4, "--guidance", 1,
                "--seed", 3, "--out", tmp_path / "frames") == 0
     assert np.abs(frames_in(tmp_path / "frames").astype(np.int16) - reference_frames(want)).max() <= 2
+
+
+def test_a14b_lightning_pair_goes_into_the_experts_named_as_diffusers_loads_it(tmp_path):
+    """Wan2.2-Lightning's A14B adapters come as two files, one per expert: `FILE@high` and
+    `FILE@low` merge each into its expert, as WanPipeline's load_lora_weights (the second with
+    load_into_transformer_2) and fuse_lora do; the latent of a 4-step, guidance-1 video within 1e-4."""
+    from soragen.pipeline import Pipeline
+    pipe = tiny_pipeline(experts=2)
+    folder = tmp_path / "Wan-a14b-tiny"
+    pipe.save_pretrained(folder)
+    high = save_adapter(tmp_path / "high_noise_model.safetensors", lightx2v_adapter(seed=11))
+    low = save_adapter(tmp_path / "low_noise_model.safetensors", lightx2v_adapter(seed=12))
+    pipe.load_lora_weights(str(high))
+    pipe.load_lora_weights(str(low), load_into_transformer_2=True)
+    pipe.fuse_lora(components=["transformer", "transformer_2"])
+    want = pipe(PROMPT, guidance_scale=1.0, guidance_scale_2=1.0, num_inference_steps=4, output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(4), **RUN).frames
+    latents = {}
+    for name, loras in (("named", [(high, 1.0, "high"), (low, 1.0, "low")]), ("swapped", [(high, 1.0, "low"),
+                                                                                           (low, 1.0, "high")])):
+        ours = Pipeline.load(folder, device="cpu", dtype="float32", loras=loras)
+        latents[name] = ours.sample_latent(PROMPT, 5, 32, 32, ours.sampling(steps=4, guidance=1.0), seed=4)
+    assert (latents["named"] - want).abs().max() <= 1e-4, (latents["named"] - want).abs().max()
+    assert (latents["swapped"] - want).abs().max() > 1e-2
