@@ -28,9 +28,11 @@ def _slug(text: str, limit: int = 40) -> str:
 ModelOption = Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
                                                      "pipeline folder, or a hub id (default: the built-in model).")]
 LoraOption = Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
-                                                         "(diffusers' Wan layout, or the original Wan or musubi-tuner "
-                                                         "ones) or a LoRA run; FILE:WEIGHT scales it; of two experts, "
-                                                         "@high or @low picks one (default both). Repeatable.",
+                                                         "(diffusers' Wan layout, or the original Wan one of LightX2V, "
+                                                         "Lightning and CausVid, or kohya / musubi-tuner's) or a LoRA "
+                                                         "run; FILE:WEIGHT scales it; of two experts, @high or @low "
+                                                         "picks one (default both). Its recommended settings, if its "
+                                                         "metadata has them, are used unless given. Repeatable.",
                                                          show_default=False)]
 ImageOption = Annotated[Optional[Path], typer.Option(help="An image (PNG, JPEG, WebP) to start the video from, on "
                                                      "a model that takes one (image-to-video).", show_default=False)]
