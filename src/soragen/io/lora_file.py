@@ -7,6 +7,12 @@ share A, each with its rows of B. The other way, three LoRAs of rank r with thei
 rank 3r on the fused weight, which is how adapters made elsewhere are merged. The scale alpha / r is
 multiplied into B when saving, so a file means the same in every tool (a file without alphas is
 read at scale 1).
+
+Adapters made elsewhere may also change biases (`lora_B.bias`; the original Wan layout's `diff_b`)
+and whole tensors (`diff`: a norm's weight, a modulation table, a linear's weight): each is added to
+its rows of our (fused) tensor, the biases times the LoRA's scale as peft merges them. A key that
+cannot be placed is refused, naming it, before any weight changes: the adapter merges whole or not
+at all. A file may also recommend sampling settings in its metadata (`read_recipe`).
 """
 
 from __future__ import annotations
