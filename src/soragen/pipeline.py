@@ -28,7 +28,7 @@ from soragen.core.options import check_device_name, check_multiple, option_error
 from soragen.models.fast_paths import has_fast_bf16
 from soragen.io.model_folder import family, load_model
 from soragen.models.model import Model
-from soragen.diffusion.sampling import make_scheduler, sample
+from soragen.diffusion.sampling import check_timesteps, make_scheduler, sample, set_schedule
 from soragen.models.text import TextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,13 +184,21 @@ class Pipeline:
         return frames, height, width
 
     def sampling(self, **given) -> SamplingDefaults:
-        """The model's sampling settings (sampler, steps, guidance, negative_prompt, shift) with the
-        given ones (not None) on top, checked; the sampler also against the model's noise schedule."""
+        """The model's sampling settings (sampler, steps, guidance, negative_prompt, shift,
+        timesteps) with the given ones (not None) on top, checked; the sampler also against the
+        model's noise schedule. Given timesteps and no steps: as many steps; given steps and no
+        timesteps: the model's timesteps (if any) give way."""
+        given = {k: v for k, v in given.items() if v is not None}
+        if given.get("timesteps") and "steps" not in given:
+            given["steps"] = len(given["timesteps"])
+        if "steps" in given and "timesteps" not in given:
+            given["timesteps"] = ()
         try:
-            settings = dataclasses.replace(self.model.sampling, **{k: v for k, v in given.items() if v is not None})
+            settings = dataclasses.replace(self.model.sampling, **given)
         except ConfigError as err:
             raise option_error(err) from None
         make_scheduler(settings.sampler, self.model.scheduler_config)  # e.g. DDIM on a flow model: refused
+        check_timesteps(settings.sampler, self.model.scheduler_config, settings.timesteps, settings.steps)
         return settings
 
     # ---- generation ------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(seed)  # the same seed gives the same noise anywhere
         noise = torch.randn((1, *self.model.vae.latent_shape(frames, height, width)), generator=generator)
         scheduler = make_scheduler(settings.sampler, self.model.scheduler_config, settings.shift or None)
-        scheduler.set_timesteps(settings.steps)
+        set_schedule(scheduler, settings.steps, settings.timesteps)
         report("denoise", 0, settings.steps)
         # one expert is on the device while it runs; two swap there at the boundary (class Experts)
         experts = dit = self.cached_dit(scheduler.timesteps, self.image_tokens(images))
@@ -245,7 +253,8 @@ class Pipeline:
             dit = FirstFrame(dit, condition)
         with self.running(self.model.dit) if self.model.dit_2 is None else experts.swapping():
             latent = sample(dit, noise.to(self.device), cond, uncond, scheduler, settings.steps, guidance, eta=eta,
-                            generator=generator, progress=lambda i, n: report("denoise", i, n))
+                            generator=generator, progress=lambda i, n: report("denoise", i, n),
+                            timesteps=settings.timesteps)
         if condition is not None:  # the image's frame as it is, not as the last step left it
             latent[:, :, :condition.shape[2]] = condition.to(latent.dtype)
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,9 +28,11 @@ def _slug(text: str, limit: int = 40) -> str:
 ModelOption = Annotated[Optional[Path], typer.Option(help="A soragen model folder or training run, a diffusers Wan "
                                                      "pipeline folder, or a hub id (default: the built-in model).")]
 LoraOption = Annotated[Optional[list[str]], typer.Option(help="A LoRA to merge into the DiT: an adapter .safetensors "
-                                                         "(diffusers' Wan layout, or the original Wan or musubi-tuner "
-                                                         "ones) or a LoRA run; FILE:WEIGHT scales it; of two experts, "
-                                                         "@high or @low picks one (default both). Repeatable.",
+                                                         "(diffusers' Wan layout, or the original Wan one of LightX2V, "
+                                                         "Lightning and CausVid, or kohya / musubi-tuner's) or a LoRA "
+                                                         "run; FILE:WEIGHT scales it; of two experts, @high or @low "
+                                                         "picks one (default both). Its recommended settings, if its "
+                                                         "metadata has them, are used unless given. Repeatable.",
                                                          show_default=False)]
 ImageOption = Annotated[Optional[Path], typer.Option(help="An image (PNG, JPEG, WebP) to start the video from, on "
                                                      "a model that takes one (image-to-video).", show_default=False)]
@@ -40,6 +43,12 @@ OffloadOption = Annotated[bool, typer.Option("--offload", help="On a GPU, keep o
 GuidanceTwoOption = Annotated[Optional[float], typer.Option(help="Of a model with two experts (Wan 2.2 A14B): the "
                                                             "guidance of the second, low-noise one (default: "
                                                             "--guidance).")]
+SamplerOption = Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc, euler or lcm (euler, lcm and not "
+                                                     "ddim for flow models such as Wan; default: the model's).")]
+TimestepsOption = Annotated[Optional[str], typer.Option(help="The timesteps to denoise at, decreasing, as a "
+                                                       "step-distilled model was trained (e.g. 1000,750,500,250; "
+                                                       "before --shift); flow models with euler, lcm or unipc.",
+                                                       show_default=False)]
 TimingsOption = Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
                                                        "load, encode, denoise, decode, write) to this JSON file.")]
 
@@ -57,8 +66,8 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
                                                       "(default: the model's).")] = None,
     guidance_2: GuidanceTwoOption = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, unipc or euler (euler and not ddim for flow "
-                                                   "models such as Wan; default: the model's).")] = None,
+    sampler: SamplerOption = None,
+    timesteps: TimestepsOption = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="What guidance steers away from (default: the "
                                                            "model's own, empty for soragen's).")] = None,
     shift: Annotated[Optional[float], typer.Option(help="A flow model's schedule shift (default: the model's; "
@@ -91,13 +100,14 @@ def generate(
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
     """
     jobs = _generate_jobs(prompt, prompts, out, seed)
-    check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
+    given = dict(sampler=sampler, steps=steps, guidance=guidance, shift=shift, timesteps=_parse_timesteps(timesteps))
+    check_overrides(**given, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images = _check_images(image, last_image, model)
-    pipe, seconds = _load(model, device, dtype, compile, offload, lora)
-    settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
+    loras, recommended, sources = _recommended(_parse_loras(lora), given)
+    pipe, seconds = _load(model, device, dtype, compile, offload, loras)
+    settings = _settings(pipe, given, recommended, sources, negative_prompt, guidance_2)
     size = _video_size(pipe, frames, height, width, images)
-    pipe.guidance(settings, guidance_2)  # a second guidance needs a second expert: said before any video
     index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images)
     if prompts is not None:
         (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
@@ -127,13 +137,77 @@ def _check_images(image: Optional[Path], last_image: Optional[Path], model: Opti
     return images
 
 
-def _load(model, device, dtype, compile, offload, lora):
+def _parse_timesteps(text: Optional[str]) -> Optional[tuple[float, ...]]:
+    """--timesteps 1000,750,500,250 as numbers (their order and range are SamplingDefaults' to check)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--timesteps {text!r}: give numbers separated by commas, e.g. 1000,750,500,250") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--timesteps {text!r}: every timestep must be a finite number")
+    return values
+
+
+def _parse_loras(lora: Optional[list[str]]) -> list[tuple]:
+    """--lora FILE[:WEIGHT][@high|@low] as (path, weight, expert), each file found (before any weight is read)."""
+    from soragen.io.lora_file import parse, parse_expert, resolve_file
+    return [(resolve_file(path), weight, expert) for path, weight, expert in
+            ((*parse(spec), expert) for spec, expert in map(parse_expert, lora or []))]
+
+
+def _recommended(loras: list[tuple], given: dict) -> tuple[list[tuple], dict, list[str]]:
+    """`loras`, the sampling settings the adapters recommend (their soragen.recipe metadata) that no
+    option overrides, and the files they come from. An option given overrides its own setting; --steps
+    also a recommended list of timesteps, --timesteps a recommended number of steps."""
+    from soragen.io.lora_file import read_recipe
+    merged = {}
+    for path, *_ in loras:
+        recipe = read_recipe(path)
+        for key, value in recipe.items():
+            if key in merged and merged[key][0] != value:
+                raise SoragenError(f"--lora {merged[key][1]} and --lora {path} recommend different {key}s; give --{key}")
+            merged[key] = (value, path)
+    skip = {k for k, v in given.items() if v is not None}
+    skip |= {"timesteps"} if given["steps"] is not None else set()
+    skip |= {"steps"} if given["timesteps"] is not None else set()
+    used = {k: v for k, (v, _) in merged.items() if k not in skip}
+    return loras, used, sorted({str(path) for k, (_, path) in merged.items() if k in used})
+
+
+def _settings(pipe, given: dict, recommended: dict, sources: list[str], negative_prompt: Optional[str],
+              guidance_2: Optional[float] = None):
+    """The run's sampling settings: the model's, the adapters' recommended ones on top, the options
+    given on top of those; a note on stderr when recommended ones are used. A second guidance needs
+    a second expert: said here, before any video."""
+    pipe.guidance(pipe.model.sampling, guidance_2)
+    if not recommended:
+        return pipe.sampling(**given, negative_prompt=negative_prompt)
+    files = f"{' and '.join(sources)} recommend{'s' if len(sources) == 1 else ''}"
+    try:
+        settings = pipe.sampling(**{**recommended, **{k: v for k, v in given.items() if v is not None}},
+                                 negative_prompt=negative_prompt)
+    except SoragenError as err:
+        pipe.sampling(**given, negative_prompt=negative_prompt)  # the options' own fault: said as it is
+        raise SoragenError(f"{files} settings this model cannot take: {err}") from None
+    shown = ", ".join(f"{key} {_shown(value)}" for key, value in recommended.items())
+    stderr().print(f"note: using the settings {files}: {shown} (an option given overrides its own)", markup=False,
+                   highlight=False, soft_wrap=True)
+    return settings
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _load(model, device, dtype, compile, offload, loras):
     """The pipeline, and the seconds the imports and the load took."""
-    from soragen.io.lora_file import parse, parse_expert
     from soragen.pipeline import Pipeline
     t0 = time.perf_counter()
     seconds = {"imports": t0 - STARTED}
-    loras = [(*parse(spec), expert) for spec, expert in map(parse_expert, lora or [])]
     pipe = Pipeline.load(model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
     seconds["load"] = time.perf_counter() - t0
     return pipe, seconds

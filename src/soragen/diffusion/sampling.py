@@ -63,10 +63,14 @@ def read_schedule(folder) -> dict:
         raise SoragenError(f"{scheduler_file}: {err}") from err
 
 
+FLOW_ONLY = ("euler", "lcm")  # flow matching's Euler and LCM: no DDPM schedule
+LISTED = ("euler", "lcm", "unipc")  # the flow samplers whose schedulers take a list of timesteps (as sigmas)
+
+
 def check_sampler(sampler: str, scheduler_config: dict, source) -> None:
     """A model's default sampler must be one that samples its noise schedule (`source`: the file that names it)."""
     flow = is_flow(scheduler_config)
-    if (sampler == "ddim" and flow) or (sampler == "euler" and not flow):
+    if (sampler == "ddim" and flow) or (sampler in FLOW_ONLY and not flow):
         raise SoragenError(f"{source}: sampling.sampler {sampler} cannot sample this model's "
                            f"{'flow-matching' if flow else 'DDPM'} noise schedule")
 
@@ -90,9 +94,9 @@ def make_scheduler(name: str, config: dict | None = None, shift: float | None = 
         raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if is_flow(config):
         return _flow_scheduler(name, dict(config), shift)
-    if name == "euler":
-        raise UsageError("--sampler euler is flow matching's Euler, and this model's noise schedule is DDPM's: "
-                         "choose ddim, dpm++ or unipc")
+    if name in FLOW_ONLY:
+        raise UsageError(f"--sampler {name} is flow matching's {dict(euler='Euler', lcm='LCM')[name]}, and this "
+                         f"model's noise schedule is DDPM's: choose ddim, dpm++ or unipc")
     config = {**SCHEDULER_CONFIG, **(config or {})}
     if name == "ddim":
         return DDIMScheduler.from_config(config)
@@ -103,7 +107,8 @@ def make_scheduler(name: str, config: dict | None = None, shift: float | None = 
 
 
 def _flow_scheduler(name: str, config: dict, shift: float | None):
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler,
+                           UniPCMultistepScheduler)
     flow_shift = config.get("flow_shift", 1.0) if shift is None else shift
     config.update(flow_shift=flow_shift, use_flow_sigmas=True, prediction_type="flow_prediction")
     if name == "ddim":
@@ -113,23 +118,57 @@ def _flow_scheduler(name: str, config: dict, shift: float | None):
         return UniPCMultistepScheduler.from_config(config)
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "lcm":  # re-noises at every step: from the generator sample() passes to its step
+        return FlowMatchLCMScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=flow_shift)
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=flow_shift)
+
+
+def check_timesteps(name: str, config: dict | None, timesteps: tuple[float, ...], steps: int) -> None:
+    """An explicit list of timesteps (decreasing and positive, as SamplingDefaults checks) must be
+    one the sampler can take, within the schedule's training timesteps, as many as the steps."""
+    if not timesteps:
+        return
+    if not is_flow(config) or name not in LISTED:
+        raise UsageError(f"--timesteps needs a flow-matching model (such as Wan) and --sampler euler, lcm or unipc, "
+                         f"whose schedulers take a list; {name} on this model makes its own")
+    top = (config or {}).get("num_train_timesteps", 1000)
+    if timesteps[0] > top:
+        raise UsageError(f"--timesteps must be above 0 and at most {top} (the model's training timesteps), got "
+                         f"{timesteps[0]:g}")
+    if len(timesteps) != steps:
+        raise UsageError(f"--timesteps lists {len(timesteps)} timesteps and --steps is {steps}: they must agree "
+                         f"(give one of them)")
+
+
+def set_schedule(scheduler, steps: int, timesteps: tuple[float, ...] = ()) -> None:
+    """The scheduler's timesteps: `steps` spread as it spreads them, or `timesteps` (the training
+    units before the shift) given as sigmas t / num_train_timesteps, which the scheduler shifts
+    and makes the timesteps the model sees from, so that sigma and timestep agree (as diffusers'
+    flow schedulers advise; LightX2V's warped denoising steps are these)."""
+    if not timesteps:
+        scheduler.set_timesteps(steps)
+        return
+    scheduler.set_timesteps(sigmas=[t / scheduler.config.num_train_timesteps for t in timesteps])
 
 
 def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond, scheduler, steps: int,
             guidance: float | Callable[[float], float], eta: float = 0.0, generator: torch.Generator | None = None,
-            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+            progress: Callable[[int, int], None] | None = None, timesteps: tuple[float, ...] = ()) -> torch.Tensor:
     """Run the sampler from `noise` (B, C, T, H, W) to a clean latent.
 
     `model(x, t, text)` predicts what the scheduler's prediction_type says (noise or velocity;
     `scheduler.step` converts); `cond` and `uncond` are TextEmbeddings for the batch. With
     guidance != 1 both passes run as one batch of 2B: out = out_u + g * (out_c - out_u).
-    `guidance` may be a function of the timestep (two experts, each with its own scale)."""
-    scheduler.set_timesteps(steps)
+    `guidance` may be a function of the timestep (two experts, each with its own scale).
+    `timesteps`: an explicit schedule (set_schedule). A scheduler that draws noise in its step
+    (DDIM's eta, LCM's re-noising) draws it from `generator`, after the starting noise: one
+    stream, so that a seed gives the same video every time."""
+    set_schedule(scheduler, steps, timesteps)
     scale = guidance if callable(guidance) else (lambda t: guidance)
     guided = any(scale(float(t)) != 1.0 for t in scheduler.timesteps)
     text = cond.cat(uncond) if guided else cond
-    step_kwargs = {"eta": eta, "generator": generator} if "eta" in _step_params(scheduler) else {}
+    params = _step_params(scheduler)
+    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedules start at the noise itself
     for i, t in enumerate(scheduler.timesteps):
         model_in = torch.cat([x, x]) if guided else x
@@ -142,7 +181,7 @@ def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, cond, uncond
             out = out_uncond + scale(float(t)) * (out_cond - out_uncond)
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if progress:
-            progress(i + 1, steps)
+            progress(i + 1, len(scheduler.timesteps))
     return x
 
 

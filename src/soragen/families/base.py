@@ -40,7 +40,18 @@ class Family:
         which part of its output rows, of how many equal parts)."""
         return {}
 
-    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A LoRA file's tensors (alphas aside) in the layout `lora_names` names; other tools'
-        layouts converted. Raises on a layout it cannot read."""
-        return tensors
+    def lora_targets(self, config: DiTConfig) -> dict[str, tuple[str, int, int, str]]:
+        """The parameters an adapter file may change, by the names other tools give them: their
+        name -> (our tensor, which part of its rows, of how many equal parts, how its layout maps
+        onto ours: "copy", "cat" or another the family's `lora_delta` knows)."""
+        return {}
+
+    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+        """A LoRA file's tensors as (lora_A / lora_B pairs, lora_B biases and kohya-style alphas in
+        the layout `lora_names` names; whole-tensor deltas: a parameter name of `lora_targets` ->
+        (the file's key, the delta)); other tools' layouts converted. Raises on a layout it cannot read."""
+        return tensors, {}
+
+    def lora_delta(self, how: str, delta: torch.Tensor) -> torch.Tensor:
+        """A whole-tensor delta in the other tool's layout, as one in ours ("copy" and "cat" parts are as they are)."""
+        return delta

@@ -313,11 +313,24 @@ class WanFamily(Family):
                 out[source.removesuffix(".weight")] = (rule.key.removesuffix(".weight"), i, len(rule.sources))
         return out
 
-    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """diffusers' own conversion of the original Wan and musubi-tuner layouts (given tensors,
-        never a file to unpickle)."""
+    def lora_targets(self, config: DiTConfig) -> dict[str, tuple[str, int, int, str]]:
+        """diffusers' Wan parameter names, from the weights' key map: their name -> (our tensor,
+        which part of its rows, of how many equal parts, how: copy | cat | conv)."""
+        return {source: (rule.key, i, len(rule.sources), rule.how) for rule in config_key_map(config)
+                for i, source in enumerate(rule.sources)}
+
+    def lora_delta(self, how: str, delta: torch.Tensor) -> torch.Tensor:
+        return combine(Rule("", [], how), [delta]) if how == "conv" and delta.dim() == 5 else delta
+
+    def lora_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+        """diffusers' own conversion of the original Wan (LightX2V, Lightning, CausVid) and
+        kohya / musubi-tuner layouts (given tensors, never a file to unpickle), and the deltas its
+        converter drops (soragen.families.wan_lora.split_deltas): (lora tensors, their parameter -> delta)."""
         from diffusers.loaders import WanLoraLoaderMixin
-        return WanLoraLoaderMixin.lora_state_dict(tensors)
+
+        from soragen.families.wan_lora import split_deltas
+        tensors, deltas = split_deltas(tensors)
+        return (WanLoraLoaderMixin.lora_state_dict(tensors) if tensors else {}), deltas
 
 
 FAMILY = WanFamily()

@@ -22,7 +22,7 @@ from pathlib import Path
 from soragen import __version__
 from soragen.core.atomic import atomic_path
 from soragen.core.config import (DEFAULT_TEXT_ENCODER, DiTConfig, ImageEncoderSpec, SamplingDefaults, TextEncoderSpec,
-                                 VideoDefaults, from_dict, to_json)
+                                 VideoDefaults, from_dict, to_dict, to_json)
 from soragen.core.errors import SoragenError
 from soragen.core.jsonfile import INCOMPLETE, read_json
 from soragen.families.base import Family
@@ -121,7 +121,7 @@ def save_lora_model(folder: str | Path, dit, base: str, lora, video: VideoDefaul
         manifest = {"format": FORMAT, "soragen_version": __version__, "kind": "lora", "base": base,
                     **({"expert": expert} if expert else {}),
                     "lora": dataclasses.asdict(lora), "video": dataclasses.asdict(video),
-                    "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
+                    "sampling": to_dict(sampling or SamplingDefaults())}
         (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
 
@@ -351,6 +351,6 @@ def save_model(folder: str | Path, dit, vae, text_spec: TextEncoderSpec, video: 
                     **({"family": family_name} if family_name != DEFAULT else {}),
                     **({"image_inputs": image_inputs} if image_inputs else {}),
                     **({"boundary": boundary} if dit_2 is not None else {}),
-                    "video": dataclasses.asdict(video), "sampling": dataclasses.asdict(sampling or SamplingDefaults())}
+                    "video": dataclasses.asdict(video), "sampling": to_dict(sampling or SamplingDefaults())}
         (tmp / "soragen.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
