@@ -310,6 +310,35 @@ def test_an_uploaded_image_makes_what_generate_image_makes(tmp_path):
         studio.make(Request(prompt="a corgi", image=b"/etc/passwd", **settings))
 
 
+@pytest.mark.slow
+def test_a_first_and_a_last_upload_make_what_generate_makes(tmp_path):
+    """Wan 2.1 FLF2V's architecture, tiny: the page's two uploads give `generate --image --last-image`'s
+    frames; a last image alone, or on a model that only starts from one, gets generate's message."""
+    from soragen.pipeline import Pipeline
+    from soragen.tools.tiny_wan import tiny_pipeline
+    rng = np.random.default_rng(0)
+    pictures = []
+    for name in ("first", "last"):
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        pictures.append(tmp_path / f"{name}.png")
+    settings = {"frames": 5, "height": 32, "width": 48, "steps": 2, "seed": 1}
+    for kind in ("flf2v", "clip"):
+        tiny_pipeline(i2v=kind).save_pretrained(tmp_path / kind)
+    studio = Studio(Pipeline.load(tmp_path / "flf2v", dtype="float32"), tmp_path / "serve")
+    entry = studio.make(Request(prompt="a corgi", image=pictures[0].read_bytes(), last_image=pictures[1].read_bytes(),
+                                **settings))
+    out = tmp_path / "cli.mp4"
+    assert cli("generate", "a corgi", "--model", tmp_path / "flf2v", "--image", pictures[0], "--last-image",
+               pictures[1], "--out", out, "--dtype", "float32", *[f"--{k}={v}" for k, v in settings.items()]) == 0
+    assert np.array_equal(read_video(tmp_path / "serve" / entry["file"]), read_video(out))
+    with pytest.raises(UsageError, match="--last-image needs --image too"):
+        studio.check(Request(prompt="a corgi", last_image=pictures[1].read_bytes(), **settings))
+    one = Studio(Pipeline.load(tmp_path / "clip", dtype="float32"), tmp_path / "serve-one")
+    with pytest.raises(UsageError, match="cannot take a last image"):
+        one.check(Request(prompt="a corgi", image=pictures[0].read_bytes(), last_image=pictures[1].read_bytes(),
+                          **settings))
+
+
 def test_a_run_cancelled_before_it_starts_makes_nothing(studio):
     with pytest.raises(Cancelled, match="cancelled before it started"):
         studio.make(Request(prompt="a red ball", **FAST), cancelled=lambda: True)

@@ -67,6 +67,9 @@ class Page:
         if self.studio.takes_image:
             c["image"] = gr.File(label="Image to start from (PNG, JPEG, WebP)", type="binary", elem_id="image",
                                  file_types=[".png", ".jpg", ".jpeg", ".webp"])
+        if self.studio.pipe.model.image_inputs > 1:  # first-last-frame
+            c["last_image"] = gr.File(label="Image to end at", type="binary", elem_id="last_image",
+                                      file_types=[".png", ".jpg", ".jpeg", ".webp"])
         with gr.Row():
             c["frames"] = gr.Number(label="frames", value=d["frames"], precision=0, elem_id="frames")
             for name in ("height", "width"):  # a model that starts from an image: empty, the image's aspect
@@ -91,7 +94,8 @@ class Page:
 
     def _wire(self, demo) -> None:
         c = self.c
-        inputs = {c[name] for name in FIELDS} | {c["random_seed"], *c["loras"]} | ({c["image"]} if "image" in c else set())
+        inputs = {c[name] for name in FIELDS} | {c["random_seed"], *c["loras"]} | \
+            {c[name] for name in ("image", "last_image") if name in c}
         results = [c["video"], c["download"], c["status"], c["gallery"], c["history"]]
         run = c["generate"].click(lambda: "", outputs=[c["status"]], queue=False, show_progress="hidden",
                                   api_visibility="private").then(
@@ -107,8 +111,8 @@ class Page:
     def _request(self, values: dict) -> Request:
         c = self.c
         get = {name: values.get(c[name]) for name in FIELDS}
-        image = values.get(c["image"]) if "image" in c else None
-        return Request(prompt=get["prompt"] or "", negative_prompt=get["negative_prompt"], frames=get["frames"],
+        image, last = (values.get(c[name]) if name in c else None for name in ("image", "last_image"))
+        return Request(last_image=last, prompt=get["prompt"] or "", negative_prompt=get["negative_prompt"], frames=get["frames"],
                        height=get["height"], width=get["width"], steps=get["steps"], guidance=get["guidance"],
                        sampler=get["sampler"], seed=None if values.get(c["random_seed"]) else get["seed"],
                        lora_weights=[values.get(s) for s in c["loras"]], image=image)

@@ -52,6 +52,7 @@ class Request:
     seed: Optional[int] = None  # None: a random one, reported back
     lora_weights: list[float] = field(default_factory=list)
     image: Optional[bytes] = None
+    last_image: Optional[bytes] = None  # a first-last-frame model's
 
 
 @dataclass
@@ -120,11 +121,11 @@ class Studio:
                                  f"not {weight!r}")
         settings = self.pipe.sampling(sampler=req.sampler, steps=numbers["steps"], guidance=req.guidance,
                                       negative_prompt=req.negative_prompt)
-        image = self._image(req.image)
+        image, last = self._image(req.image), self._last_image(req.last_image, req.image)
         # no height and width: the model's, or with an image its aspect ratio at the model's area, as generate
         size = _video_size(self.pipe, numbers["frames"], numbers["height"], numbers["width"],
                            [] if image is None else [image])
-        return settings, size, seed, image
+        return settings, size, seed, {"image": image, "last_image": last}
 
     def _image(self, data: Optional[bytes]):
         if data is None:
@@ -136,11 +137,21 @@ class Studio:
         from soragen.io.image import decode_image
         return decode_image(bytes(data), "--image (the upload)")
 
+    def _last_image(self, data: Optional[bytes], first: Optional[bytes]):
+        if data is None:
+            return None
+        if first is None:  # as generate says it
+            raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
+        if self.pipe.model.image_inputs < 2:
+            raise UsageError(f"--last-image: the model {self.pipe.model.path} cannot take a last image")
+        from soragen.io.image import decode_image
+        return decode_image(bytes(data), "--last-image (the upload)")
+
     # ---- making a video --------------------------------------------------------------------------
     def make(self, req: Request, progress: Callable = None, cancelled: Callable[[], bool] = lambda: False) -> dict:
         """Check `req`, make its video and add it to the history; returns the history's entry. One
         run at a time; `cancelled()` is asked between steps (Cancelled raised when it says so)."""
-        settings, size, seed, image = self.check(req)
+        settings, size, seed, images = self.check(req)
         seed = random.randrange(RANDOM_SEEDS) if seed is None else seed
         report = progress or (lambda *a, **k: None)
 
@@ -155,7 +166,7 @@ class Studio:
             start = time.perf_counter()
             if self.loras:
                 self._merge([float(w) for w in req.lora_weights])
-            video = self.pipe.generate(req.prompt, *size, seed=seed, progress=step, image=image,
+            video = self.pipe.generate(req.prompt, *size, seed=seed, progress=step, **images,
                                        **dataclasses.asdict(settings))
             step("write", 0, 1)  # the last chance to cancel: a video begun to be written is kept
             path = self._write(video, req.prompt)
@@ -163,7 +174,7 @@ class Studio:
         entry = {"file": f"{VIDEOS}/{path.name}", "prompt": req.prompt, "negative_prompt": settings.negative_prompt,
                  "frames": size[0], "height": size[1], "width": size[2], "steps": settings.steps,
                  "guidance": settings.guidance, "sampler": settings.sampler, "seed": seed,
-                 "lora_weights": [float(w) for w in req.lora_weights], "image": image is not None,
+                 "lora_weights": [float(w) for w in req.lora_weights], "image": images["image"] is not None,
                  "model": str(self.pipe.model.path), "seconds": round(time.perf_counter() - start, 2),
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with open(self.out / HISTORY, "a", encoding="utf-8") as f:
