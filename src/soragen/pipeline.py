@@ -97,6 +97,7 @@ class Pipeline:
     compiled: bool = False
     offload: bool = False
     image_encoder: "ImageEncoder | None" = None  # noqa: F821  (soragen.models.image_encoder; Wan 2.1 I2V's CLIP)
+    split: "Split | None" = None  # noqa: F821  (soragen.models.sequence_parallel: one video over processes)
 
     def __post_init__(self):
         for part in (*self.model.experts, self.model.vae.model):
@@ -139,6 +140,19 @@ class Pipeline:
         # convolutions run several times faster, within a few levels of 255 (tests/test_fast_paths.py).
         model.vae.to(home, dtype if dtype == torch.bfloat16 else torch.float32)
         return cls(model, text_encoder, device, dtype, compile, offload, image_encoder)
+
+    def parallelise(self, split) -> None:
+        """Share each video's steps with the other processes of the group as `split` says (rank 0
+        encodes the text and decodes the video; every process gets every step's prediction)."""
+        from soragen.models.sequence_parallel import parallel_predict
+        self.split = split
+        self.predicts = [parallel_predict(dit, split) if split.how != "none" else dit.predict
+                         for dit in self.model.experts]
+
+    @property
+    def main(self) -> bool:
+        """Whether this process decodes and writes (of a group sharing the steps: rank 0)."""
+        return self.split is None or torch.distributed.get_rank() == 0
 
     @property
     def predict(self):
@@ -220,7 +234,11 @@ class Pipeline:
     def encode(self, prompt: str, negative_prompt: str):
         """The prompt's and the negative prompt's TextEmbeddings, on the device in the DiT's dtype."""
         with self.running(self.text_encoder):
-            cond, uncond = (self.text_encoder.encode([p]).to(self.device, self.dtype) for p in (prompt, negative_prompt))
+            cond, uncond = (self.text_encoder.encode([p]).to(self.device, self.dtype) if self.main else None
+                            for p in (prompt, negative_prompt))
+        if self.split is not None:  # the text encoder ran on rank 0 alone
+            from soragen.models.sequence_parallel import share_text
+            cond, uncond = share_text(cond, self.device, self.dtype), share_text(uncond, self.device, self.dtype)
         if self.compiled:  # one text length for every prompt, so that one compile serves them all
             cond, uncond = (e.pad_to(self.text_encoder.spec.max_length) for e in (cond, uncond))
         return cond, uncond
@@ -251,6 +269,9 @@ class Pipeline:
             dit = ImageChannels(dit, self.image_channels(images, frames))
         elif condition is not None:
             dit = FirstFrame(dit, condition)
+        if self.split is not None and self.split.cfg == 2:  # guidance's halves on two groups of processes
+            from soragen.models.sequence_parallel import CfgSplit
+            dit = CfgSplit(dit, self.split)
         with self.running(self.model.dit) if self.model.dit_2 is None else experts.swapping():
             latent = sample(dit, noise.to(self.device), cond, uncond, scheduler, settings.steps, guidance, eta=eta,
                             generator=generator, progress=lambda i, n: report("denoise", i, n),
@@ -317,6 +338,8 @@ class Pipeline:
         image, last_image = (None if i is None else fit(i, height, width) for i in (image, last_image))
         latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress,
                                     guidance_2, image, last_image)
+        if not self.main:  # of a group sharing the steps, rank 0 decodes
+            return None
         report = progress or quiet
         report("decode", 0, 1)
         with self.running(self.model.vae.model):

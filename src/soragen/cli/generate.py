@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -49,6 +50,12 @@ TimestepsOption = Annotated[Optional[str], typer.Option(help="The timesteps to d
                                                        "step-distilled model was trained (e.g. 1000,750,500,250; "
                                                        "before --shift); flow models with euler, lcm or unipc.",
                                                        show_default=False)]
+PARALLEL = ("auto", "ulysses", "ring", "cfg")
+ParallelOption = Annotated[str, typer.Option(help="Under torchrun: how the processes share each video's steps: "
+                                             "cfg (guidance's two passes on two halves of them), ulysses (the "
+                                             "tokens split, attention's heads exchanged), ring (the tokens split, "
+                                             "keys and values passed round); auto: cfg where guidance is on and "
+                                             "the count is even, then ulysses where the heads divide, else ring.")]
 TimingsOption = Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
                                                        "load, encode, denoise, decode, write) to this JSON file.")]
 
@@ -83,6 +90,7 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     offload: OffloadOption = False,
+    parallel: ParallelOption = "auto",
     timings: TimingsOption = None,
 ) -> None:
     """Generate a video from a text prompt.
@@ -105,13 +113,20 @@ def generate(
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images = _check_images(image, last_image, model)
     loras, recommended, sources = _recommended(_parse_loras(lora), given)
-    pipe, seconds = _load(model, device, dtype, compile, offload, loras)
+    pipe, seconds = _load(model, device, dtype, compile, offload, loras, parallel)
     settings = _settings(pipe, given, recommended, sources, negative_prompt, guidance_2)
-    size = _video_size(pipe, frames, height, width, images)
-    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images)
-    if prompts is not None:
-        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-        typer.echo(f"wrote {out / 'index.jsonl'}")
+    _share(pipe, parallel, settings, guidance_2)
+    index = _make_videos(pipe, jobs, settings, _video_size(pipe, frames, height, width, images), eta, seed, fps,
+                         seconds, guidance_2, images)
+    if pipe.main:  # of processes sharing the steps, rank 0 writes
+        _write_records(out / "index.jsonl" if prompts is not None else None, index, timings, seconds)
+
+
+def _write_records(index_file: Optional[Path], index: list[dict], timings: Optional[Path], seconds: dict) -> None:
+    """--prompts' index.jsonl and --timings' JSON."""
+    if index_file is not None:
+        index_file.write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {index_file}")
     if timings is not None:
         timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
 
@@ -203,14 +218,35 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _load(model, device, dtype, compile, offload, loras):
-    """The pipeline, and the seconds the imports and the load took."""
+def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
+    """The pipeline, and the seconds the imports and the load took. Under torchrun, first this
+    process joins the group (gloo on CPUs, nccl on GPUs)."""
     from soragen.pipeline import Pipeline
+    if parallel not in PARALLEL:
+        raise UsageError(f"--parallel {parallel!r}: choose {', '.join(PARALLEL)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and parallel != "auto":
+        raise UsageError(f"--parallel {parallel} shares each video's steps between processes: start them with "
+                         f"torchrun (torchrun --nproc_per_node=N -m soragen generate ... --parallel {parallel})")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if compile:
+            raise UsageError("--compile under torchrun: the steps shared between processes run eagerly; drop "
+                             "--compile")
+        from soragen.train.parallel import init_distributed
+        init_distributed(device)
     t0 = time.perf_counter()
     seconds = {"imports": t0 - STARTED}
     pipe = Pipeline.load(model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
     seconds["load"] = time.perf_counter() - t0
     return pipe, seconds
+
+
+def _share(pipe, parallel: str, settings, guidance_2) -> None:
+    """Under torchrun: split each video's steps over the processes as --parallel says."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    from soragen.models.sequence_parallel import make_split
+    guided = settings.guidance != 1 or (guidance_2 is not None and guidance_2 != 1)
+    pipe.parallelise(make_split(parallel, pipe.model.dit.config.num_heads, guided))
 
 
 def _video_size(pipe, frames, height, width, images) -> tuple[int, int, int]:
@@ -227,6 +263,11 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
     """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
     Returns the index of what was written (prompt, file, seed)."""
     from soragen.io.video import write_video
+    if not pipe.main:  # a process sharing the steps with rank 0, which writes
+        for i, (text, _) in enumerate(jobs):
+            pipe.generate(text, *size, eta=eta, seed=seed + i, guidance_2=guidance_2, image=images[0] if images
+                          else None, last_image=images[1] if images[1:] else None, **dataclasses.asdict(settings))
+        return []
     console = stderr()
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
                   f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g} "

@@ -207,7 +207,13 @@ class VideoDiT(nn.Module):
 
     def predict(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The forward pass given its conditioning: patches -> tokens -> blocks -> patches."""
-        B, C, T, H, W = x.shape
+        tokens, rope, grid = self.embed(x, cond)
+        tokens = self.run_blocks(tokens, cond, rope, cond.segments)
+        return self.unembed(self.final(tokens, cond.final, cond.segments), grid, x.shape)
+
+    def embed(self, x: torch.Tensor, cond: Conditioning):
+        """(tokens (B, N, D) with sin-cos positions added, RoPE's (cos, sin) or None, the token grid)."""
+        T, H, W = x.shape[-3:]
         ps = self.config.patch_size
         grid = token_grid((T, H, W), ps)
         padded = tuple(g * p for g, p in zip(grid, ps))
@@ -216,15 +222,20 @@ class VideoDiT(nn.Module):
         tokens = self.patch_embed(patchify(x, ps))  # (B, N, D)
         positions = self.positions(grid, x.device, tokens.dtype) if cond.positions is None else cond.positions
         rope = positions if self.config.positions == "rope" else None
-        if rope is None:
-            tokens = tokens + positions
+        return (tokens if rope is not None else tokens + positions), rope, grid
+
+    def run_blocks(self, tokens: torch.Tensor, cond: Conditioning, rope, segments) -> torch.Tensor:
         for block, modulation, text in zip(self.blocks, cond.blocks, cond.text):
             if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, modulation, text, rope, cond.segments, use_reentrant=False)
+                tokens = checkpoint(block, tokens, modulation, text, rope, segments, use_reentrant=False)
             else:
-                tokens = block(tokens, modulation, text, rope, cond.segments)
-        out = unpatchify(self.final(tokens, cond.final, cond.segments), grid, ps)  # (B, C, T', H', W')
-        return out[:, :, :T, :H, :W]
+                tokens = block(tokens, modulation, text, rope, segments)
+        return tokens
+
+    def unembed(self, patches: torch.Tensor, grid, shape) -> torch.Tensor:
+        """The final layer's tokens (B, N, p x C) -> the prediction, cropped to the input's (T, H, W)."""
+        T, H, W = shape[-3:]
+        return unpatchify(patches, grid, self.config.patch_size)[:, :, :T, :H, :W]
 
     def flops_per_forward(self, num_tokens: int, text_len: int, batch: int = 1, text_kv: bool = True) -> int:
         """Matmul FLOPs (2 per multiply-add) of one forward pass: what model FLOP utilisation counts.

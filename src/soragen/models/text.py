@@ -67,6 +67,12 @@ class TextEmbedding:
         return TextEmbedding(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]),
                              torch.cat([a.pooled, b.pooled]))
 
+    def half(self, i: int) -> "TextEmbedding":
+        """The first (i = 0) or second half of the batch (of a guided batch: conditional, unconditional)."""
+        n = self.tokens.shape[0] // 2
+        part = slice(i * n, (i + 1) * n)
+        return TextEmbedding(self.tokens[part], self.mask[part], None if self.pooled is None else self.pooled[part])
+
     def repeat(self, n: int) -> "TextEmbedding":
         return TextEmbedding(self.tokens.repeat(n, 1, 1), self.mask.repeat(n, 1), self.pooled.repeat(n, 1))
 
