@@ -12,6 +12,8 @@ import typer
 
 from soragen.cli.app import (COMPILE_HELP, STARTED, StageProgress, check_overrides, check_text, check_writable, command,
                              model_dir, note_emulated_bf16, stderr)
+from soragen.cli.spread import Spread
+from soragen.core.atomic import atomic_path
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import SoragenError, UsageError
 from soragen.core.options import check_device_name
@@ -49,7 +51,8 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What the video shows.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames. "
                                       "With --prompts, a folder.")] = Path("video.mp4"),
-    prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each (under "
+                                                    "torchrun, each process makes its share).")] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
@@ -86,6 +89,8 @@ def generate(
 
       soragen generate --prompts prompts.txt --out videos/
 
+      torchrun --nproc_per_node=2 -m soragen generate --prompts prompts.txt --out videos/
+
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
 
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
@@ -94,16 +99,36 @@ def generate(
     check_overrides(sampler=sampler, steps=steps, guidance=guidance, shift=shift, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images = _check_images(image, last_image, model)
-    pipe, seconds = _load(model, device, dtype, compile, offload, lora)
-    settings = pipe.sampling(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
-    size = _video_size(pipe, frames, height, width, images)
-    pipe.guidance(settings, guidance_2)  # a second guidance needs a second expert: said before any video
-    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images)
-    if prompts is not None:
-        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-        typer.echo(f"wrote {out / 'index.jsonl'}")
+    spread = Spread.join() if prompts is not None else Spread()  # under torchrun: this process's share
+    sampling = dict(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt, shift=shift)
+    index, seconds = _make_share(spread.share(jobs), len(jobs), (model, device, dtype, compile, offload, lora),
+                                 sampling, (frames, height, width), eta, seed, fps, guidance_2, images)
+    _finish(spread.gather(index), spread.main, out if prompts is not None else None, timings, seconds)
+
+
+def _finish(index: list[dict] | None, main: bool, folder: Path | None, timings: Path | None, seconds: dict) -> None:
+    """Rank 0 (or the one process) writes the index of every video into `folder` (with --prompts)
+    and the timings (its own)."""
+    if not main:
+        return
+    if folder is not None:
+        with atomic_path(folder / "index.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {folder / 'index.jsonl'}")
     if timings is not None:
         timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
+
+
+def _make_share(mine, total: int, load: tuple, sampling: dict, size: tuple, eta, seed, fps, guidance_2, images):
+    """This process's videos (`mine`: (i, job) of `total` jobs; nothing to load for none): their
+    (i, index record), and the seconds of each stage."""
+    if not mine:
+        return [], {}
+    pipe, seconds = _load(*load)
+    settings = pipe.sampling(**sampling)
+    size = _video_size(pipe, *size, images)
+    pipe.guidance(settings, guidance_2)  # a second guidance needs a second expert: said before any video
+    return _make_videos(pipe, mine, total, settings, size, eta, seed, fps, seconds, guidance_2, images), seconds
 
 
 def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
@@ -149,9 +174,11 @@ def _video_size(pipe, frames, height, width, images) -> tuple[int, int, int]:
     return pipe.video_size(frames, height, width)
 
 
-def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None, images=()) -> list[dict]:
-    """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
-    Returns the index of what was written (prompt, file, seed)."""
+def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, guidance_2=None,
+                 images=()) -> list[tuple[int, dict]]:
+    """Each job's video (`jobs`: (i, (prompt, path)) of `total`), written, with progress bars; the
+    seconds of each stage added to `seconds`. Returns the index of what was written: (i, its
+    record: prompt, file, seed)."""
     from soragen.io.video import write_video
     console = stderr()
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
@@ -159,9 +186,9 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
                   f"(loaded in {seconds['load']:.1f}s)")
     note_emulated_bf16(console, pipe.device, pipe.dtype)
     index = []
-    for i, (text, path) in enumerate(jobs):
+    for i, (text, path) in jobs:
         start = time.perf_counter()
-        with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
+        with StageProgress(f"[{i + 1}/{total}] " if total > 1 else "") as bars:
             video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
                                   image=images[0] if images else None, last_image=images[1] if images[1:] else None,
                                   **dataclasses.asdict(settings))
@@ -174,7 +201,7 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
             console.print(f"note: {result.note}")
         typer.echo(f"wrote {result.path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
                    f"{time.perf_counter() - start:.1f}s)")
-        index.append({"prompt": text, "file": result.path.name, "seed": seed + i})
+        index.append((i, {"prompt": text, "file": result.path.name, "seed": seed + i}))
     return index
 
 
