@@ -1,7 +1,7 @@
 """Training that any split of the global batch reproduces: each clip's draws come from (seed, step,
-its index in the global batch), so one process with a batch of 4, two with 2 each (DDP and FSDP)
-and one with 2 x 2 accumulation steps train the same run, and a run resumes on another process
-count. The torchrun runs are real gloo process groups."""
+its index in the global batch), so one process with a batch of 4, two with 2 each (DDP and FSDP),
+four with 1, and 2 x 2 accumulation steps (one process; two with FSDP) train the same run, and a
+run resumes on another process count. The torchrun runs are real gloo process groups."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def losses(run_dir) -> list[float]:
 
 
 @pytest.mark.slow
-def test_one_by_four_two_by_two_ddp_and_fsdp_and_accumulation_train_the_same_run(clips, model_for_vae, tmp_path):
+def test_one_by_four_two_by_two_four_by_one_ddp_fsdp_and_accumulation_train_the_same_run(clips, model_for_vae, tmp_path):
     cache, f32 = tmp_path / "cache", ["--mixed-precision", "no", "--lr", "1e-3"]
 
     def args(out, steps, batch, *extra):
@@ -163,10 +163,12 @@ def test_one_by_four_two_by_two_ddp_and_fsdp_and_accumulation_train_the_same_run
     torchrun(2, *args("ddp", 2, 2))
     torchrun(2, *args("fsdp", 2, 2, "--fsdp"))
     assert run(args("accum", 2, 2, "--grad-accum", "2")) == 0
+    torchrun(4, *args("four", 2, 1))  # 4 x 1
+    torchrun(2, *args("fsdp-accum", 2, 1, "--fsdp", "--grad-accum", "2"))  # 2 x 1 x 2 accumulation steps
     reference = trained(tmp_path / "one" / "checkpoint-2")
     model = load_file(tmp_path / "one" / "checkpoint-2" / "dit" / "model.safetensors")
     assert furthest(reference, trained(tmp_path / "one" / "checkpoint-4")) > 1e-3  # training moves the weights
-    for other in ("ddp", "fsdp", "accum"):
+    for other in ("ddp", "fsdp", "accum", "four", "fsdp-accum"):
         print(other, furthest(reference, trained(tmp_path / other / "checkpoint-2")))
         assert furthest(reference, trained(tmp_path / other / "checkpoint-2")) <= 1e-5, other
         assert furthest(model, load_file(tmp_path / other / "checkpoint-2" / "dit" / "model.safetensors")) <= 1e-5
