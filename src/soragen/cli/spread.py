@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 # Processes that finished their share wait in the gather for the slowest; round robin keeps that
-# to about one video (a large model's can take most of an hour on one GPU).
+# to about one video, and one video of a large model can outlast gloo's default 30 minutes.
 GATHER_TIMEOUT = datetime.timedelta(hours=24)
 
 
