@@ -167,7 +167,8 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_
 def test_two_gloo_processes_train_with_ddp(clips, model_for_vae, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    from test_train_split import free_port  # not a fixed port: other test runs may hold it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "soragen", *train_args(clips, out, model_for_vae, tmp_path / "cache", 2)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -14,6 +14,8 @@ import typer
 
 from soragen.cli.app import (COMPILE_HELP, STARTED, StageProgress, check_overrides, check_text, check_writable, command,
                              model_dir, note_emulated_bf16, stderr)
+from soragen.cli.spread import Spread
+from soragen.core.atomic import atomic_path
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import SoragenError, UsageError
 from soragen.core.options import check_device_name
@@ -65,7 +67,8 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What the video shows.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames. "
                                       "With --prompts, a folder.")] = Path("video.mp4"),
-    prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each (under "
+                                                    "torchrun, each process makes its share).")] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
@@ -103,6 +106,8 @@ def generate(
 
       soragen generate --prompts prompts.txt --out videos/
 
+      torchrun --nproc_per_node=2 -m soragen generate --prompts prompts.txt --out videos/
+
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
 
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
@@ -113,22 +118,49 @@ def generate(
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images = _check_images(image, last_image, model)
     loras, recommended, sources = _recommended(_parse_loras(lora), given)
-    pipe, seconds = _load(model, device, dtype, compile, offload, loras, parallel)
-    settings = _settings(pipe, given, recommended, sources, negative_prompt, guidance_2)
-    _share(pipe, parallel, settings, guidance_2)
-    index = _make_videos(pipe, jobs, settings, _video_size(pipe, frames, height, width, images), eta, seed, fps,
-                         seconds, guidance_2, images)
-    if pipe.main:  # of processes sharing the steps, rank 0 writes
-        _write_records(out / "index.jsonl" if prompts is not None else None, index, timings, seconds)
+    spread = _spread(prompts, parallel)  # under torchrun with --prompts: this process's share of the videos
+    load = (model, device, dtype, compile, offload, loras, parallel if spread.world == 1 else None)
+    index, seconds, main = _make_share(spread.share(jobs), len(jobs), load, (given, recommended, sources,
+                                       negative_prompt), (frames, height, width), eta, seed, fps, guidance_2, images)
+    _finish(spread.gather(index), spread.main and main, out if prompts is not None else None, timings, seconds)
 
 
-def _write_records(index_file: Optional[Path], index: list[dict], timings: Optional[Path], seconds: dict) -> None:
-    """--prompts' index.jsonl and --timings' JSON."""
-    if index_file is not None:
-        index_file.write_text("".join(json.dumps(r) + "\n" for r in index))
-        typer.echo(f"wrote {index_file}")
+def _spread(prompts: Optional[Path], parallel: str) -> Spread:
+    """With --prompts under torchrun, each process makes its share of the videos (soragen.cli.spread);
+    with one PROMPT, the processes share each step of it (--parallel)."""
+    if prompts is None:
+        return Spread()
+    if parallel != "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"--parallel {parallel} shares one video's steps; with --prompts under torchrun each "
+                         f"process makes its own share of the videos: drop --parallel")
+    return Spread.join()
+
+
+def _finish(index: list[dict] | None, main: bool, folder: Path | None, timings: Path | None, seconds: dict) -> None:
+    """Rank 0 (or the one process) writes the index of every video into `folder` (with --prompts)
+    and the timings (its own)."""
+    if not main:
+        return
+    if folder is not None:
+        with atomic_path(folder / "index.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {folder / 'index.jsonl'}")
     if timings is not None:
         timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
+
+
+def _make_share(mine, total: int, load: tuple, sampling: tuple, size: tuple, eta, seed, fps, guidance_2, images):
+    """This process's videos (`mine`: (i, job) of `total` jobs; nothing to load for none): their
+    (i, index record), the seconds of each stage, and whether this process writes (of processes
+    sharing each video's steps, rank 0 alone)."""
+    if not mine:
+        return [], {}, True
+    pipe, seconds = _load(*load)
+    settings = _settings(pipe, *sampling, guidance_2)
+    _share(pipe, load[-1], settings, guidance_2)
+    size = _video_size(pipe, *size, images)
+    return _make_videos(pipe, mine, total, settings, size, eta, seed, fps, seconds, guidance_2, images), seconds, \
+        pipe.main
 
 
 def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
@@ -219,15 +251,18 @@ def _shown(value) -> str:
 
 
 def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
-    """The pipeline, and the seconds the imports and the load took. Under torchrun, first this
-    process joins the group (gloo on CPUs, nccl on GPUs)."""
+    """The pipeline, and the seconds the imports and the load took. Under torchrun with one PROMPT,
+    first this process joins the group (gloo on CPUs, nccl on GPUs); `parallel` None: the processes
+    make videos of their own (--prompts)."""
     from soragen.pipeline import Pipeline
-    if parallel not in PARALLEL:
+    if parallel is None:
+        pass
+    elif parallel not in PARALLEL:
         raise UsageError(f"--parallel {parallel!r}: choose {', '.join(PARALLEL)}")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and parallel != "auto":
         raise UsageError(f"--parallel {parallel} shares each video's steps between processes: start them with "
                          f"torchrun (torchrun --nproc_per_node=N -m soragen generate ... --parallel {parallel})")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if compile:
             raise UsageError("--compile under torchrun: the steps shared between processes run eagerly; drop "
                              "--compile")
@@ -240,9 +275,9 @@ def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
     return pipe, seconds
 
 
-def _share(pipe, parallel: str, settings, guidance_2) -> None:
-    """Under torchrun: split each video's steps over the processes as --parallel says."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+def _share(pipe, parallel: str | None, settings, guidance_2) -> None:
+    """Under torchrun with one PROMPT: split each video's steps over the processes as --parallel says."""
+    if parallel is None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
     from soragen.models.sequence_parallel import make_split
     guided = settings.guidance != 1 or (guidance_2 is not None and guidance_2 != 1)
@@ -259,12 +294,14 @@ def _video_size(pipe, frames, height, width, images) -> tuple[int, int, int]:
     return pipe.video_size(frames, height, width)
 
 
-def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None, images=()) -> list[dict]:
-    """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
-    Returns the index of what was written (prompt, file, seed)."""
+def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, guidance_2=None,
+                 images=()) -> list[tuple[int, dict]]:
+    """Each job's video (`jobs`: (i, (prompt, path)) of `total`), written, with progress bars; the
+    seconds of each stage added to `seconds`. Returns the index of what was written: (i, its
+    record: prompt, file, seed)."""
     from soragen.io.video import write_video
     if not pipe.main:  # a process sharing the steps with rank 0, which writes
-        for i, (text, _) in enumerate(jobs):
+        for i, (text, _) in jobs:
             pipe.generate(text, *size, eta=eta, seed=seed + i, guidance_2=guidance_2, image=images[0] if images
                           else None, last_image=images[1] if images[1:] else None, **dataclasses.asdict(settings))
         return []
@@ -274,9 +311,9 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
                   f"(loaded in {seconds['load']:.1f}s)")
     note_emulated_bf16(console, pipe.device, pipe.dtype)
     index = []
-    for i, (text, path) in enumerate(jobs):
+    for i, (text, path) in jobs:
         start = time.perf_counter()
-        with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
+        with StageProgress(f"[{i + 1}/{total}] " if total > 1 else "") as bars:
             video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
                                   image=images[0] if images else None, last_image=images[1] if images[1:] else None,
                                   **dataclasses.asdict(settings))
@@ -289,7 +326,7 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
             console.print(f"note: {result.note}")
         typer.echo(f"wrote {result.path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
                    f"{time.perf_counter() - start:.1f}s)")
-        index.append({"prompt": text, "file": result.path.name, "seed": seed + i})
+        index.append((i, {"prompt": text, "file": result.path.name, "seed": seed + i}))
     return index
 
 

@@ -364,7 +364,7 @@ class DiTObjective:
     flow_shift: float = bounded(0.0, low=0, high=100, help="Flow matching: the shift of the noise levels trained "
                                 "on, as sampling shifts them (0: the --init model's flow_shift, or 3).")
     first_frame: float = bounded(0.0, low=0, high=1, help="Of a model that makes videos from text or from an image "
-                                 "(Wan 2.2 TI2V-5B): the share of training batches that start from their clips' "
+                                 "(Wan 2.2 TI2V-5B): the share of training steps whose clips start from their "
                                  "first frame, as generate --image does (an image-to-video model's always do).")
     expert: str = bounded("", choices=("", "high", "low"), help="Of a two-expert --init model (Wan 2.2 A14B): the "
                           "one a LoRA fine-tunes, trained at the noise levels of its steps only: high, the steps at "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from soragen.diffusion.draws import as_draws
 from soragen.models.vae import pad_frames
 
 # A latent cell counts as part of an object when it stands out from its row's and column's median by
@@ -44,36 +45,39 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: t
     return noise
 
 
-def diffusion_loss(dit, scheduler, latents: torch.Tensor, text, generator: torch.Generator,
+def diffusion_loss(dit, scheduler, latents: torch.Tensor, text, generator,
                    object_weight: float = 0.0) -> torch.Tensor:
     """The loss of one batch: latents (B, C, T, H, W) clean; text a TextEmbedding; all randomness
-    (noise, steps) from `generator`."""
+    (noise, steps) from `generator`: each clip's own (a soragen.diffusion.draws.ClipDraws), or a
+    torch.Generator's for the whole batch. The mean of the clips' losses."""
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    draws = as_draws(generator, latents.shape[0])
+    noise = draws.randn(latents.shape, "noise").to(device)
+    t = draws.randint(scheduler.config.num_train_timesteps, "timestep").to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     prediction = dit(noisy, t, text.tokens, text.mask, text.pooled)
     return object_weighted_mse(prediction.float(), diffusion_target(scheduler, latents, noise, t), latents,
                                object_weight)
 
 
-def flow_levels(count: int, generator: torch.Generator, shift: float) -> torch.Tensor:
-    """Noise levels s in (0, 1) to train at: logit-normal, shifted toward the noise by `shift`."""
-    u = torch.sigmoid(torch.randn(count, generator=generator))
+def flow_levels(count: int, generator, shift: float) -> torch.Tensor:
+    """Noise levels s in (0, 1) to train at: logit-normal, shifted toward the noise by `shift`;
+    `generator` a torch.Generator or a ClipDraws of `count` clips (one level each)."""
+    u = torch.sigmoid(as_draws(generator, count).randn((count,), "level"))
     return shift * u / (1 + (shift - 1) * u)
 
 
-def flow_loss(dit, schedule: dict, latents: torch.Tensor, text, generator: torch.Generator,
+def flow_loss(dit, schedule: dict, latents: torch.Tensor, text, generator,
               object_weight: float = 0.0, levels: tuple[float, float] = (0.0, 1.0),
               condition: dict | None = None) -> torch.Tensor:
     """The flow-matching loss of one batch (`schedule`: the flow scheduler config, its flow_shift and
-    num_train_timesteps); all randomness from `generator`. `levels`: the span of noise levels
+    num_train_timesteps); all randomness from `generator` (as diffusion_loss's). `levels`: the span of noise levels
     trained (one expert's of two: the levels drawn, squeezed into it). `condition`: what an
     image-to-video DiT takes besides (soragen.diffusion.image_condition): "still_frames", leading
     latent frames given clean at timestep 0 and left out of the loss (Wan 2.2 TI2V-5B); "channels",
     input channels after the noisy latent; "image", an image encoder's tokens."""
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = as_draws(generator, latents.shape[0]).randn(latents.shape, "noise").to(device)
     s = flow_levels(latents.shape[0], generator, float(schedule.get("flow_shift", 1.0))).to(device)
     if levels != (0.0, 1.0):
         s = levels[0] + (levels[1] - levels[0]) * s
@@ -112,11 +116,19 @@ def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, latents: torch
                         object_weight: float) -> torch.Tensor:
     """MSE with the latent cells of small objects (`detail_mask` of the clean latents) weighted
     1 + object_weight. An object is a few percent of a video's cells, and what tells a square from a
-    circle is a few of those: under a plain mean the DiT can ignore the shape word at almost no cost."""
+    circle is a few of those: under a plain mean the DiT can ignore the shape word at almost no cost.
+    Each clip's weights are normalised within it and the batch's loss is the mean of its clips', so a
+    batch split in parts has the mean of the parts' losses."""
     if not object_weight:
         return F.mse_loss(pred, target)
     weight = 1.0 + object_weight * detail_mask(latents, LATENT_DETAIL_THRESHOLD)
-    return (weight * (pred - target) ** 2).mean() / weight.mean()
+    return weighted_mean(weight, (pred - target) ** 2)
+
+
+def weighted_mean(weight: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """The mean over clips (dim 0) of each clip's weighted mean of `error` (`weight` broadcast to it)."""
+    weight = weight.expand_as(error).flatten(1)
+    return ((weight * error.flatten(1)).sum(1) / weight.sum(1)).mean()
 
 
 class VAEWithLoss(torch.nn.Module):
@@ -132,14 +144,17 @@ class VAEWithLoss(torch.nn.Module):
             model.encoder.requires_grad_(False)  # encoding builds no autograd graph either
             model.quant_conv.requires_grad_(False)
 
-    def forward(self, video: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, noise_generator) -> torch.Tensor:
+        """The mean of the clips' losses; a posterior sample from `noise_generator` (a ClipDraws: each
+        clip's own; or a torch.Generator)."""
         posterior = self.vae.encode(pad_frames(video)).latent_dist  # the causal VAE takes 1 + 4k frames
         z = posterior.mean
         if self.sample_posterior:  # at init the posterior std is ~1: so noisy that small objects never come back
-            z = z + posterior.std * torch.randn(z.shape, generator=noise_generator).to(video.device)
+            noise = as_draws(noise_generator, z.shape[0]).randn(z.shape, "posterior")
+            z = z + posterior.std * noise.to(video.device)
         recon = self.vae.decode(z).sample.float()[:, :, : video.shape[2]]
         weight = 1.0 + self.detail_weight * detail_mask(video)
         error = (recon - video).abs() + (recon - video) ** 2
-        reconstruction = (weight * error).mean() / weight.mean()
+        reconstruction = weighted_mean(weight, error)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
         return reconstruction + self.kl_weight * kl

@@ -55,7 +55,8 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
             sharded = {"sharded": dist.world} if every_process else {}
             (state_dir / "state.json").write_text(train_state.record_json({
                 "step": step, **record, **sharded,
-                "rng": "derived: generator of step s on rank r is seeded from (seed, r, s); epoch e's order from (seed, e)",
+                "rng": "derived: each clip's draws from (seed, step, its index in the global batch); epoch e's order "
+                       "from (seed, e)",
                 }, listed))
             publish(folder, final)
     except BaseException:
@@ -294,6 +295,12 @@ def stored_run(checkpoint: Path, objective_class: type, older_defaults: dict | N
         return _stored_run(state, objective_class, older_defaults)
     except (KeyError, TypeError, ValueError) as err:
         raise _damaged(checkpoint, f"cannot resume: {path}: {err}") from err
+
+
+def stored_processes(checkpoint: Path) -> int | None:
+    """How many processes trained a checkpoint's run (None: a run from before this was stored)."""
+    value = _state_json(checkpoint, "state.json").get("processes")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def stored_lora(checkpoint: Path) -> LoRAConfig:

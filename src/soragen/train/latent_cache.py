@@ -39,18 +39,20 @@ class LatentSamples:
     def __len__(self) -> int:
         return len(self.latents)
 
-    def batch(self, items: list[int], generator: torch.Generator, caption_dropout: float):
+    def batch(self, items: list[int], draws, caption_dropout: float):
         """(latents, text, condition): a window of each clip, its caption's embedding (or the empty
-        one's), and of an image-to-video model the window's condition (soragen.diffusion.objectives)."""
+        one's), and of an image-to-video model the window's condition (soragen.diffusion.objectives);
+        the window and the dropout drawn from the clip's own generators (`draws`, a
+        soragen.diffusion.draws.ClipDraws of the items)."""
         from soragen.models.text import TextEmbedding
         latents, tokens, pooled, condition = [], [], [], {}
-        for i in items:
-            k = int(torch.randint(0, self.latents[i].shape[0], (1,), generator=generator))
+        for n, i in enumerate(items):
+            k = int(torch.randint(0, self.latents[i].shape[0], (1,), generator=draws.generator(n, "window")))
             latents.append(self.latents[i][k])
             for key, per_clip in (("channels", self.channels), ("image", self.image_tokens)):
                 if per_clip is not None:
                     condition.setdefault(key, []).append(per_clip[i][k])
-            drop = float(torch.rand((), generator=generator)) < caption_dropout
+            drop = float(torch.rand((), generator=draws.generator(n, "caption"))) < caption_dropout
             tokens.append(self.empty_tokens if drop else self.tokens[i])
             pooled.append(self.empty_pooled if drop else self.pooled[i])
         length = max(t.shape[0] for t in tokens)

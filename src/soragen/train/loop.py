@@ -2,16 +2,23 @@
 AdamW with linear warm-up, gradient accumulation and clipping, an EMA of the weights, bf16 autocast
 where the hardware does bf16 fast, non-finite steps skipped, checkpoints and exact resume.
 
-Randomness is derived, not stored: step s on rank r draws its noise, timesteps, caption dropout
-and crops from a generator seeded with (seed, r, s), and the data order of epoch e from
-(seed, e). So the training state is just weights, optimizer moments, EMA and the step, and a run
-stopped at N and resumed to 2N ends bitwise equal to one run straight to 2N (on CPU).
+Step s trains on a global batch of batch_size x grad_accum x processes clips: positions
+s G .. s G + G - 1 of the endless sequence of per-epoch shuffles (epoch e's order seeded by (seed,
+e)). Micro-batch m of process r takes the clips at (m x processes + r) x batch_size onwards of
+it, and each clip draws its window, caption dropout, noise and noise level from generators seeded
+by (seed, s, its index in the global batch) (soragen.diffusion.draws). Each micro-batch's loss is
+the mean of its clips', divided by grad_accum, and the processes average their gradients: the
+step's gradient is the global batch's mean loss's, however the batch is split. So 1 process x 4
+clips, 2 x 2 and 1 x 2 with 2 accumulation steps train the same run (up to float rounding), and a
+run resumes on another process count (soragen.train.run keeps its global batch). Randomness is
+derived, not stored: the training state is just weights, optimizer moments, EMA and the step, and
+a run stopped at N and resumed to 2N ends bitwise equal to one run straight to 2N (on CPU, same
+split).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -22,17 +29,13 @@ import torch
 
 from soragen.core.atomic import atomic_path
 from soragen.core.config import TrainConfig
-from soragen.core.errors import SoragenError
+from soragen.core.errors import SoragenError, UsageError
 from soragen.core.progress import MESSAGE, Progress
+from soragen.diffusion.draws import ClipDraws
 from soragen.train.parallel import Dist, Replicated, Sharded
 
 MAX_BAD_STEPS_IN_A_ROW = 20
 
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "little")
-    return torch.Generator("cpu").manual_seed(mixed)
 
 
 def sample_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
@@ -44,6 +47,23 @@ def sample_indices(num_items: int, seed: int, start: int, count: int) -> list[in
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out.append(order[offset])
     return out
+
+
+def split_batch(cfg: TrainConfig, saved_world: int, world: int) -> TrainConfig:
+    """cfg (saved by a run on `saved_world` processes) for a run on `world` processes with the same
+    global batch: the micro-batch as large as it was or the largest that divides what each process
+    now takes, and as many accumulation steps as that needs. UsageError where the global batch does
+    not split into `world` equal parts."""
+    total = cfg.batch_size * cfg.grad_accum * saved_world
+    if world == saved_world:
+        return cfg
+    if total % world:
+        raise UsageError(f"cannot resume this run on {world} processes: its global batch of {total} clips "
+                         f"({saved_world} processes x --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}) "
+                         f"does not split into {world} equal parts")
+    each = total // world
+    batch = max(b for b in range(1, min(cfg.batch_size, each) + 1) if each % b == 0)
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum=each // batch)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -70,8 +90,8 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: Path | None,
                progress: Progress | None, fsdp: bool = False) -> dict:
-    """Train `task` (soragen.train.tasks) to cfg.max_steps: for each step its generator and learning
-    rate, the micro-batches, clipping, the optimizer step and the EMA, a metrics line, a checkpoint."""
+    """Train `task` (soragen.train.tasks) to cfg.max_steps: for each step its learning rate, the
+    micro-batches, clipping, the optimizer step and the EMA, a metrics line, a checkpoint."""
     amp = autocast_dtype(cfg.mixed_precision, dist.device)
     held = (Sharded if fsdp else Replicated)(task, dist, amp)
     optimizer = torch.optim.AdamW(held.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -80,13 +100,13 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
     log = MetricsLog(run_dir / "metrics.jsonl", step, cfg.max_steps, dist.main, progress)
     bad_in_a_row, loss_value = 0, float("nan")
     while step < cfg.max_steps:
-        generator = step_generator(cfg.seed, dist.rank, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            total += micro_batch(task, held.model, cfg, dist, step, micro, generator, amp)
+            total += micro_batch(task, held.model, cfg, dist, step, micro, amp)
+        total = dist.mean(total)  # the global batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(held.trained, cfg.max_grad_norm)
         finite = dist.all_agree(math.isfinite(total) and bool(torch.isfinite(grad_norm)))
         step += 1
@@ -102,7 +122,8 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
         log.step(step, total if finite else None, optimizer.param_groups[0]["lr"],
                  float(grad_norm) if finite else None, skipped)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
-            record = {"kind": task.kind, "skipped_nonfinite": skipped, "config": dataclasses.asdict(cfg),
+            record = {"kind": task.kind, "skipped_nonfinite": skipped, "processes": dist.world,
+                      "config": dataclasses.asdict(cfg),
                       "objective": dataclasses.asdict(task.objective), **task.stored()}
             saved = held.save(run_dir, step, optimizer, record, cfg.keep_last)
             if saved is not None:
@@ -112,14 +133,16 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
     return {"step": step, "loss": loss_value, "skipped_nonfinite": skipped}
 
 
-def micro_batch(task, model, cfg: TrainConfig, dist: Dist, step: int, micro: int, generator,
+def micro_batch(task, model, cfg: TrainConfig, dist: Dist, step: int, micro: int,
                 amp: torch.dtype | None) -> float:
-    """Forward and backward of one micro-batch (the items this process takes of the step's batch);
-    its share of the step's loss."""
-    position = ((step * cfg.grad_accum + micro) * dist.world + dist.rank) * cfg.batch_size
-    items = sample_indices(task.num_items(), cfg.seed, position, cfg.batch_size)
+    """Forward and backward of one micro-batch (the clips this process takes of the step's global
+    batch, with their own random draws); its share of the step's loss."""
+    first = (micro * dist.world + dist.rank) * cfg.batch_size  # in the step's global batch
+    global_batch = cfg.batch_size * cfg.grad_accum * dist.world
+    items = sample_indices(task.num_items(), cfg.seed, step * global_batch + first, cfg.batch_size)
+    draws = ClipDraws(cfg.seed, step, range(first, first + cfg.batch_size))
     with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
-        loss = task.loss(model, items, generator) / cfg.grad_accum
+        loss = task.loss(model, items, draws) / cfg.grad_accum
     loss.backward()
     return loss.item()
 

@@ -40,6 +40,14 @@ class Dist:
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         return bool(value.item())
 
+    def mean(self, value: float) -> float:
+        """The mean of every process's `value`."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor.item()) / self.world
+
 
 def init_distributed(device: str = "auto") -> Dist:
     """Under torchrun (WORLD_SIZE set) join the process group: nccl on GPUs, gloo on CPU."""

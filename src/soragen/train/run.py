@@ -25,11 +25,11 @@ from soragen.io.folders import latest_checkpoint
 from soragen.io.model_folder import family, load_model, lora_target, read_manifest
 from soragen.models.lora import add_lora
 from soragen.models.vae import VideoVAE, load_vae, new_vae
-from soragen.train.checkpoints import prepare_run_dir, resumable, stored_lora, stored_run
+from soragen.train.checkpoints import prepare_run_dir, resumable, stored_lora, stored_processes, stored_run
 from soragen.train.data import require_clips, scan_clips
 from soragen.train.image_cache import add_image_conditions
 from soragen.train.latent_cache import build_samples
-from soragen.train.loop import train_loop
+from soragen.train.loop import split_batch, train_loop
 from soragen.train.parallel import Dist, init_distributed
 from soragen.train.tasks import DiTTask, Start, Task, VAETask
 
@@ -47,7 +47,12 @@ def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str,
         # a DiT run from before the objective was stored predicted the noise
         older = {"prediction": "epsilon"} if isinstance(objective, DiTObjective) else {}
         stored_cfg, objective = stored_run(resume_from, type(objective), older)
-        cfg = dataclasses.replace(stored_cfg, max_steps=cfg.max_steps)
+        saved_world = stored_processes(resume_from) or dist.world  # runs from before it was stored: as now
+        cfg = split_batch(dataclasses.replace(stored_cfg, max_steps=cfg.max_steps), saved_world, dist.world)
+        if note and saved_world != dist.world:
+            note(f"resuming on {dist.world} process(es) a run saved on {saved_world}: its global batch of "
+                 f"{cfg.batch_size * cfg.grad_accum * dist.world} clips as --batch-size {cfg.batch_size} x "
+                 f"--grad-accum {cfg.grad_accum} on each")
     return dist, progress, resume_from, cfg, objective
 
 

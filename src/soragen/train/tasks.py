@@ -16,6 +16,7 @@ import torch
 
 from soragen.core.config import (DiTObjective, LoRAConfig, SamplingDefaults, TextEncoderSpec, TrainConfig,
                                  VAEObjective, VideoDefaults)
+from soragen.diffusion.draws import ClipDraws
 from soragen.diffusion.objectives import VAEWithLoss, diffusion_loss, flow_loss
 from soragen.diffusion.sampling import is_flow
 from soragen.families.registry import DEFAULT
@@ -55,7 +56,8 @@ class Task:
     module: torch.nn.Module
     trained = staticmethod(whole)  # the tensors training changes, which train_state/ keeps
 
-    def loss(self, module: torch.nn.Module, items: list[int], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, module: torch.nn.Module, items: list[int], draws: ClipDraws) -> torch.Tensor:
+        """The mean of the loss of each clip of `items`, whose random draws come from `draws`."""
         raise NotImplementedError
 
     def num_items(self) -> int:
@@ -96,17 +98,18 @@ class DiTTask(Task):
     def num_items(self) -> int:
         return len(self.samples)
 
-    def loss(self, module, items, generator):
-        latents, text, condition = self.samples.batch(items, generator, self.caption_dropout)
+    def loss(self, module, items, draws):
+        latents, text, condition = self.samples.batch(items, draws, self.caption_dropout)
         device = next(module.parameters()).device
         latents, text = latents.to(device), text.to(device, torch.float32)
         condition = {key: value.to(device) for key, value in condition.items()}
-        if self.objective.first_frame and float(torch.rand((), generator=generator)) < self.objective.first_frame:
-            condition["still_frames"] = 1  # this batch starts from its clips' first frames (Wan 2.2 TI2V-5B)
+        first_frame = self.objective.first_frame
+        if first_frame and float(torch.rand((), generator=draws.shared("first-frame"))) < first_frame:
+            condition["still_frames"] = 1  # this step's clips start from their first frames (Wan 2.2 TI2V-5B)
         if self.scheduler is None:
-            return flow_loss(module, self.scheduler_config, latents, text, generator, self.objective.object_weight,
+            return flow_loss(module, self.scheduler_config, latents, text, draws, self.objective.object_weight,
                              self.levels, condition)
-        return diffusion_loss(module, self.scheduler, latents, text, generator, self.objective.object_weight)
+        return diffusion_loss(module, self.scheduler, latents, text, draws, self.objective.object_weight)
 
     def stored(self) -> dict:
         return {"lora": dataclasses.asdict(self.lora)}
@@ -146,7 +149,7 @@ class VAETask(Task):
         return len(self.clips)
 
     def _clip(self, index: int, generator: torch.Generator) -> np.ndarray:
-        """A random window of clip `index`; decoded clips stay in memory while they fit."""
+        """A random window of clip `index` (from `generator`); decoded clips stay in memory while they fit."""
         from soragen.train.data import resize_and_crop, sample_frame_indices
         from soragen.io.video import read_video
         clip = self.clips[index]
@@ -166,9 +169,9 @@ class VAETask(Task):
             window = window[:, top:top + self.crop, left:left + self.crop]
         return window
 
-    def loss(self, module, items, generator):
-        video = uint8_to_frames(np.stack([self._clip(i, generator) for i in items]))
-        return module(video.to(next(module.parameters()).device), generator)
+    def loss(self, module, items, draws):
+        video = uint8_to_frames(np.stack([self._clip(i, draws.generator(n, "window")) for n, i in enumerate(items)]))
+        return module(video.to(next(module.parameters()).device), draws)
 
     @torch.no_grad()
     def latent_stats(self, model, count: int = 32) -> tuple[list[float], list[float]]:
