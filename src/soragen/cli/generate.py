@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -50,7 +51,12 @@ TimestepsOption = Annotated[Optional[str], typer.Option(help="The timesteps to d
                                                        "before --shift); flow models with euler, lcm or unipc.",
                                                        show_default=False)]
 TimingsOption = Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
-                                                       "load, encode, denoise, decode, write) to this JSON file.")]
+                                                       "load, encode, denoise, decode, write) and the DiT passes "
+                                                       "run and skipped to this JSON file, or to stderr if it is "
+                                                       "'stderr'.")]
+CacheOption = Annotated[str, typer.Option(help="A step cache: none, first-block[:T], taylorseer[:K[:ORDER]] or "
+                                          "magcache[:T] (after soragen calibrate-cache): skips the DiT's blocks on "
+                                          "steps that barely change; T 0 (K 0) changes nothing.")]
 
 
 @command()
@@ -83,6 +89,7 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     offload: OffloadOption = False,
+    cache: CacheOption = "none",
     timings: TimingsOption = None,
 ) -> None:
     """Generate a video from a text prompt.
@@ -98,8 +105,9 @@ def generate(
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
 
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
+
     """
-    jobs = _generate_jobs(prompt, prompts, out, seed)
+    jobs, step_cache = _generate_jobs(prompt, prompts, out, seed), _step_cache(cache, model)
     given = dict(sampler=sampler, steps=steps, guidance=guidance, shift=shift, timesteps=_parse_timesteps(timesteps))
     check_overrides(**given, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
@@ -108,12 +116,35 @@ def generate(
     pipe, seconds = _load(model, device, dtype, compile, offload, loras)
     settings = _settings(pipe, given, recommended, sources, negative_prompt, guidance_2)
     size = _video_size(pipe, frames, height, width, images)
-    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images)
-    if prompts is not None:
-        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-        typer.echo(f"wrote {out / 'index.jsonl'}")
-    if timings is not None:
-        timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
+    index = _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2, images, step_cache)
+    _finish(out if prompts is not None else None, index, timings, seconds)
+
+
+def _finish(folder: Optional[Path], index: list[dict], timings: Optional[Path], seconds: dict) -> None:
+    """With --prompts, the index of the videos written into their `folder`; --timings FILE (or
+    stderr): the seconds of each stage and the DiT passes run and skipped, as one JSON object."""
+    if folder is not None:
+        (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
+        typer.echo(f"wrote {folder / 'index.jsonl'}")
+    if timings is None:
+        return
+    line = json.dumps({**seconds, "total": time.perf_counter() - STARTED})
+    if str(timings) == "stderr":
+        print(line, file=sys.stderr)
+    else:
+        timings.write_text(line + "\n")
+
+
+def _step_cache(text: str, model: Optional[Path]):
+    """--cache as a CacheSpec (None for none), MagCache's with the model's calibration read:
+    checked before any weight is loaded."""
+    from soragen.diffusion.caches import parse_cache
+    spec = parse_cache(text)
+    if spec is None or spec.kind != "magcache" or spec.threshold == 0:
+        return spec
+    from soragen.io.cache_file import read_calibration
+    from soragen.io.folders import resolve_model_dir
+    return dataclasses.replace(spec, ratios=read_calibration(resolve_model_dir(model_dir(model)), model))
 
 
 def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
@@ -223,14 +254,15 @@ def _video_size(pipe, frames, height, width, images) -> tuple[int, int, int]:
     return pipe.video_size(frames, height, width)
 
 
-def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None, images=()) -> list[dict]:
+def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2=None, images=(),
+                 cache=None) -> list[dict]:
     """Each job's video, written, with progress bars; the seconds of each stage added to `seconds`.
     Returns the index of what was written (prompt, file, seed)."""
     from soragen.io.video import write_video
     console = stderr()
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
-                  f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g} "
-                  f"(loaded in {seconds['load']:.1f}s)")
+                  f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g}"
+                  f"{f', cache {cache}' if cache else ''} (loaded in {seconds['load']:.1f}s)")
     note_emulated_bf16(console, pipe.device, pipe.dtype)
     index = []
     for i, (text, path) in enumerate(jobs):
@@ -238,12 +270,17 @@ def _make_videos(pipe, jobs, settings, size, eta, seed, fps, seconds, guidance_2
         with StageProgress(f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else "") as bars:
             video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
                                   image=images[0] if images else None, last_image=images[1] if images[1:] else None,
-                                  **dataclasses.asdict(settings))
+                                  cache=cache, **dataclasses.asdict(settings))
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
             bars("write", 1, 1)
         for stage, spent in bars.times.seconds.items():
             seconds[stage] = seconds.get(stage, 0.0) + spent
+        for kind in ("run", "skipped"):
+            seconds[f"dit_passes_{kind}"] = seconds.get(f"dit_passes_{kind}", 0) + pipe.passes[kind]
+        if cache:
+            console.print(f"{cache}: the DiT ran {pipe.passes['run']} passes and skipped {pipe.passes['skipped']}",
+                          markup=False, highlight=False)
         if result.note:
             console.print(f"note: {result.note}")
         typer.echo(f"wrote {result.path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
@@ -258,15 +295,7 @@ def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, se
     if (prompt is None) == (prompts is None):
         raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
     if prompts is not None:
-        if not prompts.is_file():
-            raise UsageError(f"--prompts {prompts}: no such file")
-        try:
-            lines = [line.strip() for line in prompts.read_text().splitlines()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise SoragenError(f"cannot read {prompts}: {err}") from err
-        lines = [line for line in lines if line and not line.startswith("#")]
-        if not lines:
-            raise UsageError(f"--prompts {prompts} holds no prompt")
+        lines = _read_prompts(prompts)
         if out.suffix:
             raise UsageError(f"with --prompts, --out must be a folder, not {out}")
         jobs = [(p, out / f"{i:03d}-{_slug(p)}.mp4") for i, p in enumerate(lines)]
@@ -284,6 +313,22 @@ def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, se
     return jobs
 
 
+def _read_prompts(prompts: Path) -> list[str]:
+    """--prompts FILE: its lines that are not empty or # comments."""
+    if not prompts.is_file():
+        raise UsageError(f"--prompts {prompts}: no such file")
+    try:
+        lines = [line.strip() for line in prompts.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise SoragenError(f"cannot read {prompts}: {err}") from err
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise UsageError(f"--prompts {prompts} holds no prompt")
+    for line in lines:
+        check_text(line, f"--prompts {prompts}")
+    return lines
+
+
 def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, negative_prompt: str | None = None,
                    guidance_2: float | None = None) -> None:
     from soragen.pipeline import DTYPES
@@ -296,6 +341,54 @@ def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, 
     check_device_name(device)
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
+
+
+# ---- calibrate-cache ---------------------------------------------------------------------------
+
+@command("calibrate-cache")
+def calibrate_cache(
+    prompts: Annotated[Path, typer.Option(help="A text file, one prompt per line: the videos to measure on.",
+                                          show_default=False)],
+    model: ModelOption = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's).")] = None,
+    sampler: SamplerOption = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames per video (default: the model's).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed of the first prompt's video.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+) -> None:
+    """Measure the magnitude ratios --cache magcache needs, once per model: saved as magcache.json in
+    the model's folder (a hub model's, or the built-in one's, in ~/.cache/soragen/magcache/).
+
+    Examples:
+
+      soragen calibrate-cache --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt
+    """
+    from soragen.io.cache_file import calibration_file, check_replaceable
+    from soragen.io.folders import resolve_model_dir
+    from soragen.tools.calibrate_cache import calibrate
+    lines = _read_prompts(prompts)
+    check_overrides(steps=steps, guidance=guidance, sampler=sampler, frames=frames)
+    _check_choices(device=device, dtype=dtype)
+    folder = resolve_model_dir(model_dir(model))
+    target = calibration_file(folder)
+    check_replaceable(target)
+    check_writable(target.parent)
+    pipe, _ = _load(model, device, dtype, False, False, [])
+    settings = pipe.sampling(steps=steps, guidance=guidance, sampler=sampler)
+    size = pipe.video_size(frames, height, width)
+    with StageProgress() as bars:
+        ratios = calibrate(pipe, lines, *size, settings, seed, bars)
+    from soragen.io.cache_file import write_calibration
+    write_calibration(target, ratios, dict(model=str(folder), sampler=settings.sampler, steps=settings.steps,
+                                           guidance=settings.guidance, prompts=len(lines),
+                                           video=dict(zip(("frames", "height", "width"), size))))
+    where = "into the model's folder" if target.parent == folder.resolve() else "into soragen's cache"
+    typer.echo(f"wrote {target} ({where}): {len(ratios)} row(s) of {settings.steps} ratios from {len(lines)} "
+               f"prompt(s); use it with: soragen generate ... --cache magcache")
 
 
 # ---- inspect-patches ---------------------------------------------------------------------------

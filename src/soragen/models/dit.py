@@ -207,7 +207,13 @@ class VideoDiT(nn.Module):
 
     def predict(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The forward pass given its conditioning: patches -> tokens -> blocks -> patches."""
-        B, C, T, H, W = x.shape
+        tokens, rope, shape = self.tokens_in(x, cond)
+        return self.tokens_out(self.run_blocks(tokens, cond, rope), cond, shape)
+
+    def tokens_in(self, x: torch.Tensor, cond: Conditioning):
+        """x (B, C, T, H, W) -> the tokens (B, N, D) the first block takes (sin-cos positions added),
+        RoPE's angles (or None) and (T, H, W), what `tokens_out` crops back to."""
+        T, H, W = x.shape[-3:]
         ps = self.config.patch_size
         grid = token_grid((T, H, W), ps)
         padded = tuple(g * p for g, p in zip(grid, ps))
@@ -218,12 +224,24 @@ class VideoDiT(nn.Module):
         rope = positions if self.config.positions == "rope" else None
         if rope is None:
             tokens = tokens + positions
-        for block, modulation, text in zip(self.blocks, cond.blocks, cond.text):
+        return tokens, rope, (T, H, W)
+
+    def run_blocks(self, tokens: torch.Tensor, cond: Conditioning, rope, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """The tokens through blocks[start:stop] (all of them by default)."""
+        blocks = self.blocks if start == 0 and stop is None else list(self.blocks)[start:stop]
+        for block, modulation, text in zip(blocks, cond.blocks[start:stop], cond.text[start:stop]):
             if self.gradient_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, modulation, text, rope, cond.segments, use_reentrant=False)
             else:
                 tokens = block(tokens, modulation, text, rope, cond.segments)
-        out = unpatchify(self.final(tokens, cond.final, cond.segments), grid, ps)  # (B, C, T', H', W')
+        return tokens
+
+    def tokens_out(self, tokens: torch.Tensor, cond: Conditioning, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The last block's tokens -> the prediction (B, C, T, H, W) of a video of `shape` (T, H, W)."""
+        T, H, W = shape
+        grid = token_grid(shape, self.config.patch_size)
+        out = unpatchify(self.final(tokens, cond.final, cond.segments), grid, self.config.patch_size)
         return out[:, :, :T, :H, :W]
 
     def flops_per_forward(self, num_tokens: int, text_len: int, batch: int = 1, text_kv: bool = True) -> int:
