@@ -210,3 +210,7 @@ def test_parse_cache():
     assert parse_cache("first-block") == CacheSpec("first-block", 0.05)
     assert parse_cache("taylorseer:3:2") == CacheSpec("taylorseer", 3, 2)
     assert parse_cache("magcache:0.1") == CacheSpec("magcache", 0.1)
+    from soragen.diffusion.caches import make_cache
+    assert make_cache(CacheSpec("magcache", 0.0), 10) is not None  # at 0 no ratios are read: it changes nothing
+    with pytest.raises(Exception, match="calibrate-cache"):
+        make_cache(CacheSpec("magcache", 0.06), 10)

@@ -239,7 +239,7 @@ def make_cache(spec, steps: int) -> StepCache | None:
     steps: what it makes, such as a `Calibration`)."""
     if spec is None or callable(spec):
         return spec and spec(steps)
-    if spec.kind == "magcache" and not spec.ratios:
+    if spec.kind == "magcache" and not spec.ratios and spec.threshold > 0:
         raise UsageError("--cache magcache needs the model's calibration (soragen calibrate-cache)")
     return {"first-block": FirstBlockCache, "taylorseer": TaylorSeerCache, "magcache": MagCache}[spec.kind](spec, steps)
 
