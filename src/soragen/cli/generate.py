@@ -107,11 +107,11 @@ def generate(
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
 
     """
-    jobs, step_cache = _generate_jobs(prompt, prompts, out, seed), _step_cache(cache, model)
+    jobs = _generate_jobs(prompt, prompts, out, seed)
     given = dict(sampler=sampler, steps=steps, guidance=guidance, shift=shift, timesteps=_parse_timesteps(timesteps))
     check_overrides(**given, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
-    images = _check_images(image, last_image, model)
+    images, step_cache = _check_images(image, last_image, model), _step_cache(cache, model)
     loras, recommended, sources = _recommended(_parse_loras(lora), given)
     pipe, seconds = _load(model, device, dtype, compile, offload, loras)
     settings = _settings(pipe, given, recommended, sources, negative_prompt, guidance_2)
