@@ -214,3 +214,24 @@ def test_parse_cache():
     assert make_cache(CacheSpec("magcache", 0.0), 10) is not None  # at 0 no ratios are read: it changes nothing
     with pytest.raises(Exception, match="calibrate-cache"):
         make_cache(CacheSpec("magcache", 0.06), 10)
+
+
+def test_two_experts_keep_a_cache_each_the_second_starting_with_full_passes(tmp_path):
+    from soragen.pipeline import Pipeline
+    tiny_pipeline(experts=2).save_pretrained(tmp_path / "a14b", max_shard_size="40KB")
+    pipe = Pipeline.load(tmp_path / "a14b", device="cpu", dtype="float32")
+    plain = sample(pipe, 10)
+    assert torch.equal(sample(pipe, 10, CacheSpec("taylorseer", 0)), plain)
+    for spec in (CacheSpec("taylorseer", 2), CacheSpec("first-block", 2.0), CacheSpec("magcache", 0.5,
+                                                                                    ratios=ALWAYS_SKIP)):
+        latent = sample(pipe, 10, spec)
+        assert torch.isfinite(latent).all() and pipe.passes["skipped"] > 0, spec
+        assert pipe.passes["run"] + pipe.passes["skipped"] == 20
+    # TaylorSeer: the second expert's first steps are full passes of its own, whatever the step
+    settings = pipe.sampling(steps=10)
+    from soragen.diffusion.sampling import make_scheduler, set_schedule
+    scheduler = make_scheduler(settings.sampler, pipe.model.scheduler_config)
+    set_schedule(scheduler, 10)
+    first_low = next(i for i, t in enumerate(scheduler.timesteps) if float(t) < pipe.model.boundary)
+    sample(pipe, 10, CacheSpec("taylorseer", 2))
+    assert not any(step in range(first_low, first_low + 3) for step, _ in pipe.passes["skipped_at"])

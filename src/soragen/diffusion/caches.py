@@ -162,14 +162,15 @@ class FirstBlockCache(StepCache):
 
 
 class TaylorSeerCache(StepCache):
-    """TaylorSeer on the blocks' residual: full passes in the first WARMUP steps, then one in every
-    K + 1; the others extrapolate (diffusers' TaylorSeerState, its factors in float32)."""
+    """TaylorSeer on the blocks' residual: WARMUP full passes first, then one in every K + 1 steps;
+    the others extrapolate (diffusers' TaylorSeerState, its factors in float32)."""
 
     WARMUP = 3
 
     def compute(self, state, tokens, start) -> bool:
         period = int(self.spec.threshold) + 1
-        return self.step < self.WARMUP or (self.step - self.WARMUP) % period == period - 1
+        # full passes first (counted, not by step: a second expert starts mid-run with none of its own)
+        return state.get("full", 0) < self.WARMUP or (self.step - self.WARMUP) % period == period - 1
 
     def _series(self, state):
         if "series" not in state:
@@ -180,6 +181,7 @@ class TaylorSeerCache(StepCache):
 
     def store(self, state, tokens, start, out) -> None:
         self._series(state).update((out - tokens,))
+        state["full"] = state.get("full", 0) + 1
 
     def reuse(self, state, tokens, start) -> torch.Tensor:
         return tokens + self._series(state).predict()[0]
