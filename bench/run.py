@@ -25,11 +25,11 @@ import torch
 
 from harness import BENCH_DIR, Section, Settings, cpu_kind, find_model, keep_result, machine_line, markdown, \
     print_section
-from sections import diffusers, dit, e2e, limit, parallel, samplers, scaling, train, wan, wan22
+from sections import caches, diffusers, dit, e2e, limit, parallel, samplers, scaling, train, wan, wan22
 
 SECTIONS = {"limit": limit.run, "dit": dit.run, "diffusers": diffusers.run, "e2e": e2e.run, "scaling": scaling.run,
             "samplers": samplers.run, "wan": wan.run, "wan22": wan22.run, "parallel": parallel.run,
-            "train": train.run}
+            "train": train.run, "caches": caches.run}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

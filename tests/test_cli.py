@@ -25,7 +25,7 @@ from soragen import __version__
 from soragen.io.video import probe_video, read_video, write_video
 
 FAST = ["--steps", "2"]
-COMMANDS = ["generate", "inspect-patches", "train", "train-vae", "make-dataset", "eval", "serve"]
+COMMANDS = ["generate", "inspect-patches", "train", "train-vae", "make-dataset", "eval", "serve", "calibrate-cache"]
 SCORE_KEYS = {"background", "color", "shape", "direction", "presence"}
 
 

@@ -28,6 +28,7 @@ from soragen.core.options import check_device_name, check_multiple, option_error
 from soragen.models.fast_paths import has_fast_bf16
 from soragen.io.model_folder import family, load_model
 from soragen.models.model import Model
+from soragen.diffusion.caches import make_cache, passes
 from soragen.diffusion.sampling import check_timesteps, make_scheduler, sample, set_schedule
 from soragen.models.text import TextEncoder
 
@@ -247,10 +248,12 @@ class Pipeline:
     def sample_latent(self, prompt: str, frames: int, height: int, width: int, settings: SamplingDefaults,
                       eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
                       guidance_2: float | None = None, image: np.ndarray | None = None,
-                      last_image: np.ndarray | None = None) -> torch.Tensor:
+                      last_image: np.ndarray | None = None, cache=None) -> torch.Tensor:
         """The sampled latent (1, C, T', H', W') of one video: what `generate` decodes. `image`
         (height, width, 3) uint8, on a model that starts from one, is its first frame; `last_image`,
-        on a model that ends at one, its last."""
+        on a model that ends at one, its last. `cache`: a step cache's CacheSpec (or a function of
+        the steps making one), each expert its own (soragen.diffusion.caches); the passes the DiT
+        ran and skipped are left in `self.passes`."""
         guidance = self.guidance(settings, guidance_2)
         images = self.check_images(image, last_image)
         condition = None if image is None or self.model.image_channels else self.image_latent(image)
@@ -265,6 +268,8 @@ class Pipeline:
         report("denoise", 0, settings.steps)
         # one expert is on the device while it runs; two swap there at the boundary (class Experts)
         experts = dit = self.cached_dit(scheduler.timesteps, self.image_tokens(images))
+        for one in getattr(experts, "experts", [experts]):
+            one.cache = make_cache(cache, settings.steps)
         if self.model.image_channels:
             dit = ImageChannels(dit, self.image_channels(images, frames))
         elif condition is not None:
@@ -276,6 +281,7 @@ class Pipeline:
             latent = sample(dit, noise.to(self.device), cond, uncond, scheduler, settings.steps, guidance, eta=eta,
                             generator=generator, progress=lambda i, n: report("denoise", i, n),
                             timesteps=settings.timesteps)
+        self.passes = passes(getattr(experts, "experts", [experts]))
         if condition is not None:  # the image's frame as it is, not as the last step left it
             latent[:, :, :condition.shape[2]] = condition.to(latent.dtype)
         if not torch.isfinite(latent).all():  # would decode to a black or garbage video
@@ -328,16 +334,16 @@ class Pipeline:
     def generate(self, prompt: str, frames: int | None = None, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
                  guidance_2: float | None = None, image: np.ndarray | None = None,
-                 last_image: np.ndarray | None = None, **sampling) -> np.ndarray:
+                 last_image: np.ndarray | None = None, cache=None, **sampling) -> np.ndarray:
         """One video for `prompt`: (frames, height, width, 3) uint8. What is not given is the model's
         (sampling: sampler, steps, guidance, negative_prompt, shift; of two experts, `guidance_2` is
         the second's, default the first's). `image` and `last_image` (any size) are fitted to the
-        video's: scaled to cover it, the centre cropped (soragen.io.image)."""
+        video's: scaled to cover it, the centre cropped (soragen.io.image). `cache`: sample_latent's."""
         frames, height, width = self.video_size(frames, height, width)
         from soragen.io.image import fit
         image, last_image = (None if i is None else fit(i, height, width) for i in (image, last_image))
         latent = self.sample_latent(prompt, frames, height, width, self.sampling(**sampling), eta, seed, progress,
-                                    guidance_2, image, last_image)
+                                    guidance_2, image, last_image, cache)
         if not self.main:  # of a group sharing the steps, rank 0 decodes
             return None
         report = progress or quiet
@@ -364,6 +370,7 @@ class CachedDiT:
         self.timesteps = [float(t) for t in timesteps]
         self.text = None
         self.still_frames = 0  # leading latent frames that are an image's, at timestep 0 in every step
+        self.cache, self.run = None, 0  # a step cache (soragen.diffusion.caches); passes run without one
 
     def _prepare(self, text) -> None:
         self.text, self.table, self.still = text, {}, None
@@ -408,7 +415,12 @@ class CachedDiT:
         return Conditioning(blocks, final, self.text_kv, self.dit.positions(grid, self.device, self.dtype), segments)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-        return self.predict(x.to(self.dtype), self.conditioning(x, t, text))
+        x, cond = x.to(self.dtype), self.conditioning(x, t, text)
+        if self.cache is None:
+            self.run += x.shape[0]
+            return self.predict(x, cond)
+        step = float(t[0])
+        return self.cache(self.dit, x, cond, self.timesteps.index(step) if step in self.timesteps else 0)
 
 
 class Experts:

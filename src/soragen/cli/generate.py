@@ -1,4 +1,4 @@
-"""soragen generate and soragen inspect-patches: videos from prompts, and how a model sees a video."""
+"""soragen generate: videos from prompts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -59,7 +60,12 @@ ParallelOption = Annotated[str, typer.Option(help="Under torchrun: how the proce
                                              "keys and values passed round); auto: cfg where guidance is on and "
                                              "the count is even, then ulysses where the heads divide, else ring.")]
 TimingsOption = Annotated[Optional[Path], typer.Option(help="Also write the seconds spent in each stage (imports, "
-                                                       "load, encode, denoise, decode, write) to this JSON file.")]
+                                                       "load, encode, denoise, decode, write) and the DiT passes "
+                                                       "run and skipped to this JSON file, or to stderr if it is "
+                                                       "'stderr'.")]
+CacheOption = Annotated[str, typer.Option(help="A step cache: none, first-block[:T], taylorseer[:K[:ORDER]] or "
+                                          "magcache[:T] (after soragen calibrate-cache): skips the DiT's blocks on "
+                                          "steps that barely change; T 0 (K 0) changes nothing.")]
 
 
 @command()
@@ -94,6 +100,7 @@ def generate(
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     offload: OffloadOption = False,
     parallel: ParallelOption = "auto",
+    cache: CacheOption = "none",
     timings: TimingsOption = None,
 ) -> None:
     """Generate a video from a text prompt.
@@ -102,8 +109,6 @@ def generate(
 
       soragen generate "a red ball moving right in the blue sky" --out ball.mp4
 
-      soragen generate "sora is sky" --frames 16 --steps 20 --seed 3 --out sky.gif
-
       soragen generate --prompts prompts.txt --out videos/
 
       torchrun --nproc_per_node=2 -m soragen generate --prompts prompts.txt --out videos/
@@ -111,17 +116,18 @@ def generate(
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 33 --out corgi.mp4
 
       soragen generate "a corgi on a beach" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora runs/corgi:0.8
+
     """
     jobs = _generate_jobs(prompt, prompts, out, seed)
     given = dict(sampler=sampler, steps=steps, guidance=guidance, shift=shift, timesteps=_parse_timesteps(timesteps))
     check_overrides(**given, frames=frames, fps=fps)
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
-    images = _check_images(image, last_image, model)
+    images, step_cache = _check_images(image, last_image, model), _step_cache(cache, model)
     loras, recommended, sources = _recommended(_parse_loras(lora), given)
     spread = _spread(prompts, parallel)  # under torchrun with --prompts: this process's share of the videos
-    load = (model, device, dtype, compile, offload, loras, parallel if spread.world == 1 else None)
-    index, seconds, main = _make_share(spread.share(jobs), len(jobs), load, (given, recommended, sources,
-                                       negative_prompt), (frames, height, width), eta, seed, fps, guidance_2, images)
+    index, seconds, main = _make_share(spread, jobs, (model, device, dtype, compile, offload, loras, parallel),
+                                       (given, recommended, sources, negative_prompt), (frames, height, width), eta,
+                                       seed, fps, guidance_2, images, step_cache)
     _finish(spread.gather(index), spread.main and main, out if prompts is not None else None, timings, seconds)
 
 
@@ -137,30 +143,51 @@ def _spread(prompts: Optional[Path], parallel: str) -> Spread:
 
 
 def _finish(index: list[dict] | None, main: bool, folder: Path | None, timings: Path | None, seconds: dict) -> None:
-    """Rank 0 (or the one process) writes the index of every video into `folder` (with --prompts)
-    and the timings (its own)."""
+    """Rank 0 (or the one process) writes the index of every video into `folder` (with --prompts);
+    --timings FILE (or stderr): its seconds of each stage and the DiT passes run and skipped, as one
+    JSON object."""
     if not main:
         return
     if folder is not None:
         with atomic_path(folder / "index.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in index))
         typer.echo(f"wrote {folder / 'index.jsonl'}")
-    if timings is not None:
-        timings.write_text(json.dumps({**seconds, "total": time.perf_counter() - STARTED}) + "\n")
+    if timings is None:
+        return
+    line = json.dumps({**seconds, "total": time.perf_counter() - STARTED})
+    if str(timings) == "stderr":
+        print(line, file=sys.stderr)
+    else:
+        timings.write_text(line + "\n")
 
 
-def _make_share(mine, total: int, load: tuple, sampling: tuple, size: tuple, eta, seed, fps, guidance_2, images):
-    """This process's videos (`mine`: (i, job) of `total` jobs; nothing to load for none): their
-    (i, index record), the seconds of each stage, and whether this process writes (of processes
-    sharing each video's steps, rank 0 alone)."""
+def _step_cache(text: str, model: Optional[Path]):
+    """--cache as a CacheSpec (None for none), MagCache's with the model's calibration read:
+    checked before any weight is loaded."""
+    from soragen.diffusion.caches import parse_cache
+    spec = parse_cache(text)
+    if spec is None or spec.kind != "magcache" or spec.threshold == 0:
+        return spec
+    from soragen.io.cache_file import read_calibration
+    from soragen.io.folders import resolve_model_dir
+    return dataclasses.replace(spec, ratios=read_calibration(resolve_model_dir(model_dir(model)), model))
+
+
+def _make_share(spread: Spread, jobs: list, load: tuple, sampling: tuple, size: tuple, eta, seed, fps, guidance_2,
+                images, cache=None):
+    """This process's share of the videos (nothing to load for none): their (i, index record), the
+    seconds of each stage, and whether this process writes (of processes sharing each video's steps,
+    rank 0 alone). Processes that make videos of their own (--prompts) share no steps."""
+    mine, total = spread.share(jobs), len(jobs)
     if not mine:
         return [], {}, True
+    load = (*load[:-1], load[-1] if spread.world == 1 else None)
     pipe, seconds = _load(*load)
     settings = _settings(pipe, *sampling, guidance_2)
     _share(pipe, load[-1], settings, guidance_2)
     size = _video_size(pipe, *size, images)
-    return _make_videos(pipe, mine, total, settings, size, eta, seed, fps, seconds, guidance_2, images), seconds, \
-        pipe.main
+    return _make_videos(pipe, mine, total, settings, size, eta, seed, fps, seconds, guidance_2, images, cache), \
+        seconds, pipe.main
 
 
 def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
@@ -294,8 +321,8 @@ def _video_size(pipe, frames, height, width, images) -> tuple[int, int, int]:
     return pipe.video_size(frames, height, width)
 
 
-def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, guidance_2=None,
-                 images=()) -> list[tuple[int, dict]]:
+def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, guidance_2=None, images=(),
+                 cache=None) -> list[tuple[int, dict]]:
     """Each job's video (`jobs`: (i, (prompt, path)) of `total`), written, with progress bars; the
     seconds of each stage added to `seconds`. Returns the index of what was written: (i, its
     record: prompt, file, seed)."""
@@ -303,12 +330,13 @@ def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, gui
     if not pipe.main:  # a process sharing the steps with rank 0, which writes
         for i, (text, _) in jobs:
             pipe.generate(text, *size, eta=eta, seed=seed + i, guidance_2=guidance_2, image=images[0] if images
-                          else None, last_image=images[1] if images[1:] else None, **dataclasses.asdict(settings))
+                          else None, last_image=images[1] if images[1:] else None, cache=cache,
+                          **dataclasses.asdict(settings))
         return []
     console = stderr()
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
-                  f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g} "
-                  f"(loaded in {seconds['load']:.1f}s)")
+                  f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance:g}"
+                  f"{f', cache {cache}' if cache else ''} (loaded in {seconds['load']:.1f}s)")
     note_emulated_bf16(console, pipe.device, pipe.dtype)
     index = []
     for i, (text, path) in jobs:
@@ -316,12 +344,17 @@ def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, gui
         with StageProgress(f"[{i + 1}/{total}] " if total > 1 else "") as bars:
             video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
                                   image=images[0] if images else None, last_image=images[1] if images[1:] else None,
-                                  **dataclasses.asdict(settings))
+                                  cache=cache, **dataclasses.asdict(settings))
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
             bars("write", 1, 1)
         for stage, spent in bars.times.seconds.items():
             seconds[stage] = seconds.get(stage, 0.0) + spent
+        for kind in ("run", "skipped"):
+            seconds[f"dit_passes_{kind}"] = seconds.get(f"dit_passes_{kind}", 0) + pipe.passes[kind]
+        if cache:
+            console.print(f"{cache}: the DiT ran {pipe.passes['run']} passes and skipped {pipe.passes['skipped']}",
+                          markup=False, highlight=False)
         if result.note:
             console.print(f"note: {result.note}")
         typer.echo(f"wrote {result.path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
@@ -336,15 +369,7 @@ def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, se
     if (prompt is None) == (prompts is None):
         raise UsageError("give either a PROMPT or --prompts FILE (one of them, not both)")
     if prompts is not None:
-        if not prompts.is_file():
-            raise UsageError(f"--prompts {prompts}: no such file")
-        try:
-            lines = [line.strip() for line in prompts.read_text().splitlines()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise SoragenError(f"cannot read {prompts}: {err}") from err
-        lines = [line for line in lines if line and not line.startswith("#")]
-        if not lines:
-            raise UsageError(f"--prompts {prompts} holds no prompt")
+        lines = _read_prompts(prompts)
         if out.suffix:
             raise UsageError(f"with --prompts, --out must be a folder, not {out}")
         jobs = [(p, out / f"{i:03d}-{_slug(p)}.mp4") for i, p in enumerate(lines)]
@@ -362,6 +387,22 @@ def _generate_jobs(prompt: Optional[str], prompts: Optional[Path], out: Path, se
     return jobs
 
 
+def _read_prompts(prompts: Path) -> list[str]:
+    """--prompts FILE: its lines that are not empty or # comments."""
+    if not prompts.is_file():
+        raise UsageError(f"--prompts {prompts}: no such file")
+    try:
+        lines = [line.strip() for line in prompts.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise SoragenError(f"cannot read {prompts}: {err}") from err
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise UsageError(f"--prompts {prompts} holds no prompt")
+    for line in lines:
+        check_text(line, f"--prompts {prompts}")
+    return lines
+
+
 def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, negative_prompt: str | None = None,
                    guidance_2: float | None = None) -> None:
     from soragen.pipeline import DTYPES
@@ -374,48 +415,3 @@ def _check_choices(device: str = "auto", dtype: str = "auto", eta: float = 0.0, 
     check_device_name(device)
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta must be between 0 (DDIM) and 1 (DDPM-like), not {eta:g}")
-
-
-# ---- inspect-patches ---------------------------------------------------------------------------
-
-@command("inspect-patches")
-def inspect_patches(
-    video: Annotated[Path, typer.Argument(help="A video file (mp4, mov, mkv, avi, webm, gif).", show_default=False)],
-    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
-    frames: Annotated[Optional[int], typer.Option(help="Frames to take from the start (default: the model's).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where to save the picture (default: VIDEO.patches.png "
-                                                "in the current folder).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-) -> None:
-    """Show how the model sees a video: latent grid, spacetime patches, tokens, attention cost.
-
-    Examples:
-
-      soragen inspect-patches clip.mp4
-
-      soragen inspect-patches clip.mp4 --frames 9 --out patches.png --json
-    """
-    from soragen.tools.patches import analyse, draw_patches
-    from soragen.io.model_folder import load_model
-    check_overrides(frames=frames)
-    out = out or Path(f"{video.stem}.patches.png")
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the picture is a .png")
-    check_writable(out.parent)
-    loaded = load_model(model_dir(model))
-    report, picture = analyse(video, loaded, frames)
-    draw_patches(picture, report, out)
-    report["picture"] = str(out)
-    if as_json:
-        typer.echo(json.dumps(report))
-        return
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=f"how the model sees {video.name}", show_header=False)
-    for key, label in [("input", "input video"), ("used", "taken"), ("resize", "resize"),
-                       ("latent_shape", "VAE latent [C, T, H, W]"), ("compression", "VAE compression"),
-                       ("patch_size", "patch [t, h, w]"), ("token_grid", "token grid [t, h, w]"),
-                       ("tokens_per_latent_frame", "tokens per latent frame"), ("num_tokens", "tokens in all"),
-                       ("attention", "attention cost"), ("picture", "picture")]:
-        table.add_row(label, str(report[key]))
-    Console().print(table)

@@ -207,12 +207,12 @@ class VideoDiT(nn.Module):
 
     def predict(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The forward pass given its conditioning: patches -> tokens -> blocks -> patches."""
-        tokens, rope, grid = self.embed(x, cond)
-        tokens = self.run_blocks(tokens, cond, rope, cond.segments)
-        return self.unembed(self.final(tokens, cond.final, cond.segments), grid, x.shape)
+        tokens, rope, shape = self.tokens_in(x, cond)
+        return self.tokens_out(self.run_blocks(tokens, cond, rope), cond, shape)
 
-    def embed(self, x: torch.Tensor, cond: Conditioning):
-        """(tokens (B, N, D) with sin-cos positions added, RoPE's (cos, sin) or None, the token grid)."""
+    def tokens_in(self, x: torch.Tensor, cond: Conditioning):
+        """x (B, C, T, H, W) -> the tokens (B, N, D) the first block takes (sin-cos positions added),
+        RoPE's angles (or None) and (T, H, W), what `tokens_out` crops back to."""
         T, H, W = x.shape[-3:]
         ps = self.config.patch_size
         grid = token_grid((T, H, W), ps)
@@ -222,20 +222,32 @@ class VideoDiT(nn.Module):
         tokens = self.patch_embed(patchify(x, ps))  # (B, N, D)
         positions = self.positions(grid, x.device, tokens.dtype) if cond.positions is None else cond.positions
         rope = positions if self.config.positions == "rope" else None
-        return (tokens if rope is not None else tokens + positions), rope, grid
+        if rope is None:
+            tokens = tokens + positions
+        return tokens, rope, (T, H, W)
 
-    def run_blocks(self, tokens: torch.Tensor, cond: Conditioning, rope, segments) -> torch.Tensor:
-        for block, modulation, text in zip(self.blocks, cond.blocks, cond.text):
+    def run_blocks(self, tokens: torch.Tensor, cond: Conditioning, rope, start: int = 0,
+                   stop: int | None = None, segments: list[int] | None | str = "cond") -> torch.Tensor:
+        """The tokens through blocks[start:stop] (all of them by default); `segments`: the runs of
+        tokens at timesteps of their own (default the conditioning's; a part of the tokens has its own)."""
+        segments = cond.segments if segments == "cond" else segments
+        blocks = self.blocks if start == 0 and stop is None else list(self.blocks)[start:stop]
+        for block, modulation, text in zip(blocks, cond.blocks[start:stop], cond.text[start:stop]):
             if self.gradient_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, modulation, text, rope, segments, use_reentrant=False)
             else:
                 tokens = block(tokens, modulation, text, rope, segments)
         return tokens
 
-    def unembed(self, patches: torch.Tensor, grid, shape) -> torch.Tensor:
-        """The final layer's tokens (B, N, p x C) -> the prediction, cropped to the input's (T, H, W)."""
-        T, H, W = shape[-3:]
-        return unpatchify(patches, grid, self.config.patch_size)[:, :, :T, :H, :W]
+    def tokens_out(self, tokens: torch.Tensor, cond: Conditioning, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The last block's tokens -> the prediction (B, C, T, H, W) of a video of `shape` (T, H, W)."""
+        return self.unpatch(self.final(tokens, cond.final, cond.segments), shape)
+
+    def unpatch(self, patches: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The final layer's tokens (B, N, p x C) -> the prediction, cropped to `shape` (T, H, W)."""
+        T, H, W = shape
+        out = unpatchify(patches, token_grid(shape, self.config.patch_size), self.config.patch_size)
+        return out[:, :, :T, :H, :W]
 
     def flops_per_forward(self, num_tokens: int, text_len: int, batch: int = 1, text_kv: bool = True) -> int:
         """Matmul FLOPs (2 per multiply-add) of one forward pass: what model FLOP utilisation counts.

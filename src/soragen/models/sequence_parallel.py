@@ -112,7 +112,7 @@ def parallel_predict(dit, split: Split):
     """`dit.predict` with the tokens split over `split`'s processes; every process gets the whole
     prediction. The blocks' self-attention is given the split's `attend` for the run."""
     def predict(x: torch.Tensor, cond) -> torch.Tensor:
-        tokens, rope, grid = dit.embed(x, cond)
+        tokens, rope, shape = dit.tokens_in(x, cond)
         count = tokens.shape[1]
         n = math.ceil(count / split.size)
         tokens = torch.nn.functional.pad(tokens, (0, 0, 0, n * split.size - count))
@@ -125,14 +125,14 @@ def parallel_predict(dit, split: Split):
             block.attn.attend = ulysses_attend(block.attn.attend, split, count) if split.how == "ulysses" \
                 else ring_attend(split, count)
         try:
-            local = dit.run_blocks(tokens[:, lo:hi].contiguous(), cond, rope, segments)
+            local = dit.run_blocks(tokens[:, lo:hi].contiguous(), cond, rope, segments=segments)
         finally:
             for block, attend in zip(dit.blocks, saved):
                 block.attn.attend = attend
         patches = dit.final(local, cond.final, segments).contiguous()
         parts = [torch.empty_like(patches) for _ in range(split.size)]
         dist.all_gather(parts, patches, group=split.group)
-        return dit.unembed(torch.cat(parts, dim=1)[:, :count], grid, x.shape)
+        return dit.unpatch(torch.cat(parts, dim=1)[:, :count], shape)
     return predict
 
 
