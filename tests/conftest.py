@@ -80,6 +80,20 @@ def cli(*args) -> int:
     return run([str(a) for a in args])
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun's workers run in sessions of their own: signalling its
+    process group misses them)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
 def listing(folder: Path) -> list[str]:
     """Everything under `folder`, hidden files included."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))

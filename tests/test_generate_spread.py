@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import cli, descendants
 from soragen.io.video import read_video
 from test_train_split import free_port
 
@@ -67,18 +67,6 @@ def test_two_processes_share_the_prompts_and_make_one_processs_videos(tiny_model
     for rank, path in wrote:
         name = Path(path).name
         assert int(rank) == (0 if name == "index.jsonl" else int(name[:3]) % 2), (rank, name)
-
-
-def descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *descendants(child)]
-    return found
 
 
 def rank_of(pid: int) -> int | None:
