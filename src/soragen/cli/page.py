@@ -41,7 +41,9 @@ class Page:
     # ---- layout ----------------------------------------------------------------------------------
     def build(self):
         d = self.studio.defaults()
-        with gr.Blocks(title="soragen", analytics_enabled=False) as demo:
+        # Gradio serves copies of the videos from its temporary folder: the ones a day old go, hourly,
+        # so that a server left running does not fill the disk (the videos in --out stay)
+        with gr.Blocks(title="soragen", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
             gr.Markdown(f"## soragen\n{self.title}")
             with gr.Row():
                 with gr.Column(scale=1):
