@@ -27,15 +27,17 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
     from soragen.models.sequence_parallel import make_split
     from soragen.pipeline import Pipeline
-    model, mode, guidance, frames, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    model, modes, guidance, frames, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     dist.init_process_group("gloo")  # one process too: the reference runs the same code
     pipe = Pipeline.load(model, device="cpu", dtype="float32")
-    split = make_split(mode, pipe.model.dit.config.num_heads, guidance != 1)
-    pipe.parallelise(split)
     settings = pipe.sampling(steps=3, guidance=guidance, negative_prompt="green box")
-    latent = pipe.sample_latent("a red ball moving right in the blue sky", frames, 32, 48, settings, seed=7)
-    if dist.get_rank() == 0:
-        save_file({"latent": latent.contiguous(), "how": torch.tensor([ord(c) for c in split.how])}, out)
+    for mode in modes.split(","):
+        split = make_split(mode, pipe.model.dit.config.num_heads, guidance != 1)
+        pipe.parallelise(split)
+        latent = pipe.sample_latent("a red ball moving right in the blue sky", frames, 32, 48, settings, seed=7)
+        if dist.get_rank() == 0:
+            save_file({"latent": latent.contiguous(), "how": torch.tensor([ord(c) for c in split.how])},
+                      out.replace("MODE", mode))
     dist.destroy_process_group()
 ''')
 
@@ -60,32 +62,33 @@ def wan(tmp_path_factory):
     return folder
 
 
-def shared_latent(tmp_path, model, mode: str, processes: int, guidance: float, frames: int = 9):
+def shared_latents(tmp_path, model, modes: list[str], processes: int, guidance: float, frames: int = 9) -> dict:
+    """{mode: (latent, the way the tokens were split)} of one torchrun group running each mode in turn."""
     from safetensors.torch import load_file
     script = tmp_path / "shared.py"
     script.write_text(SCRIPT)
-    out = tmp_path / f"latent-{mode}-{processes}.safetensors"
-    result = torchrun(processes, script, model, mode, guidance, frames, out, module=False)
+    out = tmp_path / f"latent-MODE-{processes}.safetensors"
+    result = torchrun(processes, script, model, ",".join(modes), guidance, frames, out, module=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    stored = load_file(out)
-    return stored["latent"], "".join(chr(c) for c in stored["how"].tolist())
+    stored = {mode: load_file(str(out).replace("MODE", mode)) for mode in modes}
+    return {mode: (t["latent"], "".join(chr(c) for c in t["how"].tolist())) for mode, t in stored.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, processes, guidance, how", [("ulysses", 2, 4.0, "ulysses"), ("ring", 2, 4.0, "ring"),
-                                                            ("cfg", 2, 4.0, "none"), ("auto", 3, 1.0, "ring")])
-def test_the_latent_is_one_process_s(wan, tmp_path, mode, processes, guidance, how):
+@pytest.mark.parametrize("processes, guidance, ways", [(2, 4.0, {"ulysses": "ulysses", "ring": "ring", "cfg": "none"}),
+                                                       (3, 1.0, {"auto": "ring"})])
+def test_the_latent_is_one_process_s(wan, tmp_path, processes, guidance, ways):
     """auto on 3 processes without guidance: the tiny Wan's 2 heads do not divide by 3, so ring. The
     reference is one process under torchrun too, with the same one thread (the thread count alone
     moves float32 sums by about 1e-6)."""
-    latent, used = shared_latent(tmp_path, wan, mode, processes, guidance)
-    assert used == how
-    want, alone = shared_latent(tmp_path, wan, "auto", 1, guidance)
-    assert alone == "none" and latent.shape == want.shape
-    # cfg runs each half as a batch of 1, where one process runs a batch of 2: float32 GEMMs of the two
-    # batch sizes round differently, and guidance 4 scales the difference; within 1e-5 of the latent's size
-    tolerance = 1e-5 * (float(want.abs().max()) if mode == "cfg" else 1.0)
-    assert (latent - want).abs().max() <= tolerance, ((latent - want).abs().max(), want.abs().max())
+    [(want, alone)] = shared_latents(tmp_path, wan, ["auto"], 1, guidance).values()
+    assert alone == "none"
+    for mode, (latent, used) in shared_latents(tmp_path, wan, list(ways), processes, guidance).items():
+        assert used == ways[mode] and latent.shape == want.shape
+        # cfg runs each half as a batch of 1, where one process runs a batch of 2: float32 GEMMs of the two
+        # batch sizes round differently, and guidance 4 scales the difference; within 1e-5 of the latent's size
+        tolerance = 1e-5 * (float(want.abs().max()) if mode == "cfg" else 1.0)
+        assert (latent - want).abs().max() <= tolerance, (mode, (latent - want).abs().max(), want.abs().max())
 
 
 @pytest.mark.slow
