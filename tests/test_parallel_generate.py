@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent('''
         if dist.get_rank() == 0:
             save_file({"latent": latent.contiguous(), "how": torch.tensor([ord(c) for c in split.how])},
                       out.replace("MODE", mode))
+    dist.barrier()  # every process done with the group before any leaves it
     dist.destroy_process_group()
 ''')
 

@@ -186,8 +186,13 @@ def _make_share(spread: Spread, jobs: list, load: tuple, sampling: tuple, size: 
     settings = _settings(pipe, *sampling, guidance_2)
     _share(pipe, load[-1], settings, guidance_2)
     size = _video_size(pipe, *size, images)
-    return _make_videos(pipe, mine, total, settings, size, eta, seed, fps, seconds, guidance_2, images, cache), \
-        seconds, pipe.main
+    index, main = _make_videos(pipe, mine, total, settings, size, eta, seed, fps, seconds, guidance_2, images,
+                               cache), pipe.main
+    if pipe.split is not None:  # every process done with the group before any leaves it
+        import torch
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return index, seconds, main
 
 
 def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
