@@ -153,9 +153,6 @@ class CfgSplit:
         dist.all_gather(parts, out, group=self.split.cfg_group)
         return torch.cat(parts)
 
-    def __getattr__(self, name):  # swapping() and the like, of the model it splits
-        return getattr(self.model, name)
-
 
 def make_split(mode: str, heads: int, guided: bool) -> Split:
     """The split of `--parallel MODE` over this process group (every process calls it, in step):
