@@ -196,14 +196,16 @@ def _read_into(f, start: int, entry: dict, dest: torch.Tensor) -> None:
     dest.copy_(torch.frombuffer(data, dtype=dtype).reshape(dest.shape) if end > begin else dest)
 
 
-def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Mapping | None = None) -> None:
+def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Mapping | None = None,
+              keep: Callable[[str], bool] | None = None) -> None:
     """Load weights into `module` with strict key, shape and dtype checks from the headers, then a
     finiteness check per tensor, one file and one tensor at a time. Each weight is made once in its
     own dtype and the file read into it (the parts of a fused projection into their rows), so
     loading holds the model and at most a tensor more, never a mapped shard. A module built on the
-    meta device (no random init first) takes these tensors as its weights."""
+    meta device (no random init first) takes these tensors as its weights. `keep(name)` False: a
+    stored tensor that is not the module's (a VAE's encoder, for its decoder alone), never read."""
     mapping = mapping or Mapping()
-    stored = read_header(files)
+    stored = {name: t for name, t in read_header(files).items() if keep is None or keep(name)}
     rules = check_header(module, stored, what, mapping)
     expected = module.state_dict()
     on_meta = any(t.is_meta for t in expected.values())
@@ -221,6 +223,8 @@ def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Ma
             start, entries = _entries(file)
             with open(file, "rb") as f:
                 for name, entry in entries:
+                    if name not in stored:
+                        continue
                     rule, part = where[name]
                     target = expected[rule.key]
                     if part is None:
