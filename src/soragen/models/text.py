@@ -145,12 +145,6 @@ class TextEncoder:
     """Tokenizer + frozen encoder. `encode(prompts)` runs without gradients."""
 
     def __init__(self, spec: TextEncoderSpec, device: str | torch.device = "cpu"):
-        import transformers
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # our progress display is the CLI's; no loading bars or warnings
-        hf_logging.disable_progress_bar()
-
         self.spec = spec
         source = resolve_source(spec.source)
         folder = Path(source) / spec.subfolder
@@ -158,6 +152,24 @@ class TextEncoder:
             if not (folder / "config.json").exists():
                 raise SoragenError(f"text encoder folder {folder} has no config.json")
             check_encoder_folder(source, spec.subfolder, spec.tokenizer_subfolder)
+        from soragen.models import bert
+        tokenizer_folder = Path(source) / (spec.tokenizer_subfolder or spec.subfolder)
+        if Path(source).exists() and bert.supports(folder, tokenizer_folder):
+            self.tokenizer = bert.Tokenizer(tokenizer_folder)
+            self.model, self.kind = bert.load_bert(folder, getattr(torch, spec.dtype)), "bert"
+        else:
+            self.kind = self._load_transformers(spec, source)
+        self.model.eval().to(device)
+        self.model.requires_grad_(False)
+        self.device = torch.device(device)
+
+    def _load_transformers(self, spec: TextEncoderSpec, source: str) -> str:
+        """Tokenizer and encoder through transformers' classes; returns the encoder's kind."""
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # our progress display is the CLI's; no loading bars or warnings
+        hf_logging.disable_progress_bar()
         try:  # never remote code: transformers would otherwise ask on the terminal whether to import it
             kind = _model_type(source, spec.subfolder)
             model_class = getattr(transformers, ENCODER_CLASSES.get(kind, "AutoModel"))
@@ -172,10 +184,7 @@ class TextEncoder:
         if absent:  # transformers would fill them with random values and say nothing we show
             raise SoragenError(f"text encoder {spec.source!r}: its weights do not fit its config: {len(absent)} "
                                f"tensors missing or of another shape (e.g. {absent[0]})")
-        self.model.eval().to(device)
-        self.kind = "clip" if model_class.__name__ == "CLIPTextModel" else kind
-        self.model.requires_grad_(False)
-        self.device = torch.device(device)
+        return "clip" if model_class.__name__ == "CLIPTextModel" else kind
 
     @property
     def dim(self) -> int:
