@@ -8,6 +8,7 @@ import torch
 
 from soragen.core.config import PREDICTIONS, SAMPLERS, check_keys
 from soragen.core.errors import SoragenError, UsageError
+from soragen.diffusion import dpm_solver
 
 # The noise schedule: DiT's linear betas over 1000 steps, the DiT predicting the velocity (what
 # `soragen train` teaches by default). Every model folder stores its own, which wins.
@@ -88,8 +89,6 @@ def is_flow(config: dict | None) -> bool:
 def make_scheduler(name: str, config: dict | None = None, shift: float | None = None):
     """The sampler `name` built on the model's noise schedule; `shift` overrides a flow schedule's
     flow_shift (more of the steps at high noise as it grows)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
     if name not in SAMPLERS:
         raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if is_flow(config):
@@ -98,6 +97,9 @@ def make_scheduler(name: str, config: dict | None = None, shift: float | None = 
         raise UsageError(f"--sampler {name} is flow matching's {dict(euler='Euler', lcm='LCM')[name]}, and this "
                          f"model's noise schedule is DDPM's: choose ddim, dpm++ or unipc")
     config = {**SCHEDULER_CONFIG, **(config or {})}
+    if name == "dpm++" and dpm_solver.supports(config):  # diffusers' numbers without importing diffusers
+        return dpm_solver.DPMSolver2M(config)
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm++":
