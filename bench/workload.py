@@ -83,5 +83,5 @@ def bench_vae(model_dir: str | Path | None):
     from soragen.core.config import vae_preset_config
     from soragen.models.vae import load_vae, new_vae
     vae = load_vae(Path(model_dir) / "vae") if model_dir else new_vae(vae_preset_config("tiny"))
-    fast_paths.install(vae.model)  # as the pipeline does
+    vae.use_fast_paths()  # as the pipeline does
     return vae

@@ -50,8 +50,8 @@ def test_the_packaged_minilm_gives_transformers_bits():
     folder = default_encoder_path()
     encoder = TextEncoder(TextEncoderSpec())
     assert isinstance(encoder.model, bert.Bert) and encoder.kind == "bert" and encoder.dim == 384
-    ref = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-    assert_same(encoder.tokenizer, encoder.model, AutoTokenizer.from_pretrained(str(folder)), ref, 32)
+    ref = AutoModel.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
+    assert_same(encoder.tokenizer, encoder.model, AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False), ref, 32)
 
 
 def test_a_random_bert_gives_transformers_bits_and_the_same_embeddings(tmp_path, monkeypatch):
@@ -60,7 +60,7 @@ def test_a_random_bert_gives_transformers_bits_and_the_same_embeddings(tmp_path,
     spec = TextEncoderSpec(source=str(tmp_path), max_length=40)
     ours = TextEncoder(spec)
     assert isinstance(ours.model, bert.Bert)
-    assert_same(ours.tokenizer, ours.model, AutoTokenizer.from_pretrained(str(tmp_path)), ref, 40)
+    assert_same(ours.tokenizer, ours.model, AutoTokenizer.from_pretrained(str(tmp_path), trust_remote_code=False), ref, 40)
     monkeypatch.setattr(bert, "supports", lambda *a: False)  # the same folder through transformers
     theirs = TextEncoder(spec)
     assert not isinstance(theirs.model, bert.Bert)

@@ -79,3 +79,19 @@ def test_eval_reconstruct_judges_the_shipped_vaes_round_trips(tmp_path, capfd):
     assert result["scores"]["background"] == 1.0 and result["scores"]["presence"] > 0.9
     records = [json.loads(line) for line in (tmp_path / "rt" / "results.jsonl").read_text().splitlines()]
     assert [probe_video(tmp_path / "rt" / r["file"]).frames for r in records] == [16, 16, 16]
+
+
+def test_a_video_from_the_default_model_imports_neither_diffusers_nor_transformers(tmp_path):
+    """The first video as a new process: its time is mostly imports, and diffusers' and transformers'
+    cost seconds. The default model's text encoder, sampler and VAE decoder are soragen's own."""
+    import subprocess
+    import sys
+    script = ("import sys\nfrom soragen.cli.app import main\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+              "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft', 'torchao'})\n"
+              "print('HEAVY', heavy, 'DYNAMO', 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script, "generate", "a red ball", "--frames", "5", "--steps", "2",
+                          "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY [] DYNAMO False" in out.stdout, out.stdout
+    assert (tmp_path / "v.mp4").stat().st_size > 0

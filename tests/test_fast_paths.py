@@ -71,10 +71,11 @@ def test_bf16_matches_float32_within_two_percent_of_the_output_scale():
 def test_with_fast_paths_off_the_pipeline_gives_exactly_the_plain_modules_video(tiny_model, monkeypatch):
     fast = Pipeline.load(tiny_model, device="cpu", dtype="float32")
     fast_paths.uninstall(fast.model.dit)
-    fast_paths.uninstall(fast.model.vae.model)  # the plain modules, as they were loaded
+    for part in fast.model.vae.parts():  # the plain modules, as they were loaded
+        fast_paths.uninstall(part)
     monkeypatch.setenv("SORAGEN_FAST_PATHS", "off")
     off = Pipeline.load(tiny_model, device="cpu", dtype="float32")
-    assert not fast_paths.installed(off.model.dit) and not fast_paths.installed(off.model.vae.model)
+    assert not fast_paths.installed(off.model.dit) and not any(map(fast_paths.installed, off.model.vae.parts()))
     assert np.array_equal(off.generate("a red ball", steps=3, seed=4), fast.generate("a red ball", steps=3, seed=4))
 
 

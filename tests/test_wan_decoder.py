@@ -186,3 +186,27 @@ def test_does_not_support_what_it_does_not_reproduce(change):
     assert not supports({**CONFIGS["default"], **change})
     with pytest.raises(ValueError):
         WanDecoder({**CONFIGS["default"], **change})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_weight_holding_nan_or_infinity_is_refused_naming_it(tmp_path, bad):
+    from safetensors.torch import save_file
+
+    from soragen.core.weights import load_into
+    module = torch.nn.Linear(64, 64)
+    weights = {"weight": torch.randn(64, 64), "bias": torch.randn(64)}
+    weights["weight"][40, 3] = bad
+    save_file(weights, tmp_path / "w.safetensors")
+    with pytest.raises(SoragenError, match=r"weight weight in .*w\.safetensors holds NaN or infinite"):
+        load_into(module, [tmp_path / "w.safetensors"], "test")
+
+
+def test_finite_weights_whose_sum_overflows_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from soragen.core.weights import load_into
+    module = torch.nn.Linear(64, 64)
+    weights = {"weight": torch.full((64, 64), 3e38), "bias": torch.zeros(64)}
+    save_file(weights, tmp_path / "w.safetensors")
+    load_into(module, [tmp_path / "w.safetensors"], "test")
+    assert torch.equal(module.weight.data, weights["weight"])

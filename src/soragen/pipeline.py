@@ -101,8 +101,9 @@ class Pipeline:
     split: "Split | None" = None  # noqa: F821  (soragen.models.sequence_parallel: one video over processes)
 
     def __post_init__(self):
-        for part in (*self.model.experts, self.model.vae.model):
-            fast_paths.install(part)
+        for dit in self.model.experts:
+            fast_paths.install(dit)
+        self.model.vae.use_fast_paths()
         self.predicts = [fast_paths.compile_for_sampling(dit) if self.compiled else dit.predict
                          for dit in self.model.experts]
 
@@ -313,14 +314,14 @@ class Pipeline:
     def video_latent(self, frames: np.ndarray) -> torch.Tensor:
         """Frames (T, H, W, 3) uint8 as the VAE's normalised latent (1, C, T', H', W'), on the device."""
         from soragen.models.vae import uint8_to_frames
-        with self.running(self.model.vae.model):
+        with self.running(self.model.vae):
             return self.model.vae.encode(uint8_to_frames(frames[None])).to(self.device)
 
     def image_channels(self, images: list[np.ndarray], frames: int) -> torch.Tensor:
         """What an image-to-video DiT takes after the noisy latent (Wan's I2V): the mask of the given
         frames and the latent of the images with black between (soragen.diffusion.image_condition)."""
         from soragen.diffusion.image_condition import condition_channels
-        with self.running(self.model.vae.model):
+        with self.running(self.model.vae):
             return condition_channels(self.model.vae, images, frames).to(self.device)
 
     def image_tokens(self, images: list[np.ndarray]) -> torch.Tensor | None:
@@ -348,7 +349,7 @@ class Pipeline:
             return None
         report = progress or quiet
         report("decode", 0, 1)
-        with self.running(self.model.vae.model):
+        with self.running(self.model.vae):
             out = self.model.vae.decode_uint8(latent, frames)[0]
         report("decode", 1, 1)
         return out

@@ -40,12 +40,20 @@ def supports(folder: Path, tokenizer_folder: Path) -> bool:
             and (folder / "model.safetensors").is_file() and (tokenizer_folder / "tokenizer.json").is_file())
 
 
+class Table(nn.Embedding):
+    """An embedding table, always loaded from the file: no random values first (on the meta
+    device, torch's normal_ imports its compiler, a second of a new process)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: SimpleNamespace):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.word_embeddings = Table(c.vocab_size, c.hidden_size)
+        self.position_embeddings = Table(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = Table(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 
 from soragen.core.errors import SoragenError
 from soragen.core.weights import load_into, weight_files
+from soragen.models.wan_decoder import DECODER_DEFAULTS, WanDecoder, unpatchify
+from soragen.models.wan_decoder import supports as decoder_supports
 
 # The Wan encoder reads the first frame alone, then chunks of 4 frames.
 ENCODER_CHUNK = 4
@@ -46,16 +48,53 @@ def uint8_to_frames(frames: np.ndarray) -> torch.Tensor:
 
 
 class VideoVAE:
-    def __init__(self, model):
-        self.model = model.eval().requires_grad_(False)
-        config = model.config
+    """The VAE as soragen uses it: normalised latents in, uint8 frames out, and back.
+
+    Made from diffusers' `model`, or, for decoding alone (what generating a video needs), from
+    soragen's `decoder` (soragen.models.wan_decoder: the same bits, no diffusers import) with
+    `load` making diffusers' model the first time something else is asked of it (encoding an
+    image or clips, a tiled decode, training, saving)."""
+
+    def __init__(self, model=None, decoder=None, config: dict | None = None, load=None):
+        self._model, self.decoder, self._load = model, decoder, load
+        config = dict(model.config) if model is not None else {**DECODER_DEFAULTS, **config}
+        self.config = config
+        if model is not None:
+            model.eval().requires_grad_(False)
         # Wan 2.2's VAE first folds each patch x patch square of RGB pixels into 12 channels
-        self.patch = getattr(config, "patch_size", None) or 1
-        self.temporal_factor = 2 ** sum(bool(d) for d in config.temperal_downsample)
-        self.spatial_factor = 2 ** (len(config.dim_mult) - 1) * self.patch
-        self.latent_channels = config.z_dim
-        self.mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.patch = config.get("patch_size") or 1
+        self.temporal_factor = 2 ** sum(bool(d) for d in config["temperal_downsample"])
+        self.spatial_factor = 2 ** (len(config["dim_mult"]) - 1) * self.patch
+        self.latent_channels = config["z_dim"]
+        self.mean = torch.tensor(config["latents_mean"], dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(config["latents_std"], dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.placed: tuple = (None, None)  # the device and dtype a model loaded later is given
+        self.fast = False
+
+    @property
+    def model(self):
+        """diffusers' AutoencoderKLWan, made now if the VAE was loaded for decoding alone."""
+        if self._model is None:
+            self._model = self._load().eval().requires_grad_(False)
+            self._place(self._model)
+        return self._model
+
+    def parts(self) -> list[torch.nn.Module]:
+        """The modules made so far (the decoder, diffusers' model, or both)."""
+        return [m for m in (self.decoder, self._model) if m is not None]
+
+    def use_fast_paths(self) -> None:
+        """soragen.models.fast_paths on every part, now and when one is made later."""
+        from soragen.models import fast_paths
+        self.fast = True
+        for part in self.parts():
+            fast_paths.install(part)
+
+    def _place(self, part: torch.nn.Module) -> None:
+        torch.nn.Module.to(part, *self.placed)
+        if self.fast:
+            from soragen.models import fast_paths
+            fast_paths.install(part)
 
     # ---- the frame-count rule --------------------------------------------------------------------
     def latent_frames(self, frames: int) -> int:
@@ -70,16 +109,18 @@ class VideoVAE:
     def to(self, device=None, dtype=None) -> "VideoVAE":
         """Move or cast the VAE. torch's own Module.to: diffusers' override warns about modules to
         keep in float32, and the Wan VAE has none."""
-        torch.nn.Module.to(self.model, device, dtype)
+        self.placed = (device or self.placed[0], dtype or self.placed[1])
+        for part in self.parts():
+            torch.nn.Module.to(part, device, dtype)
         return self
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return next(self.parts()[0].parameters()).device
 
     @property
     def dtype(self):
-        return next(self.model.parameters()).dtype
+        return next(self.parts()[0].parameters()).dtype
 
     # ---- encode ----------------------------------------------------------------------------------
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
@@ -105,8 +146,12 @@ class VideoVAE:
     def decode_uint8(self, latent: torch.Tensor, frames: int | None = None) -> np.ndarray:
         """Normalised latent (B, C, T', H', W') -> (B, frames, H, W, 3) uint8, one latent frame at
         a time through the causal cache; `frames` trims the 1 + (T'-1)*s decoded frames."""
-        model = self.model
         side = max(latent.shape[-2:]) * self.spatial_factor
+        if side <= self.TILE_ABOVE and self.decoder is not None:
+            z = self.denormalise(latent).to(self.device, self.dtype)
+            video = np.concatenate([frames_to_uint8(chunk) for chunk in self.decoder.decode_frame_by_frame(z)], axis=1)
+            return video[:, :frames] if frames is not None else video
+        model = self.model
         if side > self.TILE_ABOVE:
             tile, stride = self.TILE_ABOVE, self.TILE_ABOVE * 3 // 4  # a quarter of each tile overlaps the next
             model.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
@@ -127,10 +172,7 @@ class VideoVAE:
 
     def unpatchify(self, out: torch.Tensor) -> torch.Tensor:
         """The decoder's output as RGB pixels: a patchified VAE's channels unfolded into its patches."""
-        if self.patch == 1:
-            return out
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-        return unpatchify(out, patch_size=self.patch)
+        return unpatchify(out, self.patch)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> (B, 3, T, H, W) in [-1, 1], in one pass (for training and tests)."""
@@ -189,9 +231,6 @@ def load_vae(source: str | Path) -> VideoVAE:
     """A VAE folder in diffusers layout (config.json + safetensors), a folder holding one under
     `vae/` (a Wan pipeline repo), or a hub id of either. The config is checked, the VAE built on
     the meta device and its weights checked against it by the files' headers before any is read."""
-    import torch
-    from diffusers import AutoencoderKLWan
-
     folder = Path(source)
     if not folder.exists():
         if str(source).count("/") != 1:
@@ -209,12 +248,26 @@ def load_vae(source: str | Path) -> VideoVAE:
         raise SoragenError(f"{folder} holds a {config['_class_name']}; soragen reads AutoencoderKLWan VAEs")
     try:
         check_vae_config(config)
+    except (TypeError, ValueError) as err:
+        raise SoragenError(f"{config_file} is not a valid AutoencoderKLWan config: {err}") from err
+    files = weight_files(folder, "VAE")
+    if decoder_supports(config) and {"latents_mean", "latents_std"} <= set(config):
+        decoder = WanDecoder.from_files(config, files, f"VAE ({config_file})")
+        return VideoVAE(decoder=decoder, config=config, load=lambda: _diffusers_vae(config, files, config_file))
+    return VideoVAE(_diffusers_vae(config, files, config_file))
+
+
+def _diffusers_vae(config: dict, files: list[Path], config_file: Path):
+    """diffusers' AutoencoderKLWan from a checked config, built on the meta device and its weights
+    checked against it by the files' headers before any is read."""
+    from diffusers import AutoencoderKLWan
+    try:
         with torch.device("meta"):
             model = AutoencoderKLWan.from_config(config)
     except (TypeError, ValueError) as err:
         raise SoragenError(f"{config_file} is not a valid AutoencoderKLWan config: {err}") from err
-    load_into(model, weight_files(folder, "VAE"), f"VAE ({config_file})")
-    return VideoVAE(model)
+    load_into(model, files, f"VAE ({config_file})")
+    return model
 
 
 def save_vae(vae: VideoVAE, folder: Path) -> None:
