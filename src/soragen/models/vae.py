@@ -1,4 +1,5 @@
-"""The 3D causal VAE: diffusers' `AutoencoderKLWan` behind a small adapter.
+"""The 3D causal VAE: diffusers' `AutoencoderKLWan` behind a small adapter, with soragen's own
+decoder (soragen.models.wan_decoder, the same bits) where a video is only decoded.
 
 Layout: videos are (B, 3, T, H, W) in [-1, 1]; latents are (B, C, T', H', W'), normalised per
 channel with the mean and std stored in the VAE config. Causality means 1 + k*s frames map to
