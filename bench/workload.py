@@ -79,7 +79,6 @@ def figure_cells(f: dict) -> list[str]:
 def bench_vae(model_dir: str | Path | None):
     """The model's VAE, or a fresh `tiny` one where there is no model (speed and memory do not
     depend on the weights)."""
-    from soragen.models import fast_paths
     from soragen.core.config import vae_preset_config
     from soragen.models.vae import load_vae, new_vae
     vae = load_vae(Path(model_dir) / "vae") if model_dir else new_vae(vae_preset_config("tiny"))

@@ -293,18 +293,10 @@ class Pipeline:
 
     def check_images(self, image: np.ndarray | None, last_image: np.ndarray | None) -> list[np.ndarray]:
         """The images a video starts (and ends) from, as many as the model takes: UsageError otherwise."""
-        images = [i for i in (image, last_image) if i is not None]
-        inputs, path = self.model.image_inputs, self.model.path
-        if last_image is not None and image is None:
-            raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
-        if len(images) > inputs:
-            raise UsageError(f"--image: the model {path} cannot take an image; it makes videos from text alone"
-                             if not inputs else f"--last-image: the model {path} starts a video from an image and "
-                                                f"cannot end it at one")
-        if self.model.image_channels and len(images) < inputs:
-            raise UsageError(f"the model {path} makes a video from " + ("an image: give --image" if inputs == 1 else
-                             "a first and a last image: give --image and --last-image"))
-        return images
+        from soragen.io.image import check_image_count
+        check_image_count(image is not None, last_image is not None, self.model.image_inputs,
+                          bool(self.model.image_channels), str(self.model.path))
+        return [i for i in (image, last_image) if i is not None]
 
     def image_latent(self, image: np.ndarray) -> torch.Tensor:
         """An image (H, W, 3) uint8 as the VAE's normalised latent of one frame (1, C, 1, H', W')."""

@@ -198,21 +198,15 @@ def _make_share(spread: Spread, jobs: list, load: tuple, sampling: tuple, size: 
 def _check_images(image: Optional[Path], last_image: Optional[Path], model: Optional[Path]) -> list:
     """--image and --last-image: readable images, on a model that takes them; checked from the files
     and the model's manifest or layout, before any weight is loaded. Returns the images read."""
-    from soragen.io.image import read_image
+    from soragen.io.image import check_image_count, read_image
     from soragen.io.model_folder import family_at, image_inputs_at, model_configs
-    if last_image is not None and image is None:
-        raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
     images = [read_image(path, option) for option, path in (("--image", image), ("--last-image", last_image))
               if path is not None]
     folder = model_dir(model)
     inputs = image_inputs_at(folder)
-    if len(images) > inputs:
-        option, what = ("--image", "an image") if inputs == 0 else ("--last-image", "a last image")
-        raise UsageError(f"{option}: the model {folder} ({family_at(folder).name}) cannot take {what}"
-                         f"{'; it makes videos from text alone' if inputs == 0 else ''}")
-    if len(images) < inputs and inputs and model_configs(folder)[0].image_channels:  # an image-to-video model
-        raise UsageError(f"the model {folder} makes a video from " + ("an image: give --image" if inputs == 1 else
-                         "a first and a last image: give --image and --last-image"))
+    from_image = bool(inputs) and model_configs(folder)[0].image_channels  # an image-to-video model
+    check_image_count(image is not None, last_image is not None, inputs, from_image,
+                      f"{folder} ({family_at(folder).name})")
     return images
 
 

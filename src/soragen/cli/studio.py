@@ -130,20 +130,22 @@ class Studio:
     def _image(self, data: Optional[bytes]):
         if data is None:
             return None
-        if not self.takes_image:  # as generate says it (soragen.cli.generate._check_images)
-            from soragen.io.model_folder import family
-            raise UsageError(f"--image: the model {self.pipe.model.path} ({family(self.pipe.model).name}) cannot "
-                             f"take an image; it makes videos from text alone")
+        if not self.takes_image:
+            self._check_count(True, False)
         from soragen.io.image import decode_image
         return decode_image(bytes(data), "--image (the upload)")
+
+    def _check_count(self, image: bool, last_image: bool) -> None:
+        """As generate says it (soragen.io.image.check_image_count), before an upload is decoded."""
+        from soragen.io.image import check_image_count
+        from soragen.io.model_folder import family
+        model = self.pipe.model
+        check_image_count(image, last_image, model.image_inputs, False, f"{model.path} ({family(model).name})")
 
     def _last_image(self, data: Optional[bytes], first: Optional[bytes]):
         if data is None:
             return None
-        if first is None:  # as generate says it
-            raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
-        if self.pipe.model.image_inputs < 2:
-            raise UsageError(f"--last-image: the model {self.pipe.model.path} cannot take a last image")
+        self._check_count(first is not None, True)
         from soragen.io.image import decode_image
         return decode_image(bytes(data), "--last-image (the upload)")
 

@@ -19,12 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
-from soragen.core.errors import SoragenError
+from soragen.core.errors import SoragenError, UsageError
 
 MAX_BYTES = 256 << 20
 MAX_PIXELS = 8192 * 8192  # as many as a video frame may have (soragen.io.video)
 MIN_SIDE = 16
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_image_count(image: bool, last_image: bool, inputs: int, from_image: bool, model: str) -> None:
+    """UsageError unless --image (and --last-image) are what the model takes: at most `inputs`
+    images, and at least as many where it makes videos `from_image` alone (an image-to-video model).
+    One wording for generate, the pipeline and the web page."""
+    if last_image and not image:
+        raise UsageError("--last-image needs --image too: a video that ends at an image starts from one")
+    given = int(image) + int(last_image)
+    if given > inputs:
+        raise UsageError(f"--image: the model {model} cannot take an image; it makes videos from text alone"
+                         if inputs == 0 else f"--last-image: the model {model} cannot take a last image")
+    if from_image and given < inputs:
+        raise UsageError(f"the model {model} makes a video from " + ("an image: give --image" if inputs == 1 else
+                         "a first and a last image: give --image and --last-image"))
 
 
 def read_image(path: Path, what: str = "--image") -> np.ndarray:
