@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import STATE_FILE, assert_one_line_error, cli
 from soragen.io.model_folder import load_model
+from soragen.train.optimizers import state_bytes
 from test_finetune import train_args
 
 # a LoRA of rank 128 on the tiny Wan model: its matrices (128 x 40, 120 x 128, ...) have 4096 values or
@@ -81,6 +82,9 @@ def test_8bit_moments_train_are_stored_as_plain_tensors_and_resume_bit_for_bit(w
         assert eight_bit >= 10_000
     # the weights trained
     dcp = load_file(straight / "checkpoint-4" / "train_state" / "dcp" / STATE_FILE)
+    # what --dry-run counts for the moments is what they hold
+    held = sum(v.numel() * v.element_size() for k, v in moments.items() if not k.endswith(".step"))
+    assert held == state_bytes("adamw8bit", [dcp[k].numel() for k in trained])
     base = load_model(wan).dit.state_dict()
     changed = [k for k in trained if k[len("model."):] not in base or not torch.equal(dcp[k], base[k[len("model."):]])]
     assert len(changed) >= len(trained) // 2
@@ -91,6 +95,7 @@ def test_8bit_moments_train_are_stored_as_plain_tensors_and_resume_bit_for_bit(w
         assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow
 def test_the_optimizer_is_the_runs_adamw_writes_what_it_wrote_and_resume_keeps_it(wan, clips, tmp_path, capfd):
     cache, run = tmp_path / "cache", tmp_path / "run"
     assert cli(*train_args(clips, run, wan, cache, 1, "--save-every", 1)) == 0
@@ -111,6 +116,7 @@ def test_fsdp_is_refused_before_anything_starts(wan, clips, tmp_path, capfd, mon
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_without_torchao_adamw8bit_is_refused_in_one_line_and_adamw_is_unaffected(wan, clips, tmp_path):
     """A real process that cannot find torchao, as where it is not installed (to diffusers too: a
     None in sys.modules makes importlib's find_spec say there is no such module, and its import fail)."""
