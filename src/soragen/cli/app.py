@@ -192,6 +192,8 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
 
 def run(argv: list[str]) -> int:
     """Run the CLI; every error becomes one line on stderr and an exit code (2: usage, 1: other)."""
+    from soragen.core.runtime import quiet_torchao
+    quiet_torchao()
     click_errors, click_exits, click_aborts = _click_exceptions()
     debug = "--debug" in argv or bool(os.environ.get("SORAGEN_DEBUG"))
     try:

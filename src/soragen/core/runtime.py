@@ -34,3 +34,13 @@ def keep_freed_memory() -> bool:
         return False
     # Both or neither: a fixed mmap threshold alone makes glibc trim the heap on every free.
     return bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+
+
+def quiet_torchao() -> None:
+    """Where torchao is installed (soragen's `lowbit` extra), importing it logs lines about CUDA kernels
+    a CPU build cannot load and torch warns about its enums; diffusers imports it too when it reads a
+    model, and logs a line about torchao types it no longer has. None of them concerns soragen: keep
+    them off stderr (errors still show)."""
+    import logging
+    for name in ("torchao", "diffusers.quantizers.torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

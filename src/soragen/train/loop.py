@@ -1,6 +1,7 @@
 """The training loop, the same for the DiT and the VAE, in one process, under DDP or under FSDP:
-AdamW with linear warm-up, gradient accumulation and clipping, an EMA of the weights, bf16 autocast
-where the hardware does bf16 fast, non-finite steps skipped, checkpoints and exact resume.
+AdamW (float32 or 8-bit moments: soragen.train.optimizers) with linear warm-up, gradient
+accumulation and clipping, an EMA of the weights, bf16 autocast where the hardware does bf16 fast,
+non-finite steps skipped, checkpoints and exact resume.
 
 Step s trains on a global batch of batch_size x grad_accum x processes clips: positions
 s G .. s G + G - 1 of the endless sequence of per-epoch shuffles (epoch e's order seeded by (seed,
@@ -28,10 +29,11 @@ from pathlib import Path
 import torch
 
 from soragen.core.atomic import atomic_path
-from soragen.core.config import TrainConfig
+from soragen.core.config import TrainConfig, to_dict
 from soragen.core.errors import SoragenError, UsageError
 from soragen.core.progress import MESSAGE, Progress
 from soragen.diffusion.draws import ClipDraws
+from soragen.train import optimizers
 from soragen.train.parallel import Dist, Replicated, Sharded
 
 MAX_BAD_STEPS_IN_A_ROW = 20
@@ -94,14 +96,14 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
     micro-batches, clipping, the optimizer step and the EMA, a metrics line, a checkpoint."""
     amp = autocast_dtype(cfg.mixed_precision, dist.device)
     held = (Sharded if fsdp else Replicated)(task, dist, amp)
-    optimizer = torch.optim.AdamW(held.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = optimizers.build(cfg.optimizer, held.trained, cfg.lr, cfg.weight_decay)
     state = held.load(resume_from, optimizer) if resume_from is not None else {}
     step, skipped = state.get("step", 0), state.get("skipped_nonfinite", 0)
     log = MetricsLog(run_dir / "metrics.jsonl", step, cfg.max_steps, dist.main, progress)
     bad_in_a_row, loss_value = 0, float("nan")
     while step < cfg.max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+        lr = learning_rate(cfg, step)
+        optimizers.set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
@@ -119,11 +121,11 @@ def train_loop(task, cfg: TrainConfig, run_dir: Path, dist: Dist, resume_from: P
             if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
                 raise SoragenError(f"stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss "
                                    f"or gradient; lower --lr or check the data")
-        log.step(step, total if finite else None, optimizer.param_groups[0]["lr"],
+        log.step(step, total if finite else None, lr,
                  float(grad_norm) if finite else None, skipped)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             record = {"kind": task.kind, "skipped_nonfinite": skipped, "processes": dist.world,
-                      "config": dataclasses.asdict(cfg),
+                      "config": to_dict(cfg),
                       "objective": dataclasses.asdict(task.objective), **task.stored()}
             saved = held.save(run_dir, step, optimizer, record, cfg.keep_last)
             if saved is not None:

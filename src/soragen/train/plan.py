@@ -5,8 +5,8 @@ inputs of the run's shape, with autograd's saved-tensor hooks counting what back
 that is the activation memory, from the model's own code rather than a formula. Attention is
 counted as the fused kernels keep it (q, k, v, the output and a row statistic), not as the
 score matrix the meta device's fallback would build. Around it: the weights, for what trains its
-gradients, AdamW's two moments and the EMA copy (float32 each), and backward's working set (the
-gradients of part of one block's activations). tests/test_finetune.py holds the figure against the bytes a real
+gradients, AdamW's two moments (float32, or 8-bit with --optimizer adamw8bit) and the EMA copy
+(float32), and backward's working set (the gradients of part of one block's activations). tests/test_finetune.py holds the figure against the bytes a real
 CPU step allocates.
 """
 
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from soragen.train.optimizers import state_bytes
+
 
 @dataclass
 class Plan:
@@ -26,13 +28,15 @@ class Plan:
     tokens_per_clip: int
     latent_shape: tuple[int, ...]
     bytes: dict[str, int]  # weights, gradients, optimizer, ema, activations, backward: per device
+    optimizer: str = "adamw"
 
     @property
     def total(self) -> int:
         return sum(self.bytes.values())
 
     def lines(self) -> list[str]:
-        parts = ", ".join(f"{name} {_size(size)}" for name, size in self.bytes.items())
+        named = {"optimizer": "optimizer (8-bit)"} if self.optimizer == "adamw8bit" else {}
+        parts = ", ".join(f"{named.get(name, name)} {_size(size)}" for name, size in self.bytes.items())
         return [f"parameters: {self.parameters:,} ({self.trainable:,} trained, "
                 f"{100 * self.trainable / max(self.parameters, 1):.2f}%)",
                 f"tokens per clip: {self.tokens_per_clip:,} (latent {' x '.join(map(str, self.latent_shape))})",
@@ -107,14 +111,16 @@ def _meta_dit(config, lora):
 
 
 def training_plan(dit_config, latent_shape: tuple[int, ...], batch: int, text_tokens: int, text_dim: int,
-                  lora=None, gradient_checkpointing: bool = False) -> Plan:
+                  lora=None, gradient_checkpointing: bool = False, optimizer: str = "adamw") -> Plan:
     """The memory one device holds to train a DiT of `dit_config` on latents of `latent_shape`
     (C, T, H, W) in micro-batches of `batch` (a LoRA on it if `lora` has a rank), activations in
     float32. Backward works on one block at a time; the gradients of about half a block's
-    activations are alive at once (what tests/test_finetune.py finds a CPU step allocates)."""
+    activations are alive at once (what tests/test_finetune.py finds a CPU step allocates). The
+    optimizer's moments float32, or 8-bit with `optimizer` adamw8bit."""
     dit = _meta_dit(dit_config, lora)
     parameters = sum(p.numel() for p in dit.parameters())
     trained = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+    moments = state_bytes(optimizer, [p.numel() for p in dit.parameters() if p.requires_grad])
     weights = sum(p.numel() * p.element_size() for p in dit.parameters())
     full = activation_bytes(dit, batch, latent_shape, text_tokens, text_dim)
     single = _meta_dit(dataclasses.replace(dit_config, depth=1), lora)
@@ -125,8 +131,8 @@ def training_plan(dit_config, latent_shape: tuple[int, ...], batch: int, text_to
         kept = dit_config.depth * batch * tokens * dit_config.hidden_size * 4
         activations = full - dit_config.depth * per_block + kept + per_block
     return Plan(parameters, trained, tokens, tuple(latent_shape),
-                {"weights": weights, "gradients": 4 * trained, "optimizer": 8 * trained, "ema": 4 * trained,
-                 "activations": int(activations), "backward": int(per_block / 2)})
+                {"weights": weights, "gradients": 4 * trained, "optimizer": moments, "ema": 4 * trained,
+                 "activations": int(activations), "backward": int(per_block / 2)}, optimizer)
 
 
 def plan_run(cfg, lora, init: str | None, vae_source: str | None, preset: str, text_source: str) -> Plan:
@@ -149,7 +155,8 @@ def plan_run(cfg, lora, init: str | None, vae_source: str | None, preset: str, t
         config = dit_preset(preset, in_channels=vae.latent_channels, text_dim=TextEncoder(spec).dim)
         text_tokens = spec.max_length
     latent = vae.latent_shape(cfg.frames, cfg.height, cfg.width)
-    return training_plan(config, latent, cfg.batch_size, text_tokens, config.text_dim, lora, cfg.gradient_checkpointing)
+    return training_plan(config, latent, cfg.batch_size, text_tokens, config.text_dim, lora, cfg.gradient_checkpointing,
+                         cfg.optimizer)
 
 
 def _tokens(config, latent_shape) -> int:

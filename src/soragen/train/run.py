@@ -16,13 +16,14 @@ import torch
 
 from soragen.core.atomic import atomic_path
 from soragen.core.config import (DiTObjective, LoRAConfig, TextEncoderSpec, TrainConfig, VAEObjective,
-                                 VideoDefaults, dit_preset, vae_preset_config)
+                                 VideoDefaults, dit_preset, to_dict, vae_preset_config)
 from soragen.core.errors import UsageError
 from soragen.core.progress import MESSAGE, Progress
 from soragen.core.options import check_multiple, option_error
 from soragen.diffusion.sampling import is_flow
 from soragen.io.folders import latest_checkpoint
 from soragen.io.model_folder import family, load_model, lora_target, read_manifest
+from soragen.pipeline import resolve_device
 from soragen.models.lora import add_lora
 from soragen.models.vae import VideoVAE, load_vae, new_vae
 from soragen.train.checkpoints import prepare_run_dir, resumable, stored_lora, stored_processes, stored_run
@@ -30,14 +31,18 @@ from soragen.train.data import require_clips, scan_clips
 from soragen.train.image_cache import add_image_conditions
 from soragen.train.latent_cache import build_samples
 from soragen.train.loop import split_batch, train_loop
+from soragen.train import optimizers
 from soragen.train.parallel import Dist, init_distributed
 from soragen.train.tasks import DiTTask, Start, Task, VAETask
 
 
-def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str, progress: Progress | None):
+def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str, progress: Progress | None,
+              fsdp: bool = False):
     """Join the process group, pick the checkpoint to resume (rank 0 decides, the others follow),
     and on resume check it whole and take the run's stored config and objective (only --max-steps
-    may change). Returns (dist, progress, checkpoint or None, cfg, objective)."""
+    may change), and check that its optimizer runs here. Returns (dist, progress, checkpoint or
+    None, cfg, objective)."""
+    optimizers.check_available(cfg.optimizer, resolve_device(device), fsdp)  # before anything is made
     dist = init_distributed(device)
     progress = progress if dist.main else None
     note = (lambda line: progress(MESSAGE, 0, 0, line)) if progress else None
@@ -47,6 +52,8 @@ def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str,
         # a DiT run from before the objective was stored predicted the noise
         older = {"prediction": "epsilon"} if isinstance(objective, DiTObjective) else {}
         stored_cfg, objective = stored_run(resume_from, type(objective), older)
+        _check_optimizer(cfg.optimizer, stored_cfg.optimizer, resume_from, note)
+        optimizers.check_available(stored_cfg.optimizer, dist.device, fsdp)
         saved_world = stored_processes(resume_from) or dist.world  # runs from before it was stored: as now
         cfg = split_batch(dataclasses.replace(stored_cfg, max_steps=cfg.max_steps), saved_world, dist.world)
         if note and saved_world != dist.world:
@@ -54,6 +61,19 @@ def start_run(out: Path, resume: bool, cfg: TrainConfig, objective, device: str,
                  f"{cfg.batch_size * cfg.grad_accum * dist.world} clips as --batch-size {cfg.batch_size} x "
                  f"--grad-accum {cfg.grad_accum} on each")
     return dist, progress, resume_from, cfg, objective
+
+
+def _check_optimizer(asked: str, stored: str, checkpoint: Path, note) -> None:
+    """A run keeps its optimizer: another one asked for (other than the default, which a command line
+    may not have named) is a usage error naming both."""
+    if asked == stored:
+        return
+    if asked != "adamw":
+        raise UsageError(f"--optimizer {asked}: the run in {checkpoint.parent} trains with --optimizer {stored}, "
+                         f"which --resume keeps (its moments are stored that way); start a new run with --init "
+                         f"{checkpoint} to change the optimizer")
+    if note:
+        note(f"resuming with the run's --optimizer {stored}")
 
 
 def resolve_vae(source: str) -> VideoVAE:
@@ -182,7 +202,7 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
         raise UsageError("--fsdp shards the model across processes: start them with torchrun "
                          "(torchrun --nproc_per_node=N -m soragen train ... --fsdp)")
     check_first_frame(init, objective.first_frame)
-    dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress)
+    dist, progress, resume_from, cfg, objective = start_run(out, resume, cfg, objective, device, progress, fsdp)
     if resume_from is not None:
         lora = stored_lora(resume_from)
     start = _dit_start(cfg, text_encoder, vae, init, resume_from, lora, objective.expert)
@@ -244,7 +264,7 @@ def _run(task: Task, cfg: TrainConfig, objective, out: Path, dist: Dist, resume_
     task.objective = objective
     if dist.main:
         with atomic_path(out / "train_config.json") as tmp:
-            tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective)},
+            tmp.write_text(json.dumps({"config": to_dict(cfg), "objective": dataclasses.asdict(objective)},
                                       indent=2) + "\n")
     result = train_loop(task, cfg, out, dist, resume_from, progress, fsdp)
     if dist.main:

@@ -124,13 +124,43 @@ def load(folder: Path, tensors: dict, alone: bool) -> str | None:
 
 
 def optimizer_state(module: torch.nn.Module, optimizer) -> dict:
-    """The optimizer's moments by parameter name (a new optimizer's made, at zero)."""
+    """The optimizer's moments by parameter name (a new optimizer's made, at zero). A moment held as
+    a tensor subclass (torchao's 8-bit ones: codes, scale, qmap) is given as its plain parts, e.g.
+    {"exp_avg": {"codes": uint8, "scale": float32, "qmap": float32}}: the optimizer's own tensors,
+    so loading into them in place loads the moment."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(module, optimizer)["state"]
+    state = get_optimizer_state_dict(module, optimizer)["state"]
+    return {name: {key: _parts(value) for key, value in entry.items()} for name, entry in state.items()}
 
 
 def restore_optimizer(module: torch.nn.Module, optimizer, state: dict) -> None:
-    """The moments loaded into `optimizer`; its settings (lr, betas, ...) stay this run's."""
+    """The moments loaded into `optimizer` (parts put back together as the optimizer holds them);
+    its settings (lr, betas, ...) stay this run's."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    groups = get_optimizer_state_dict(module, optimizer)["param_groups"]
-    set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups})
+    current = get_optimizer_state_dict(module, optimizer)
+    whole = {name: {key: _joined(value, current["state"][name][key]) for key, value in entry.items()}
+             for name, entry in state.items()}
+    set_optimizer_state_dict(module, optimizer, {"state": whole, "param_groups": current["param_groups"]})
+
+
+def _subclass(value) -> bool:
+    """A tensor subclass made of plain tensors (not a DTensor: torch.distributed.checkpoint stores
+    those itself, as shards)."""
+    from torch.distributed.tensor import DTensor
+    return torch.is_tensor(value) and type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__") \
+        and not isinstance(value, DTensor)
+
+
+def _parts(value):
+    if not _subclass(value):
+        return value
+    names, _ = value.__tensor_flatten__()
+    return {name: getattr(value, name) for name in names}
+
+
+def _joined(value, like):
+    """`value` (parts of a moment, or a tensor) as `like` (this run's moment) holds it."""
+    if not isinstance(value, dict):
+        return value
+    _, attributes = like.__tensor_flatten__()
+    return type(like).__tensor_unflatten__(value, attributes, like.shape, like.stride())
