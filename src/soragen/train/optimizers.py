@@ -5,8 +5,8 @@ values, through a 256-entry lookup table) instead of float32: about a quarter of
 torchao is optional (`pip install 'soragen[lowbit]'`); a run that asks for it where it cannot run is
 refused before it starts. Like torchao (and bitsandbytes), only tensors of at least 4096 values
 that split into whole blocks get 8-bit moments; the others keep float32 ones. torchao's step is a
-torch.compile'd function: on the CPU it needs a C++ compiler, and each new parameter shape compiles
-once per process (seconds each).
+torch.compile'd function: on the CPU it needs a C++ compiler (or TORCHDYNAMO_DISABLE=1, which runs it
+uncompiled), and each new parameter shape compiles once per process (seconds each).
 
 The 8-bit moments are tensor subclasses; checkpoints hold their plain parts (codes, scale, qmap:
 soragen.train.train_state), so nothing is pickled.
@@ -15,6 +15,7 @@ soragen.train.train_state), so nothing is pickled.
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 
 import torch
@@ -43,14 +44,14 @@ def check_available(name: str, device: torch.device, fsdp: bool) -> None:
         raise UsageError(f"--optimizer adamw8bit needs torchao's AdamW8bit, which does not import here "
                          f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}): "
                          f"{INSTALL}") from None
-    if device.type == "cpu":
+    if device.type == "cpu" and os.environ.get("TORCHDYNAMO_DISABLE") != "1":  # else the step runs uncompiled
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
             get_cpp_compiler()
         except Exception as err:  # what torch.compile's CPU backend raises when it finds no compiler
             raise UsageError(f"--optimizer adamw8bit on the CPU needs a C++ compiler (torchao's step is compiled "
                              f"by torch.compile): {(str(err).strip().splitlines() or [''])[0][:160]}; install g++, "
-                             f"or use --optimizer adamw") from None
+                             f"set TORCHDYNAMO_DISABLE=1 (an uncompiled, slower step) or use --optimizer adamw") from None
 
 
 def build(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
