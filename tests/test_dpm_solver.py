@@ -41,3 +41,20 @@ def test_the_sampler_made_for_each_schedule():
     flow = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}
     assert not isinstance(make_scheduler("dpm++", flow), dpm_solver.DPMSolver2M)
     assert not isinstance(make_scheduler("ddim", dict(SCHEDULER_CONFIG)), dpm_solver.DPMSolver2M)
+
+
+@pytest.mark.parametrize("betas", ["linear", "scaled_linear"])
+def test_the_training_schedule_noises_as_diffusers_ddpm_does(betas):
+    from diffusers import DDPMScheduler
+
+    from soragen.diffusion import ddpm
+    from soragen.diffusion.sampling import training_scheduler
+    config = {**SCHEDULER_CONFIG, "beta_schedule": betas}
+    ours, ref = training_scheduler(config), DDPMScheduler.from_config(config)
+    assert isinstance(ours, ddpm.Schedule) and torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 4, 2, 5, 5, generator=g), torch.randn(3, 4, 2, 5, 5, generator=g)
+    t = torch.tensor([0, 517, 999])
+    assert torch.equal(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+    assert torch.equal(ours.get_velocity(x0, noise, t), ref.get_velocity(x0, noise, t))
+    assert not isinstance(training_scheduler({**config, "rescale_betas_zero_snr": True}), ddpm.Schedule)

@@ -102,3 +102,29 @@ def test_broken_vae_folders_fail_clearly(vae, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SoragenError, match="not a valid safetensors"):
         load_vae(tmp_path / "v")
+
+
+def test_a_vae_loaded_for_decoding_is_identified_as_diffusers_model_identifies_it(tiny_model):
+    """The latent cache's key of a VAE read from its files (no diffusers model made) is the key of
+    the same VAE made by diffusers, so a cache stays valid whichever made it."""
+    from soragen.io.folders import default_model_dir
+    from soragen.train.latent_cache import vae_fingerprint
+    for folder in (default_model_dir() / "vae", tiny_model / "vae"):
+        vae = load_vae(folder)
+        assert vae.decoder is not None and not vae.parts()[1:]  # the decoder alone so far
+        lazy = vae_fingerprint(vae)
+        assert len(vae.parts()) == 1
+        vae.model  # noqa: B018  (diffusers' model, made now)
+        assert len(vae.parts()) == 2 and vae_fingerprint(vae) == lazy
+
+
+def test_a_vae_loaded_for_decoding_saves_the_bytes_diffusers_model_saves(tiny_model, tmp_path):
+    from soragen.io.folders import default_model_dir
+    for i, folder in enumerate((default_model_dir() / "vae", tiny_model / "vae")):
+        lazy, made = load_vae(folder), load_vae(folder)
+        made.model  # noqa: B018
+        save_vae(lazy, tmp_path / f"lazy{i}")
+        save_vae(made, tmp_path / f"made{i}")
+        assert len(lazy.parts()) == 1  # saved without diffusers' model
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            assert (tmp_path / f"lazy{i}" / name).read_bytes() == (tmp_path / f"made{i}" / name).read_bytes(), name

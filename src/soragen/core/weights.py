@@ -262,10 +262,17 @@ def assert_finite(module: torch.nn.Module, what: str) -> None:
 def save_module(module: torch.nn.Module, path: Path, what: str, dtype: torch.dtype | None = None) -> None:
     """Write a module's weights as safetensors (contiguous CPU copies), via a temporary file.
     `dtype` stores floating-point weights in another precision (bf16 halves a shipped model)."""
+    save_tensors(module.state_dict(), path, what, dtype)
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path, what: str, dtype: torch.dtype | None = None) -> None:
+    """save_module's file from tensors by name."""
     from safetensors.torch import save_file
 
-    assert_finite(module, what)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not _finite(tensor):
+            raise SoragenError(f"refusing to save {what}: weight {name} holds NaN or infinite values")
     state = {k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
-             for k, v in module.state_dict().items()}
+             for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))

@@ -19,16 +19,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-BETAS = ("linear", "scaled_linear")
+from soragen.diffusion import ddpm
+
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("linspace", "leading", "trailing")
 
 
 def supports(config: dict) -> bool:
     """A DDPM schedule this sampler reproduces (a complete config: sampling.SCHEDULER_CONFIG merged in)."""
-    return (config.get("beta_schedule") in BETAS and config.get("prediction_type") in PREDICTIONS
-            and config.get("timestep_spacing") in SPACINGS and not config.get("rescale_betas_zero_snr")
-            and not config.get("use_flow_sigmas") and not config.get("trained_betas"))
+    return (ddpm.supports(config) and config.get("prediction_type") in PREDICTIONS
+            and config.get("timestep_spacing") in SPACINGS and not config.get("use_flow_sigmas"))
 
 
 class DPMSolver2M:
@@ -40,12 +40,7 @@ class DPMSolver2M:
 
     def __init__(self, config: dict):
         self.config = SimpleNamespace(**config)
-        n, start, end = config["num_train_timesteps"], config["beta_start"], config["beta_end"]
-        if config["beta_schedule"] == "linear":
-            betas = torch.linspace(start, end, n, dtype=torch.float32)
-        else:
-            betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod = ddpm.alphas_cumprod(config)
         self.timesteps = torch.zeros(0, dtype=torch.int64)
 
     def set_timesteps(self, steps: int) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from soragen.core.config import PREDICTIONS, SAMPLERS, check_keys
 from soragen.core.errors import SoragenError, UsageError
-from soragen.diffusion import dpm_solver
+from soragen.diffusion import ddpm, dpm_solver
 
 # The noise schedule: DiT's linear betas over 1000 steps, the DiT predicting the velocity (what
 # `soragen train` teaches by default). Every model folder stores its own, which wins.
@@ -77,8 +77,13 @@ def check_sampler(sampler: str, scheduler_config: dict, source) -> None:
 
 
 def training_scheduler(config: dict | None = None):
+    """What training noises latents with: soragen.diffusion.ddpm where it describes the schedule (the
+    same bits as diffusers'), diffusers' DDPMScheduler otherwise."""
+    config = {**SCHEDULER_CONFIG, **(config or {})}
+    if ddpm.supports(config):
+        return ddpm.Schedule(config)
     from diffusers import DDPMScheduler
-    return DDPMScheduler.from_config({**SCHEDULER_CONFIG, **(config or {})})
+    return DDPMScheduler.from_config(config)
 
 
 def is_flow(config: dict | None) -> bool:

@@ -10,6 +10,7 @@ each chunk into uint8 at once, so working memory does not grow with the frame co
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -56,8 +57,10 @@ class VideoVAE:
     `load` making diffusers' model the first time something else is asked of it (encoding an
     image or clips, a tiled decode, training, saving)."""
 
-    def __init__(self, model=None, decoder=None, config: dict | None = None, load=None):
-        self._model, self.decoder, self._load = model, decoder, load
+    def __init__(self, model=None, decoder=None, config: dict | None = None, load=None, files: list[Path] = ()):
+        self._model, self.decoder, self._load, self.files = model, decoder, load, list(files)
+        # a config.json that names every setting (as saved ones do) is what diffusers' model holds
+        self.complete = model is None and set(WAN_VAE_KEYS) <= set(config)
         config = dict(model.config) if model is not None else {**DECODER_DEFAULTS, **config}
         self.config = config
         if model is not None:
@@ -84,12 +87,27 @@ class VideoVAE:
         """The modules made so far (the decoder, diffusers' model, or both)."""
         return [m for m in (self.decoder, self._model) if m is not None]
 
-    def use_fast_paths(self) -> None:
-        """soragen.models.fast_paths on every part, now and when one is made later."""
+    def use_fast_paths(self, on: bool = True) -> None:
+        """soragen.models.fast_paths on every part, now and when one is made later (or off: the plain modules)."""
         from soragen.models import fast_paths
-        self.fast = True
+        self.fast = on
         for part in self.parts():
-            fast_paths.install(part)
+            if on:
+                fast_paths.install(part)
+            else:
+                fast_paths.uninstall(part)
+
+    def weights_and_config(self) -> tuple[list[tuple[str, torch.Tensor]], dict]:
+        """Every weight by name (sorted) and the config as diffusers' model holds it: what identifies
+        the VAE (the latent cache's key). Read from the files where diffusers' model is not made."""
+        if self._model is None and self.complete and self.files:
+            from importlib.metadata import version
+
+            from soragen.core.weights import read_safetensors
+            config = {**{k: self.config[k] for k in WAN_VAE_KEYS}, "_class_name": "AutoencoderKLWan",
+                      "_diffusers_version": version("diffusers")}
+            return sorted(read_safetensors(self.files).items()), config
+        return sorted(self.model.state_dict().items()), dict(self.model.config)
 
     def _place(self, part: torch.nn.Module) -> None:
         torch.nn.Module.to(part, *self.placed)
@@ -180,6 +198,12 @@ class VideoVAE:
         return self.model.decode(self.denormalise(latent).to(self.device, self.dtype)).sample
 
 
+# AutoencoderKLWan's settings, as its __init__ names them
+WAN_VAE_KEYS = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
+                "temperal_downsample", "dropout", "latents_mean", "latents_std", "is_residual", "in_channels",
+                "out_channels", "patch_size", "scale_factor_temporal", "scale_factor_spatial")
+
+
 def new_vae(config: dict) -> VideoVAE:
     from diffusers import AutoencoderKLWan
     return VideoVAE(AutoencoderKLWan(**config))
@@ -254,7 +278,8 @@ def load_vae(source: str | Path) -> VideoVAE:
     files = weight_files(folder, "VAE")
     if decoder_supports(config) and {"latents_mean", "latents_std"} <= set(config):
         decoder = WanDecoder.from_files(config, files, f"VAE ({config_file})")
-        return VideoVAE(decoder=decoder, config=config, load=lambda: _diffusers_vae(config, files, config_file))
+        return VideoVAE(decoder=decoder, config=config, load=lambda: _diffusers_vae(config, files, config_file),
+                        files=files)
     return VideoVAE(_diffusers_vae(config, files, config_file))
 
 
@@ -273,7 +298,13 @@ def _diffusers_vae(config: dict, files: list[Path], config_file: Path):
 
 def save_vae(vae: VideoVAE, folder: Path) -> None:
     """diffusers layout, so `AutoencoderKLWan.from_pretrained(folder)` reads it too."""
-    from soragen.core.weights import save_module
+    from soragen.core.weights import save_module, save_tensors
     folder.mkdir(parents=True, exist_ok=True)
+    if vae.parts() == [vae.decoder] and vae.complete and vae.files:  # what diffusers would write, from the files
+        weights, config = vae.weights_and_config()
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_tensors(dict(weights), folder / "diffusion_pytorch_model.safetensors", "VAE",
+                     vae.placed[1] or torch.float32)  # the dtype diffusers' model would have
+        return
     vae.model.save_config(folder)
     save_module(vae.model, folder / "diffusion_pytorch_model.safetensors", "VAE")

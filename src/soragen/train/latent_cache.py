@@ -68,10 +68,11 @@ def _digest(*parts) -> str:
 
 def vae_fingerprint(vae: VideoVAE) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(vae.model.state_dict().items()):
+    weights, config = vae.weights_and_config()
+    for name, tensor in weights:
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps(dict(vae.model.config), sort_keys=True, default=str).encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 

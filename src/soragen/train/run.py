@@ -193,7 +193,6 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
               lora: LoRAConfig | None = None, fsdp: bool = False) -> dict:
     """Train the DiT of a new run, an --init model's (all of it, or a LoRA on it), or a resumed run's,
     to cfg.max_steps."""
-    from soragen.models import fast_paths
     from soragen.models.dit import VideoDiT
     from soragen.models.text import TextEncoder
 
@@ -220,14 +219,14 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
 
     report = scan(cfg, progress)
     image_encoder = _image_encoder(start)
-    fast_paths.install(start.vae.model)  # encoding the clips is inference
+    start.vae.use_fast_paths()  # encoding the clips is inference
     examples = functools.partial(_examples, report.clips, start, encoder, image_encoder, cfg, cache_dir, windows)
     if dist.main:
         samples = examples(progress)
     dist.barrier()
     if not dist.main:  # the cache is complete now: read it back
         samples = examples(None)
-    fast_paths.uninstall(start.vae.model)
+    start.vae.use_fast_paths(False)
     defaults = VideoDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps)
     task = DiTTask(dit, start, defaults, samples, cfg.caption_dropout, objective, lora)
     if sample_prompts:
