@@ -81,6 +81,7 @@ def test_eval_reconstruct_judges_the_shipped_vaes_round_trips(tmp_path, capfd):
     assert [probe_video(tmp_path / "rt" / r["file"]).frames for r in records] == [16, 16, 16]
 
 
+@pytest.mark.slow  # a new process
 def test_a_video_from_the_default_model_imports_neither_diffusers_nor_transformers(tmp_path):
     """The first video as a new process: its time is mostly imports, and diffusers' and transformers'
     cost seconds. The default model's text encoder, sampler and VAE decoder are soragen's own."""

@@ -103,6 +103,7 @@ def test_bit_identical_in_bfloat16(one_thread):
     assert_same_chunks(vae, ours, torch.randn(1, 8, 3, 2, 3, dtype=torch.bfloat16))
 
 
+@pytest.mark.slow  # a new process
 def test_importing_it_imports_no_diffusers():
     code = ("import sys, soragen.models.wan_decoder; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers', 'peft')))")
