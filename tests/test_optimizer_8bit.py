@@ -24,27 +24,14 @@ from safetensors.torch import load_file
 from conftest import STATE_FILE, assert_one_line_error, cli
 from soragen.io.model_folder import load_model
 from soragen.train.optimizers import state_bytes
+import test_finetune
 from test_finetune import train_args
+
+wan, clips = test_finetune.wan, test_finetune.clips  # its fixtures, here too
 
 # a LoRA of rank 128 on the tiny Wan model: its matrices (128 x 40, 120 x 128, ...) have 4096 values or
 # more in whole blocks of 256, so their moments are 8-bit (smaller tensors keep float32 moments)
 LORA = ("--lora-rank", 128)
-
-
-@pytest.fixture(scope="module")
-def wan(tmp_path_factory):
-    from soragen.tools.tiny_wan import tiny_pipeline
-    folder = tmp_path_factory.mktemp("wan") / "Wan-tiny"
-    tiny_pipeline().save_pretrained(folder, max_shard_size="40KB")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    from soragen.tools.shapes import make_dataset
-    folder = tmp_path_factory.mktemp("data") / "clips"
-    make_dataset(folder, n=4, seed=0, frames=9, size=32)
-    return folder
 
 
 @pytest.fixture(autouse=True)
