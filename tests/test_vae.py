@@ -114,8 +114,8 @@ def test_a_vae_loaded_for_decoding_is_identified_as_diffusers_model_identifies_i
         assert vae.decoder is not None and not vae.parts()[1:]  # the decoder alone so far
         lazy = vae_fingerprint(vae)
         assert len(vae.parts()) == 1
-        vae.model  # noqa: B018  (diffusers' model, made now)
-        assert len(vae.parts()) == 2 and vae_fingerprint(vae) == lazy
+        vae.model  # noqa: B018  (diffusers' model, made now: it decodes too)
+        assert vae.parts() == [vae.model] and vae_fingerprint(vae) == lazy
 
 
 def test_a_vae_loaded_for_decoding_saves_the_bytes_diffusers_model_saves(tiny_model, tmp_path):

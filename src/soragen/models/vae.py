@@ -77,10 +77,12 @@ class VideoVAE:
 
     @property
     def model(self):
-        """diffusers' AutoencoderKLWan, made now if the VAE was loaded for decoding alone."""
+        """diffusers' AutoencoderKLWan, made now if the VAE was loaded for decoding alone (it then
+        decodes too, with the same bits: one copy of the decoder's weights)."""
         if self._model is None:
             self._model = self._load().eval().requires_grad_(False)
             self._place(self._model)
+            self.decoder = None
         return self._model
 
     def parts(self) -> list[torch.nn.Module]:
