@@ -13,15 +13,12 @@ import torch
 from conftest import assert_one_line_error, cli, listing
 from soragen.tools.tiny_wan import tiny_pipeline
 
+import test_finetune
+from test_finetune import train_args
+
+clips = test_finetune.clips  # its fixture, here too
+
 PROMPT = "a red ball moving right in the blue sky"
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    from soragen.tools.shapes import make_dataset
-    folder = tmp_path_factory.mktemp("data") / "clips"
-    make_dataset(folder, n=4, seed=0, frames=9, size=32)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +26,6 @@ def a14b(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan22") / "Wan-a14b-tiny"
     tiny_pipeline(experts=2).save_pretrained(folder, max_shard_size="40KB")
     return folder
-
-
-def train_args(clips, out, init, cache, steps, *extra):
-    return ["train", "--init", init, "--data", clips, "--out", out, "--frames", 9, "--height", 32, "--width", 32,
-            "--batch-size", 2, "--max-steps", steps, "--save-every", 2, "--warmup", 1, "--lr", "1e-2",
-            "--cache-dir", cache, *extra]
 
 
 def prediction(transformer, seed: int = 1):

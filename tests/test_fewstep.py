@@ -17,19 +17,10 @@ from soragen.families.wan import FAMILY as WAN
 from soragen.families.wan import from_diffusers
 from soragen.io import lora_file
 from soragen.tools.tiny_wan import tiny_pipeline
+from test_finetune import inputs, ours_forward
 
 PROMPT = "a red ball moving right"
 DIM, FFN, OUT = 40, 48, 16  # the tiny transformer's width, FFN width and output features (4 channels x 2 x 2)
-
-
-def inputs(seed=1, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, 3, 8, 8, generator=g), torch.tensor([900.0, 300.0][:batch]),
-            torch.randn(batch, 7, 16, generator=g))
-
-
-def ours_forward(dit, x, t, text):
-    return dit(x, t, text, torch.ones(text.shape[:2], dtype=torch.bool), None)
 
 
 def theirs_forward(transformer, x, t, text):

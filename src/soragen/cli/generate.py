@@ -53,6 +53,11 @@ TimestepsOption = Annotated[Optional[str], typer.Option(help="The timesteps to d
                                                        "step-distilled model was trained (e.g. 1000,750,500,250; "
                                                        "before --shift); flow models with euler, lcm or unipc.",
                                                        show_default=False)]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+StepsOption = Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")]
+HeightOption = Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")]
+WidthOption = Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")]
 PARALLEL = ("auto", "ulysses", "ring", "cfg")
 ParallelOption = Annotated[str, typer.Option(help="Under torchrun: how the processes share each video's steps: "
                                              "cfg (guidance's two passes on two halves of them), ulysses (the "
@@ -76,9 +81,9 @@ def generate(
     prompts: Annotated[Optional[Path], typer.Option(help="A text file, one prompt per line: one video each (under "
                                                     "torchrun, each process makes its share).")] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the model's).")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
+    steps: StepsOption = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 turns it off "
                                                       "(default: the model's).")] = None,
     guidance_2: GuidanceTwoOption = None,
@@ -95,8 +100,8 @@ def generate(
     lora: LoraOption = None,
     image: ImageOption = None,
     last_image: LastImageOption = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     offload: OffloadOption = False,
     parallel: ParallelOption = "auto",

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from soragen.cli.app import StageProgress, check_overrides, check_writable, command, model_dir
-from soragen.cli.generate import ModelOption, SamplerOption, _check_choices, _load, _read_prompts
+from soragen.cli.generate import DeviceOption, DtypeOption, HeightOption, ModelOption, SamplerOption, StepsOption, WidthOption, _check_choices, _load, _read_prompts
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import UsageError
 
@@ -22,15 +22,15 @@ def calibrate_cache(
     prompts: Annotated[Path, typer.Option(help="A text file, one prompt per line: the videos to measure on.",
                                           show_default=False)],
     model: ModelOption = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    steps: StepsOption = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's).")] = None,
     sampler: SamplerOption = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames per video (default: the model's).")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).")] = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed of the first prompt's video.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Measure the magnitude ratios --cache magcache needs, once per model: saved as magcache.json in
     the model's folder (a hub model's, or the built-in one's, in ~/.cache/soragen/magcache/).

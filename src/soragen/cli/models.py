@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from soragen.cli.app import COMPILE_HELP, StageProgress, check_overrides, command, model_dir, stderr
+from soragen.cli.generate import DeviceOption, DtypeOption, StepsOption
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import SoragenError, UsageError
 
@@ -103,12 +104,12 @@ def evaluate(
     prompt_set: Annotated[str, typer.Option("--set", help="Packaged prompt set: eval or heldout.")] = "eval",
     out: Annotated[Optional[Path], typer.Option(help="Folder to keep the videos and results in.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    steps: StepsOption = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++ or unipc (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the first video; video i uses seed + i.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Judge the VAE's round trip of each prompt's "
                                               "rendered clip instead of generating: the ceiling for the DiT.")] = False,

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from soragen.cli.app import check_writable, command, default_cache, model_dir, stderr
-from soragen.cli.generate import LoraOption, ModelOption, _check_choices
+from soragen.cli.generate import DeviceOption, DtypeOption, LoraOption, ModelOption, _check_choices
 from soragen.core.errors import SoragenError, UsageError
 
 INSECURE_HELP = ("Serve a --host other than loopback without --auth: anyone who can reach the port can make videos "
@@ -84,8 +84,8 @@ def serve(
     insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
     out: Annotated[Optional[Path], typer.Option(help="Where the videos and history.jsonl are kept (default: "
                                                 "~/.cache/soragen/serve).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Serve a web page for making videos: prompt, settings, progress, the video, and a gallery of
     earlier ones. The model is loaded once; requests run one at a time.
