@@ -299,15 +299,11 @@ class Pipeline:
         return [i for i in (image, last_image) if i is not None]
 
     def image_latent(self, image: np.ndarray) -> torch.Tensor:
-        """An image (H, W, 3) uint8 as the VAE's normalised latent of one frame (1, C, 1, H', W')."""
-        self.check_images(image, None)
-        return self.video_latent(np.array(image)[None])
-
-    def video_latent(self, frames: np.ndarray) -> torch.Tensor:
-        """Frames (T, H, W, 3) uint8 as the VAE's normalised latent (1, C, T', H', W'), on the device."""
+        """An image (H, W, 3) uint8 as the VAE's normalised latent of one frame (1, C, 1, H', W'), on
+        the device."""
         from soragen.models.vae import uint8_to_frames
         with self.running(self.model.vae):
-            return self.model.vae.encode(uint8_to_frames(frames[None])).to(self.device)
+            return self.model.vae.encode(uint8_to_frames(np.array(image)[None, None])).to(self.device)
 
     def image_channels(self, images: list[np.ndarray], frames: int) -> torch.Tensor:
         """What an image-to-video DiT takes after the noisy latent (Wan's I2V): the mask of the given

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from soragen.core.atomic import atomic_path
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import SoragenError, UsageError
 from soragen.core.options import check_device_name
+from soragen.core.runtime import world_size
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -141,7 +141,7 @@ def _spread(prompts: Optional[Path], parallel: str) -> Spread:
     with one PROMPT, the processes share each step of it (--parallel)."""
     if prompts is None:
         return Spread()
-    if parallel != "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if parallel != "auto" and world_size() > 1:
         raise UsageError(f"--parallel {parallel} shares one video's steps; with --prompts under torchrun each "
                          f"process makes its own share of the videos: drop --parallel")
     return Spread.join()
@@ -286,14 +286,12 @@ def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
     first this process joins the group (gloo on CPUs, nccl on GPUs); `parallel` None: the processes
     make videos of their own (--prompts)."""
     from soragen.pipeline import Pipeline
-    if parallel is None:
-        pass
-    elif parallel not in PARALLEL:
+    if parallel is not None and parallel not in PARALLEL:
         raise UsageError(f"--parallel {parallel!r}: choose {', '.join(PARALLEL)}")
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and parallel != "auto":
+    if world_size() == 1 and parallel != "auto":
         raise UsageError(f"--parallel {parallel} shares each video's steps between processes: start them with "
                          f"torchrun (torchrun --nproc_per_node=N -m soragen generate ... --parallel {parallel})")
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif world_size() > 1:
         if compile:
             raise UsageError("--compile under torchrun: the steps shared between processes run eagerly; drop "
                              "--compile")
@@ -308,7 +306,7 @@ def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
 
 def _share(pipe, parallel: str | None, settings, guidance_2) -> None:
     """Under torchrun with one PROMPT: split each video's steps over the processes as --parallel says."""
-    if parallel is None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if parallel is None or world_size() == 1:
         return
     from soragen.models.sequence_parallel import make_split
     guided = settings.guidance != 1 or (guidance_2 is not None and guidance_2 != 1)
@@ -331,11 +329,11 @@ def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, gui
     seconds of each stage added to `seconds`. Returns the index of what was written: (i, its
     record: prompt, file, seed)."""
     from soragen.io.video import write_video
+    given = dict(eta=eta, guidance_2=guidance_2, image=images[0] if images else None,
+                 last_image=images[1] if images[1:] else None, cache=cache, **dataclasses.asdict(settings))
     if not pipe.main:  # a process sharing the steps with rank 0, which writes
         for i, (text, _) in jobs:
-            pipe.generate(text, *size, eta=eta, seed=seed + i, guidance_2=guidance_2, image=images[0] if images
-                          else None, last_image=images[1] if images[1:] else None, cache=cache,
-                          **dataclasses.asdict(settings))
+            pipe.generate(text, *size, seed=seed + i, **given)
         return []
     console = stderr()
     console.print(f"model {pipe.model.path} on {pipe.device} in {str(pipe.dtype).replace('torch.', '')}, "
@@ -346,9 +344,7 @@ def _make_videos(pipe, jobs, total, settings, size, eta, seed, fps, seconds, gui
     for i, (text, path) in jobs:
         start = time.perf_counter()
         with StageProgress(f"[{i + 1}/{total}] " if total > 1 else "") as bars:
-            video = pipe.generate(text, *size, eta=eta, seed=seed + i, progress=bars, guidance_2=guidance_2,
-                                  image=images[0] if images else None, last_image=images[1] if images[1:] else None,
-                                  cache=cache, **dataclasses.asdict(settings))
+            video = pipe.generate(text, *size, seed=seed + i, progress=bars, **given)
             bars("write", 0, 1)
             result = write_video(path, video, pipe.model.video.fps if fps is None else fps)
             bars("write", 1, 1)

@@ -12,6 +12,8 @@ import datetime
 import os
 from dataclasses import dataclass
 
+from soragen.core.runtime import world_size
+
 # Processes that finished their share wait in the gather for the slowest; round robin keeps that
 # to about one video, and one video of a large model can outlast gloo's default 30 minutes.
 GATHER_TIMEOUT = datetime.timedelta(hours=24)
@@ -30,7 +32,7 @@ class Spread:
     def join(cls) -> "Spread":
         """Under torchrun (WORLD_SIZE set): this process's rank, its GPU (LOCAL_RANK) where there are
         GPUs, and a gloo group for the gather; else one process."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         if world == 1:
             return cls()
         import torch

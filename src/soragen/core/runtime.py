@@ -44,3 +44,8 @@ def quiet_torchao() -> None:
     import logging
     for name in ("torchao", "diffusers.quantizers.torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def world_size() -> int:
+    """How many processes torchrun started (its WORLD_SIZE); 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from soragen.core.weights import assert_finite
+from soragen.core.runtime import world_size
 from soragen.train import fsdp as sharded
 from soragen.train import legacy_state, train_state
 from soragen.train.checkpoints import load_train_state, save_checkpoint
@@ -52,7 +53,7 @@ class Dist:
 def init_distributed(device: str = "auto") -> Dist:
     """Under torchrun (WORLD_SIZE set) join the process group: nccl on GPUs, gloo on CPU."""
     from soragen.pipeline import resolve_device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     use_cuda = resolve_device(device).type == "cuda"
     if world == 1:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))

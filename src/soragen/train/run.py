@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from soragen.core.config import (DiTObjective, LoRAConfig, TextEncoderSpec, Trai
 from soragen.core.errors import UsageError
 from soragen.core.progress import MESSAGE, Progress
 from soragen.core.options import check_multiple, option_error
+from soragen.core.runtime import world_size
 from soragen.diffusion.sampling import is_flow
 from soragen.io.folders import latest_checkpoint
 from soragen.io.model_folder import family, load_model, lora_target, read_manifest
@@ -197,7 +197,7 @@ def run_train(cfg: TrainConfig, objective: DiTObjective, *, out: Path, preset: s
     from soragen.models.text import TextEncoder
 
     lora = lora or LoRAConfig()
-    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if fsdp and world_size() < 2:
         raise UsageError("--fsdp shards the model across processes: start them with torchrun "
                          "(torchrun --nproc_per_node=N -m soragen train ... --fsdp)")
     check_first_frame(init, objective.first_frame)
