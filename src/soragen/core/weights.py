@@ -175,7 +175,7 @@ def _entries(file: Path) -> tuple[int, list[tuple[str, dict]]]:
     return start, entries
 
 
-def _finite(t: torch.Tensor) -> bool:
+def finite(t: torch.Tensor) -> bool:
     """No NaN or infinity in t. A NaN or infinity makes the sum one too, and summing is several
     times faster than torch.isfinite, so only a weight whose sum is not finite (or overflows) is
     looked at element by element, a slice at a time: a mask of a whole weight per weight would
@@ -240,7 +240,7 @@ def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Ma
                             made[rule.key] = torch.empty(target.shape, dtype=target.dtype)
                         region = made[rule.key][part]
                         _read_into(f, start, entry, region)
-                    if region.is_floating_point() and not _finite(region):
+                    if region.is_floating_point() and not finite(region):
                         raise SoragenError(f"{what} weight {name} in {file} holds NaN or infinite values")
                     if part is None and all(s in pending for s in rule.sources):
                         made[rule.key] = mapping.tensor_of(rule, [pending.pop(s) for s in rule.sources])
@@ -254,8 +254,13 @@ def load_into(module: torch.nn.Module, files: list[Path], what: str, mapping: Ma
 
 
 def assert_finite(module: torch.nn.Module, what: str) -> None:
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    check_finite(module.state_dict(), what)
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """SoragenError naming the first floating-point tensor of `state` that holds NaN or infinity."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not finite(tensor):
             raise SoragenError(f"refusing to save {what}: weight {name} holds NaN or infinite values")
 
 
@@ -269,9 +274,7 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path, what: str, dtype: t
     """save_module's file from tensors by name."""
     from safetensors.torch import save_file
 
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not _finite(tensor):
-            raise SoragenError(f"refusing to save {what}: weight {name} holds NaN or infinite values")
+    check_finite(state, what)
     state = {k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
              for k, v in state.items()}
     with atomic_path(path) as tmp:

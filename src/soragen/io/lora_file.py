@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from soragen.core.errors import SoragenError, UsageError
+from soragen.core.weights import finite
 from soragen.models.lora import ADAPTER, lora_layers
 
 FILE = "lora.safetensors"
@@ -236,7 +237,7 @@ def _place(targets: dict, weights: dict, name: str, what: str, depth: int, key: 
 
 
 def _finite(delta: torch.Tensor, name: str, what: str) -> torch.Tensor:
-    if not torch.isfinite(delta).all():
+    if not finite(delta):
         raise SoragenError(f"{what}: {name} holds NaN or infinite values")
     return delta
 

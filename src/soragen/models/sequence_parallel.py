@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 
-
 @dataclass
 class Split:
     """How a step is split: `cfg` groups of processes (1, or 2: conditional and unconditional), each

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from soragen.core.errors import SoragenError
+from soragen.core.weights import finite
 from soragen.train.train_state import whole
 
 FILES = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json"]
@@ -70,5 +71,5 @@ def load(state_dir: Path, raw: torch.nn.Module, ema: torch.nn.Module, optimizer,
 
 def _finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not finite(tensor):
             raise ValueError(f"{name} in {file} holds NaN or infinity")

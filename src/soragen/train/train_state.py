@@ -102,6 +102,7 @@ def load(folder: Path, tensors: dict, alone: bool) -> str | None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    from soragen.core.weights import finite
     wanted = flat(tensors)
     stored = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
     missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
@@ -118,7 +119,7 @@ def load(folder: Path, tensors: dict, alone: bool) -> str | None:
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=alone)
     for name, tensor in flat(tensors).items():
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        if local.is_floating_point() and not torch.isfinite(local).all():
+        if local.is_floating_point() and not finite(local):
             return name
     return None
 
