@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,60 @@ def outdir(tmp_path):
 def cli(*args) -> int:
     from soragen.cli import run
     return run([str(a) for a in args])
+
+
+# ---- process groups: real torchrun, real gloo ----------------------------------------------------
+
+def free_port() -> int:
+    """A port no other test run holds now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, *args, module: bool = True) -> list[str]:
+    """torchrun on `nproc` processes of `soragen *args` (or, without `module`, of a script and its args)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *(["-m", "soragen"] if module else []), *[str(a) for a in args]]
+
+
+def torchrun(nproc: int, *args, module: bool = True, check: bool = True, timeout: float = 400):
+    """Run `soragen *args` under torchrun, one thread per process; with `check`, it must succeed."""
+    result = subprocess.run(torchrun_command(nproc, *args, module=module), capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# One process group running soragen commands in turn, as that many torchrun launches would (each command
+# joins the group the first one made); rank 0 marks where each command's output ends.
+RUNS = """
+import json, os, sys
+import torch.distributed as dist
+from soragen.cli import run
+for i, args in enumerate(json.loads(sys.argv[1])):
+    code = run(args)
+    if os.environ["RANK"] == "0":
+        print(f"\\n{MARK}{i} exit {code}", flush=True)
+    if code:
+        sys.exit(code)  # torchrun stops the other processes
+    if dist.is_initialized():
+        dist.barrier()  # every process done with this command before the next one starts
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+MARK = "=== end of command "
+
+
+def torchrun_each(nproc: int, *commands: list, check: bool = True, tmp_path: Path):
+    """`soragen` commands run in turn by one torchrun group (saving the launches in between):
+    returns the CompletedProcess and rank 0's output of each command that ran."""
+    script = tmp_path / "soragen_commands.py"
+    script.write_text(f"MARK = {MARK!r}\n" + RUNS)
+    result = torchrun(nproc, script, json.dumps([[str(a) for a in c] for c in commands]), module=False,
+                      check=check, timeout=400 * len(commands))
+    return result, result.stdout.split(MARK)[:-1]
 
 
 def descendants(pid: int) -> list[int]:

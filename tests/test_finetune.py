@@ -6,16 +6,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import STATE_FILE, assert_one_line_error, cli, make_tiny_model
+from conftest import STATE_FILE, assert_one_line_error, cli, make_tiny_model, torchrun, torchrun_each
 from soragen.models import lora as lora_io
 from soragen.core.config import LoRAConfig
 from soragen.io.folders import latest_checkpoint
@@ -291,16 +288,6 @@ def test_the_dry_run_plan_is_within_a_quarter_of_what_a_training_step_allocates(
     assert 0.75 <= plan.total / measured <= 1.25, (plan.total, measured, plan.bytes)
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
-    from test_train_split import free_port  # not a fixed port: other test runs may hold it
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "soragen", *[str(a) for a in args]]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.slow
 def test_fsdp_over_two_gloo_processes_matches_ddp_resumes_bit_for_bit_and_survives_a_cut_save(wan, clips, tmp_path):
     cache = tmp_path / "cache"
@@ -309,23 +296,24 @@ def test_fsdp_over_two_gloo_processes_matches_ddp_resumes_bit_for_bit_and_surviv
     # would gather bf16 weights where DDP keeps float32 ones, so the two would differ by more than rounding);
     # at --lr 1e-2 AdamW blows the two reductions' rounding up to more than 1e-5 within four steps
     one_each = ["--batch-size", 1, "--mixed-precision", "no", "--lr", "1e-3"]
-    result = torchrun(*train_args(clips, sharded, wan, cache, 4, *one_each, "--fsdp"))
-    assert result.stdout.count("trained to step 4") == 1
+    # one process group, in turn: FSDP, DDP, and FSDP stopped at step 2
+    _, outputs = torchrun_each(2, train_args(clips, sharded, wan, cache, 4, *one_each, "--fsdp"),
+                               train_args(clips, ddp, wan, cache, 4, *one_each),
+                               train_args(clips, resumed, wan, cache, 2, *one_each, "--fsdp"), tmp_path=tmp_path)
+    assert outputs[0].count("trained to step 4") == 1
     state = json.loads((sharded / "checkpoint-4" / "train_state" / "state.json").read_text())
     assert state["sharded"] == 2 and len(list((sharded / "checkpoint-4" / "train_state" / "dcp").glob("*.safetensors"))) == 2
-    torchrun(*train_args(clips, ddp, wan, cache, 4, *one_each))
     a, b = load_file(sharded / "checkpoint-4" / "dit" / "model.safetensors"), load_file(ddp / "checkpoint-4" / "dit" / "model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max() for k in a) <= 1e-5  # rank 0's full model folder
     assert [json.loads(x)["loss"] for x in (sharded / "metrics.jsonl").read_text().splitlines()] == \
         pytest.approx([json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()], rel=1e-5)
     # stopped at 2 and resumed to 4: the straight run's weights, bit for bit
-    torchrun(*train_args(clips, resumed, wan, cache, 2, *one_each, "--fsdp"))
     # a save cut short by SIGKILL leaves its temporary (rank 0's name) and no checkpoint-4
     cut = resumed / ".checkpoint-4.tmp-999999999"
     (cut / "train_state" / "dcp").mkdir(parents=True)
     (cut / "train_state" / "dcp" / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"\0" * 64)
     assert latest_checkpoint(resumed).name == "checkpoint-2"
-    torchrun(*train_args(clips, resumed, wan, cache, 4, *one_each, "--fsdp", "--resume"))
+    torchrun(2, *train_args(clips, resumed, wan, cache, 4, *one_each, "--fsdp", "--resume"))
     assert not cut.exists()  # swept by the next save
     for name in ("dit/model.safetensors",):
         a, b = load_file(sharded / "checkpoint-4" / name), load_file(resumed / "checkpoint-4" / name)

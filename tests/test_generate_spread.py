@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli, descendants
+from conftest import cli, descendants, free_port
 from soragen.io.video import read_video
-from test_train_split import free_port
 
 PROMPTS = ["a red ball moving right", "a blue square moving left", "a green circle", "a yellow star",
            "a red square moving up"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, free_port
 from soragen.io.video import read_video
 
 pytestmark = pytest.mark.slow
@@ -48,12 +47,6 @@ def chromium() -> str:
         except ImportError:
             _needed(f"{module} is not installed (pip install -e '.[test]')")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving(folder: Path, *options):
@@ -244,7 +237,15 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def test_twenty_requests_from_four_clients_all_finish_in_order(server, tmp_path):
+@pytest.fixture
+def client_temp(tmp_path, monkeypatch):
+    """Gradio's client leaves an empty folder in the temporary directory for each file it downloads: in
+    the test's, not in /tmp."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def test_twenty_requests_from_four_clients_all_finish_in_order(server, tmp_path, client_temp):
     """Each request is submitted once the one before it is in the queue, so the queue's order is known;
     the server must finish all 20, one at a time, in that order, with memory flat after the first."""
     from gradio_client import Client
@@ -315,7 +316,8 @@ def test_auth_keeps_out_whoever_lacks_the_password(ti2v_server):
         assert answer.status == 200
 
 
-def test_an_upload_makes_a_video_and_a_request_naming_a_server_file_is_refused(ti2v_server, tmp_path):
+def test_an_upload_makes_a_video_and_a_request_naming_a_server_file_is_refused(ti2v_server, tmp_path,
+                                                                             client_temp):
     import json
 
     import numpy as np

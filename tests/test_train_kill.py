@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,23 +16,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import descendants
+from conftest import descendants, torchrun_command, torchrun_each
 from soragen.io.folders import latest_checkpoint
 
 import test_train
 from test_train import train_args
 
 clips, model_for_vae = test_train.clips, test_train.model_for_vae  # its fixtures, here too
-from test_train_split import free_port, torchrun, trained
+from test_train_split import trained
 
 STAGING = re.compile(r"^\.checkpoint-(\d+)\.tmp-(\d+)$")
 
 
 def start(*args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "soragen", *[str(a) for a in args]]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(torchrun_command(2, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def kill_group(proc: subprocess.Popen) -> list[int]:
@@ -102,15 +99,16 @@ def test_a_torchrun_group_killed_in_a_sharded_save_resumes_from_the_checkpoint_b
     assert latest_checkpoint(out).name == f"checkpoint-{step - 1}"  # the previous checkpoint is the latest
     # --resume goes on from it: the run's log back to its step, then the steps again, to a run's weights
     # that never stopped
-    torchrun(2, *train_args(clips, out, model_for_vae, cache, step + 1, *flags, "--resume"))
+    # and, in the same process group, a run that never stopped
+    straight = tmp_path / "straight"
+    torchrun_each(2, train_args(clips, out, model_for_vae, cache, step + 1, *flags, "--resume"),
+                  train_args(clips, straight, model_for_vae, cache, step + 1, *flags), tmp_path=tmp_path)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 2))
     state = json.loads((out / f"checkpoint-{step + 1}" / "train_state" / "state.json").read_text())
     assert state["step"] == step + 1
     if gone(int(STAGING.match(cut.name).group(2))):  # a dead writer's temporary is swept by the next save
         assert not cut.exists()
-    straight = tmp_path / "straight"
-    torchrun(2, *train_args(clips, straight, model_for_vae, cache, step + 1, *flags))
     a, b = trained(straight / f"checkpoint-{step + 1}"), trained(out / f"checkpoint-{step + 1}")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     name = f"checkpoint-{step + 1}/dit/model.safetensors"

@@ -6,10 +6,6 @@ run resumes on another process count. The torchrun runs are real gloo process gr
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -17,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import torchrun, torchrun_each
 from soragen.cli import run
 from soragen.core.config import DiTObjective, LoRAConfig, TextEncoderSpec, VAEObjective, VideoDefaults, dit_preset
 from soragen.diffusion.draws import ClipDraws
@@ -25,21 +22,6 @@ import test_train
 from test_train import train_args
 
 clips, model_for_vae = test_train.clips, test_train.model_for_vae  # its fixtures, here too
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "soragen", *[str(a) for a in args]]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def dit_task(object_weight: float = 0.0, prediction: str = "v_prediction"):
@@ -160,11 +142,19 @@ def test_one_by_four_two_by_two_four_by_one_ddp_fsdp_and_accumulation_train_the_
         line[line.index("--batch-size") + 1] = str(batch)
         return line
     assert run(args("one", 4, 4)) == 0  # 1 x 4: checkpoint-2 and checkpoint-4
-    torchrun(2, *args("ddp", 2, 2))
-    torchrun(2, *args("fsdp", 2, 2, "--fsdp"))
     assert run(args("accum", 2, 2, "--grad-accum", "2")) == 0
+    # one process group, in turn: 2 x 2 with DDP and with FSDP, 2 x 1 x 2 accumulation steps with FSDP, and
+    # a DDP run with the default mixed precision
+    result, outputs = torchrun_each(2, args("ddp", 2, 2), args("fsdp", 2, 2, "--fsdp"),
+                                    args("fsdp-accum", 2, 1, "--fsdp", "--grad-accum", "2"),
+                                    train_args(clips, tmp_path / "amp", model_for_vae, cache, 2), tmp_path=tmp_path)
+    for name in ("ddp", "amp"):  # only rank 0 reports and writes
+        assert (tmp_path / name / "checkpoint-2" / "soragen.json").is_file()
+        state = json.loads((tmp_path / name / "checkpoint-2" / "train_state" / "state.json").read_text())
+        assert state["step"] == 2
+    assert outputs[0].count("trained to step 2") == outputs[3].count("trained to step 2") == 1
+    assert result.stdout.count("trained to step 2") == 4
     torchrun(4, *args("four", 2, 1))  # 4 x 1
-    torchrun(2, *args("fsdp-accum", 2, 1, "--fsdp", "--grad-accum", "2"))  # 2 x 1 x 2 accumulation steps
     reference = trained(tmp_path / "one" / "checkpoint-2")
     model = load_file(tmp_path / "one" / "checkpoint-2" / "dit" / "model.safetensors")
     assert furthest(reference, trained(tmp_path / "one" / "checkpoint-4")) > 1e-3  # training moves the weights
@@ -184,7 +174,15 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_and_back(clips, model_for
         line[line.index("--batch-size") + 1] = str(batch)
         return line
     assert run(args("straight", 4, 4)) == 0
-    torchrun(2, *args("moved", 2, 2))
+    assert run(args("back", 2, 4)) == 0  # to be resumed on two processes
+    assert run(args("three", 2, 3)) == 0  # a global batch of 3, to be resumed on two processes
+    # on two processes, in turn: a run stopped at 2; the straight run's checkpoint-2 resumed by DDP to 4;
+    # and a global batch that does not split over the processes: one line, before anything trains
+    result, _ = torchrun_each(2, args("moved", 2, 2), args("back", 4, 4, "--resume"), args("three", 4, 3, "--resume"),
+                              check=False, tmp_path=tmp_path)
+    assert result.returncode != 0  # the third command's error (the first two succeeded, or it would not have run)
+    assert "global batch of 3 clips (1 processes x --batch-size 3 x --grad-accum 1) does not split into 2" in \
+        result.stderr
     capfd.readouterr()
     assert run(args("moved", 4, 2, "--resume")) == 0  # on one process: 2 micro-batches of 2
     assert "its global batch of 4 clips as --batch-size 2 x --grad-accum 2" in capfd.readouterr().err
@@ -193,18 +191,6 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_and_back(clips, model_for
     straight = trained(tmp_path / "straight" / "checkpoint-4")
     assert furthest(straight, trained(tmp_path / "moved" / "checkpoint-4")) <= 1e-5
     assert losses(tmp_path / "moved") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
-    # and from one process onto two: the straight run's checkpoint-2, resumed by DDP to 4
-    assert run(args("back", 2, 4)) == 0
-    torchrun(2, *args("back", 4, 4, "--resume"))
     assert furthest(straight, trained(tmp_path / "back" / "checkpoint-4")) <= 1e-5
-    # a global batch that does not split over the processes: one line, before anything trains
-    assert run(args("three", 2, 3)) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", "-m", "soragen", *args("three", 4, 3, "--resume")],
-                            capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode != 0
-    assert "global batch of 3 clips (1 processes x --batch-size 3 x --grad-accum 1) does not split into 2" in \
-        result.stderr
     assert np.array_equal(sorted(p.name for p in (tmp_path / "three").glob("checkpoint-*")), ["checkpoint-2"])
 
