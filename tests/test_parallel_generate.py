@@ -5,41 +5,18 @@ file written, by rank 0."""
 
 from __future__ import annotations
 
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import shared_steps
 from conftest import assert_one_line_error, cli, torchrun
 from soragen.tools.tiny_wan import tiny_pipeline
 
 PROMPT, NEGATIVE = "a red ball moving right in the blue sky", "green box"
-
-# Run under torchrun: the latent of one video with the steps shared as --parallel MODE says (for each
-# MODE@GUIDANCE in turn), saved by rank 0.
-SCRIPT = textwrap.dedent('''
-    import sys, torch, torch.distributed as dist
-    from safetensors.torch import save_file
-    from soragen.models.sequence_parallel import make_split
-    from soragen.pipeline import Pipeline
-    model, runs, frames, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    dist.init_process_group("gloo")  # one process too: the reference runs the same code
-    pipe = Pipeline.load(model, device="cpu", dtype="float32")
-    for run in runs.split(","):
-        mode, guidance = run.split("@")
-        settings = pipe.sampling(steps=3, guidance=float(guidance), negative_prompt="green box")
-        split = make_split(mode, pipe.model.dit.config.num_heads, float(guidance) != 1)
-        pipe.parallelise(split)
-        latent = pipe.sample_latent("a red ball moving right in the blue sky", frames, 32, 48, settings, seed=7)
-        if dist.get_rank() == 0:
-            save_file({"latent": latent.contiguous(), "how": torch.tensor([ord(c) for c in split.how])},
-                      out.replace("RUN", run))
-    dist.barrier()  # every process done with the group before any leaves it
-    dist.destroy_process_group()
-''')
-
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
@@ -51,19 +28,24 @@ def wan(tmp_path_factory):
 def shared_latents(folder, model, runs: list[str], processes: int, frames: int = 9) -> dict:
     """{"MODE@GUIDANCE": (latent, the way the tokens were split)} of one torchrun group running each in turn."""
     from safetensors.torch import load_file
-    script = folder / "shared.py"
-    script.write_text(SCRIPT)
     out = folder / f"latent-RUN-{processes}.safetensors"
-    torchrun(processes, script, model, ",".join(runs), frames, out, module=False, timeout=600)
+    torchrun(processes, Path(__file__).parent / "shared_steps.py", model, ",".join(runs), frames, out, module=False,
+             timeout=600)
     stored = {run: load_file(str(out).replace("RUN", run)) for run in runs}
     return {run: (t["latent"], "".join(chr(c) for c in t["how"].tolist())) for run, t in stored.items()}
 
 
 @pytest.fixture(scope="module")
-def alone(wan, tmp_path_factory):
-    """The references: each guidance's latent on one process under torchrun too, with the same one
-    thread (the thread count alone moves float32 sums by about 1e-6)."""
-    return shared_latents(tmp_path_factory.mktemp("alone"), wan, ["auto@4.0", "auto@1.0"], 1)
+def alone(wan, one_thread, tmp_path_factory):
+    """The references: each guidance's latent on one process, in a gloo group of one here, with one
+    thread as under torchrun (the thread count alone moves float32 sums by about 1e-6)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('group')}/store", rank=0,
+                            world_size=1)
+    try:
+        return shared_steps.latents(wan, ["auto@4.0", "auto@1.0"], 9)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow

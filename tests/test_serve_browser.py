@@ -49,48 +49,70 @@ def chromium() -> str:
     return path
 
 
-def serving(folder: Path, *options):
-    """`soragen serve *options` on a free port, its output and Gradio's copies in `folder`:
-    yields (url, output folder, the process)."""
+class Serving:
+    """`soragen serve *options` on a free port, its output and Gradio's copies in `folder`, started
+    now; `ready()` waits for its page and gives (url, output folder, the process)."""
+
+    def __init__(self, folder: Path, *options):
+        self.out, port = folder / "out", free_port()
+        self.log = open(folder / "server.log", "w+")
+        env = {**os.environ, "COLUMNS": "200", "GRADIO_TEMP_DIR": str(folder / "gradio")}  # its copies: ours to drop
+        self.process = subprocess.Popen([sys.executable, "-m", "soragen", "serve", "--port", str(port), "--out",
+                                         str(self.out), *map(str, options)], stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=env)
+        self.url, self.deadline = f"http://127.0.0.1:{port}/", time.monotonic() + STARTUP_SECONDS
+
+    def ready(self):
+        while True:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                pytest.fail(f"soragen serve exited with {self.process.returncode}: {self.log.read()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as answer:
+                    if answer.status == 200:
+                        return self.url, self.out, self.process
+            except OSError:
+                pass
+            if time.monotonic() > self.deadline:
+                self.process.kill()
+                pytest.fail(f"soragen serve did not answer within {STARTUP_SECONDS}s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+USER, PASSWORD = "alice", "s3cret:with:colons"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Both servers of this module, started together (a start is mostly one core's imports): the
+    default model; and a tiny random model of Wan 2.2 TI2V-5B's architecture, which takes an image,
+    behind a password."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         _needed("gradio is not installed (pip install -e '.[test]')")
-    out = folder / "out"
-    port = free_port()
-    log = open(folder / "server.log", "w+")
-    env = {**os.environ, "COLUMNS": "200", "GRADIO_TEMP_DIR": str(folder / "gradio")}  # its copies: ours to drop
-    process = subprocess.Popen([sys.executable, "-m", "soragen", "serve", "--port", str(port), "--out", str(out),
-                                *map(str, options)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"soragen serve exited with {process.returncode}: {log.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"soragen serve did not answer within {STARTUP_SECONDS}s")
-        time.sleep(0.5)
-    yield url, out, process
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    from soragen.tools.tiny_wan import tiny_pipeline
+    ti2v = tmp_path_factory.mktemp("ti2v")
+    tiny_pipeline(ti2v=True).save_pretrained(ti2v / "model")
+    started = {"default": Serving(tmp_path_factory.mktemp("serve")),
+               "ti2v": Serving(ti2v, "--model", ti2v / "model", "--auth", f"{USER}:{PASSWORD}")}
+    yield started
+    for serving in started.values():
+        serving.stop()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(servers):
     """The default model."""
-    yield from serving(tmp_path_factory.mktemp("serve"))
+    return servers["default"].ready()
 
 
 @pytest.fixture(scope="module")
@@ -282,15 +304,8 @@ def test_twenty_requests_from_four_clients_all_finish_in_order(server, tmp_path,
 # ---- a model that starts from an image: uploads, and requests that name a path ------------------
 
 @pytest.fixture(scope="module")
-def ti2v_server(tmp_path_factory):
-    """A tiny random model of Wan 2.2 TI2V-5B's architecture, which takes an image."""
-    from soragen.tools.tiny_wan import tiny_pipeline
-    folder = tmp_path_factory.mktemp("ti2v")
-    tiny_pipeline(ti2v=True).save_pretrained(folder / "model")
-    yield from serving(folder, "--model", folder / "model", "--auth", f"{USER}:{PASSWORD}")
-
-
-USER, PASSWORD = "alice", "s3cret:with:colons"
+def ti2v_server(servers):
+    return servers["ti2v"].ready()
 
 
 def logged_in(url: str, password: str = PASSWORD):

@@ -41,6 +41,15 @@ def train_args(clips, out, vae_model, cache, steps, *extra):
 SAMPLES = Path(__file__).parent / "data" / "one_prompt.txt"
 
 
+@pytest.fixture(scope="module")
+def filled_cache(clips, model_for_vae, tmp_path_factory):
+    """A latent cache holding the clips' latents and captions, for runs whose subject is not the cache:
+    a new process then starts training without encoding (or importing what encoding needs)."""
+    folder = tmp_path_factory.mktemp("filled")
+    assert run(train_args(clips, folder / "run", model_for_vae, folder / "cache", 1)) == 0
+    return folder / "cache"
+
+
 @pytest.mark.slow
 def test_train_writes_checkpoints_that_generate(clips, model_for_vae, tmp_path, capsys):
     out = tmp_path / "run"
@@ -142,10 +151,10 @@ def test_a_folder_of_only_broken_files_fails_clearly(model_for_vae, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_for_vae, tmp_path):
+def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_for_vae, filled_cache, tmp_path):
     """SIGKILL a real run while it trains and saves every step, then resume it."""
     out = tmp_path / "run"
-    args = train_args(clips, out, model_for_vae, tmp_path / "cache", 400, "--save-every", "1", "--keep-last", "2")
+    args = train_args(clips, out, model_for_vae, filled_cache, 400, "--save-every", "1", "--keep-last", "2")
     proc = subprocess.Popen([sys.executable, "-m", "soragen", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -158,7 +167,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(clips, model_
     assert latest is not None
     load_model(latest)  # loadable
     step = int(latest.name.split("-")[1])
-    assert run(train_args(clips, out, model_for_vae, tmp_path / "cache", step + 1, "--resume")) == 0
+    assert run(train_args(clips, out, model_for_vae, filled_cache, step + 1, "--resume")) == 0
     assert latest_checkpoint(out).name == f"checkpoint-{step + 1}"
 
 

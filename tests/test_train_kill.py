@@ -22,7 +22,7 @@ from soragen.io.folders import latest_checkpoint
 import test_train
 from test_train import train_args
 
-clips, model_for_vae = test_train.clips, test_train.model_for_vae  # its fixtures, here too
+clips, model_for_vae, filled_cache = test_train.clips, test_train.model_for_vae, test_train.filled_cache  # its fixtures
 from test_train_split import trained
 
 STAGING = re.compile(r"^\.checkpoint-(\d+)\.tmp-(\d+)$")
@@ -80,8 +80,9 @@ def gone(pid: int, timeout: float = 10, zombies: bool = False) -> bool:
 
 
 @pytest.mark.slow
-def test_a_torchrun_group_killed_in_a_sharded_save_resumes_from_the_checkpoint_before(clips, model_for_vae, tmp_path):
-    cache = tmp_path / "cache"
+def test_a_torchrun_group_killed_in_a_sharded_save_resumes_from_the_checkpoint_before(clips, model_for_vae, filled_cache,
+                                                                                     tmp_path):
+    cache = filled_cache
     flags = ["--fsdp", "--mixed-precision", "no", "--batch-size", "1", "--save-every", "1", "--keep-last", "2"]
     for attempt in range(5):  # until the kill lands inside a save (it did not if the save finished first)
         out = tmp_path / f"run{attempt}"

@@ -129,11 +129,20 @@ def generate(
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images, step_cache = _check_images(image, last_image, model), _step_cache(cache, model)
     loras, recommended, sources = _recommended(_parse_loras(lora), given)
+    _check_cfg_split(parallel, guidance, guidance_2)
     spread = _spread(prompts, parallel)  # under torchrun with --prompts: this process's share of the videos
     index, seconds, main = _make_share(spread, jobs, (model, device, dtype, compile, offload, loras, parallel),
                                        (given, recommended, sources, negative_prompt), (frames, height, width), eta,
                                        seed, fps, guidance_2, images, step_cache)
     _finish(spread.gather(index), spread.main and main, out if prompts is not None else None, timings, seconds)
+
+
+def _check_cfg_split(parallel: str, guidance: Optional[float], guidance_2: Optional[float]) -> None:
+    """--parallel cfg with --guidance 1 given under torchrun: refused before a model loads for nothing
+    (a model's own guidance is known once it has loaded: soragen.models.sequence_parallel.make_split)."""
+    if parallel == "cfg" and guidance == 1 and guidance_2 in (None, 1) and world_size() > 1:
+        from soragen.models.sequence_parallel import CFG_WITHOUT_GUIDANCE
+        raise UsageError(CFG_WITHOUT_GUIDANCE)
 
 
 def _spread(prompts: Optional[Path], parallel: str) -> Spread:

@@ -153,6 +153,10 @@ class CfgSplit:
         return torch.cat(parts)
 
 
+CFG_WITHOUT_GUIDANCE = ("--parallel cfg puts guidance's two passes on two groups of processes; with --guidance 1 "
+                        "there is one pass: use --parallel ulysses, ring or auto")
+
+
 def make_split(mode: str, heads: int, guided: bool) -> Split:
     """The split of `--parallel MODE` over this process group (every process calls it, in step):
     auto is cfg's two halves where guidance is on and the process count is even, then the tokens
@@ -160,8 +164,7 @@ def make_split(mode: str, heads: int, guided: bool) -> Split:
     from soragen.core.errors import UsageError
     world, rank = dist.get_world_size(), dist.get_rank()
     if mode == "cfg" and not guided:
-        raise UsageError("--parallel cfg puts guidance's two passes on two groups of processes; with --guidance 1 "
-                         "there is one pass: use --parallel ulysses, ring or auto")
+        raise UsageError(CFG_WITHOUT_GUIDANCE)
     if mode == "cfg" and world % 2:
         raise UsageError(f"--parallel cfg needs an even number of processes, got {world}")
     cfg = 2 if mode == "cfg" or (mode == "auto" and guided and world % 2 == 0) else 1
