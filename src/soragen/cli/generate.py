@@ -129,8 +129,7 @@ def generate(
     _check_choices(device=device, dtype=dtype, eta=eta, negative_prompt=negative_prompt, guidance_2=guidance_2)
     images, step_cache = _check_images(image, last_image, model), _step_cache(cache, model)
     loras, recommended, sources = _recommended(_parse_loras(lora), given)
-    _check_cfg_split(parallel, guidance, guidance_2)
-    spread = _spread(prompts, parallel)  # under torchrun with --prompts: this process's share of the videos
+    spread = _spread(prompts, parallel, guidance, guidance_2)  # under torchrun with --prompts: this process's share
     index, seconds, main = _make_share(spread, jobs, (model, device, dtype, compile, offload, loras, parallel),
                                        (given, recommended, sources, negative_prompt), (frames, height, width), eta,
                                        seed, fps, guidance_2, images, step_cache)
@@ -145,9 +144,10 @@ def _check_cfg_split(parallel: str, guidance: Optional[float], guidance_2: Optio
         raise UsageError(CFG_WITHOUT_GUIDANCE)
 
 
-def _spread(prompts: Optional[Path], parallel: str) -> Spread:
+def _spread(prompts: Optional[Path], parallel: str, guidance: Optional[float], guidance_2: Optional[float]) -> Spread:
     """With --prompts under torchrun, each process makes its share of the videos (soragen.cli.spread);
     with one PROMPT, the processes share each step of it (--parallel)."""
+    _check_cfg_split(parallel, guidance, guidance_2)
     if prompts is None:
         return Spread()
     if parallel != "auto" and world_size() > 1:
