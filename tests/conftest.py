@@ -39,6 +39,9 @@ def make_tiny_model(folder, seed: int = 0, perturb: float = 0.0, dit_dtype=None,
                       dit_dtype=dit_dtype)
 
 
+SAMPLES = Path(__file__).parent / "data" / "one_prompt.txt"  # --samples of a short training run: one prompt
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", perturb=0.02)

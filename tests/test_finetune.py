@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import STATE_FILE, assert_one_line_error, cli, make_tiny_model, torchrun, torchrun_each
+from conftest import SAMPLES, STATE_FILE, assert_one_line_error, cli, make_tiny_model, torchrun, torchrun_each
 from soragen.models import lora as lora_io
 from soragen.core.config import LoRAConfig
 from soragen.io.folders import latest_checkpoint
@@ -43,9 +43,10 @@ def clips(tmp_path_factory):
 
 
 def train_args(clips, out, init, cache, steps, *extra):
+    """A short run; its end samples one prompt (the default is the shapes world's four)."""
     return ["train", "--init", init, "--data", clips, "--out", out, "--frames", 9, "--height", 32, "--width", 32,
             "--batch-size", 2, "--max-steps", steps, "--save-every", 2, "--warmup", 1, "--lr", "1e-2",
-            "--cache-dir", cache, *extra]
+            "--cache-dir", cache, "--samples", SAMPLES, *extra]
 
 
 def inputs(seed=1, batch=2):

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from soragen.cli import run
 from soragen.io.folders import latest_checkpoint
 from soragen.io.model_folder import load_model
 
-from conftest import STATE_FILE, as_written_before_dcp, make_tiny_model
+from conftest import SAMPLES, STATE_FILE, as_written_before_dcp, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +35,6 @@ def train_args(clips, out, vae_model, cache, steps, *extra):
     return ["train", "--data", str(clips), "--out", str(out), "--vae", str(vae_model), "--preset", "test",
             "--frames", "9", "--height", "32", "--width", "32", "--batch-size", "2", "--max-steps", str(steps),
             "--save-every", "2", "--warmup", "2", "--cache-dir", str(cache), "--samples", str(SAMPLES), *extra]
-
-
-SAMPLES = Path(__file__).parent / "data" / "one_prompt.txt"
 
 
 @pytest.fixture(scope="module")

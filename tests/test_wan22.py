@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli
+from conftest import SAMPLES, cli
 from soragen.tools.tiny_wan import tiny_pipeline
 
 PROMPT, NEGATIVE = "a red ball moving right in the blue sky", "green box"
@@ -268,7 +268,7 @@ def test_train_first_frame_runs_on_ti2v_and_is_refused_where_it_means_nothing(ti
     from soragen.tools.shapes import make_dataset
     make_dataset(tmp_path / "clips", n=2, seed=0, frames=9, size=32)
     args = ["--data", tmp_path / "clips", "--frames", 5, "--height", 32, "--width", 32, "--max-steps", 2,
-            "--batch-size", 2, "--lora-rank", 4, "--cache-dir", tmp_path / "cache"]
+            "--batch-size", 2, "--lora-rank", 4, "--cache-dir", tmp_path / "cache", "--samples", SAMPLES]
     assert cli("train", "--init", ti2v_folder[0], "--out", tmp_path / "run", "--first-frame", 1, *args) == 0
     assert (tmp_path / "run" / "checkpoint-2" / "lora.safetensors").is_file()
     capfd.readouterr()

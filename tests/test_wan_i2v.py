@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, cli, listing
+from conftest import SAMPLES, assert_one_line_error, cli, listing
 from soragen.tools.tiny_wan import tiny_pipeline
 
 PROMPT, NEGATIVE = "a red ball moving right in the blue sky", "green box"
@@ -149,7 +149,7 @@ def test_an_image_to_video_config_maps_every_tensor():
 def train_args(clips, out, init, cache, steps, *extra):
     return ["train", "--init", init, "--data", clips, "--out", out, "--frames", 5, "--height", 32, "--width", 48,
             "--batch-size", 2, "--max-steps", steps, "--save-every", 2, "--warmup", 1, "--lr", "1e-2",
-            "--cache-dir", cache, "--lora-rank", 4, *extra]
+            "--cache-dir", cache, "--lora-rank", 4, "--samples", SAMPLES, *extra]
 
 
 @pytest.fixture(scope="module")
