@@ -111,14 +111,19 @@ def torchrun(nproc: int, *args, module: bool = True, check: bool = True, timeout
 
 
 # One process group running soragen commands in turn, as that many torchrun launches would (each command
-# joins the group the first one made); rank 0 marks where each command's output ends.
+# joins the group the first one made); rank 0 marks where each command's output ends. A command given as a
+# string is the test's own Python, run by rank 0 between two commands (planting a file, checking one).
 RUNS = """
 import json, os, sys
 import torch.distributed as dist
 from soragen.cli import run
-for i, args in enumerate(json.loads(sys.argv[1])):
-    code = run(args)
-    if os.environ["RANK"] == "0":
+for i, command in enumerate(json.loads(sys.argv[1])):
+    main = os.environ["RANK"] == "0"
+    if isinstance(command, str):
+        code = exec(command, {}) if main else None
+    else:
+        code = run(command)
+    if main:
         print(f"\\n{MARK}{i} exit {code}", flush=True)
     if code:
         sys.exit(code)  # torchrun stops the other processes
@@ -130,13 +135,14 @@ if dist.is_initialized():
 MARK = "=== end of command "
 
 
-def torchrun_each(nproc: int, *commands: list, check: bool = True, tmp_path: Path):
-    """`soragen` commands run in turn by one torchrun group (saving the launches in between):
-    returns the CompletedProcess and rank 0's output of each command that ran."""
+def torchrun_each(nproc: int, *commands, check: bool = True, tmp_path: Path):
+    """`soragen` commands (argument lists; or Python source for rank 0, a string) run in turn by one
+    torchrun group, saving the launches in between: returns the CompletedProcess and rank 0's output of
+    each command that ran."""
     script = tmp_path / "soragen_commands.py"
     script.write_text(f"MARK = {MARK!r}\n" + RUNS)
-    result = torchrun(nproc, script, json.dumps([[str(a) for a in c] for c in commands]), module=False,
-                      check=check, timeout=400 * len(commands))
+    given = [c if isinstance(c, str) else [str(a) for a in c] for c in commands]
+    result = torchrun(nproc, script, json.dumps(given), module=False, check=check, timeout=400 * len(commands))
     return result, result.stdout.split(MARK)[:-1]
 
 

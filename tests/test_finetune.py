@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLES, STATE_FILE, assert_one_line_error, cli, make_tiny_model, torchrun, torchrun_each
+from conftest import SAMPLES, STATE_FILE, assert_one_line_error, cli, make_tiny_model, torchrun_each
 from soragen.models import lora as lora_io
 from soragen.core.config import LoRAConfig
-from soragen.io.folders import latest_checkpoint
 from soragen.io.model_folder import load_model
 from soragen.diffusion.objectives import flow_loss
 from soragen.models.text import TextEmbedding
@@ -297,10 +296,18 @@ def test_fsdp_over_two_gloo_processes_matches_ddp_resumes_bit_for_bit_and_surviv
     # would gather bf16 weights where DDP keeps float32 ones, so the two would differ by more than rounding);
     # at --lr 1e-2 AdamW blows the two reductions' rounding up to more than 1e-5 within four steps
     one_each = ["--batch-size", 1, "--mixed-precision", "no", "--lr", "1e-3"]
-    # one process group, in turn: FSDP, DDP, and FSDP stopped at step 2
+    # one process group, in turn: FSDP; DDP; FSDP stopped at step 2, a save of it cut short by SIGKILL (its
+    # temporary, rank 0's name, and no checkpoint-4), and its resume to step 4
+    cut = resumed / ".checkpoint-4.tmp-999999999"
+    plant = (f"from pathlib import Path\nfrom soragen.io.folders import latest_checkpoint\ncut = Path({str(cut)!r})\n"
+             f"(cut / 'train_state' / 'dcp').mkdir(parents=True)\n"
+             f"(cut / 'train_state' / 'dcp' / {STATE_FILE!r}).write_bytes(bytes(64))\n"
+             f"assert latest_checkpoint(cut.parent).name == 'checkpoint-2', latest_checkpoint(cut.parent)\n")
     _, outputs = torchrun_each(2, train_args(clips, sharded, wan, cache, 4, *one_each, "--fsdp"),
                                train_args(clips, ddp, wan, cache, 4, *one_each),
-                               train_args(clips, resumed, wan, cache, 2, *one_each, "--fsdp"), tmp_path=tmp_path)
+                               train_args(clips, resumed, wan, cache, 2, *one_each, "--fsdp"), plant,
+                               train_args(clips, resumed, wan, cache, 4, *one_each, "--fsdp", "--resume"),
+                               tmp_path=tmp_path)
     assert outputs[0].count("trained to step 4") == 1
     state = json.loads((sharded / "checkpoint-4" / "train_state" / "state.json").read_text())
     assert state["sharded"] == 2 and len(list((sharded / "checkpoint-4" / "train_state" / "dcp").glob("*.safetensors"))) == 2
@@ -309,12 +316,6 @@ def test_fsdp_over_two_gloo_processes_matches_ddp_resumes_bit_for_bit_and_surviv
     assert [json.loads(x)["loss"] for x in (sharded / "metrics.jsonl").read_text().splitlines()] == \
         pytest.approx([json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()], rel=1e-5)
     # stopped at 2 and resumed to 4: the straight run's weights, bit for bit
-    # a save cut short by SIGKILL leaves its temporary (rank 0's name) and no checkpoint-4
-    cut = resumed / ".checkpoint-4.tmp-999999999"
-    (cut / "train_state" / "dcp").mkdir(parents=True)
-    (cut / "train_state" / "dcp" / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"\0" * 64)
-    assert latest_checkpoint(resumed).name == "checkpoint-2"
-    torchrun(2, *train_args(clips, resumed, wan, cache, 4, *one_each, "--fsdp", "--resume"))
     assert not cut.exists()  # swept by the next save
     for name in ("dit/model.safetensors",):
         a, b = load_file(sharded / "checkpoint-4" / name), load_file(resumed / "checkpoint-4" / name)
