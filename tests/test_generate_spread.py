@@ -116,3 +116,17 @@ def test_a_process_killed_mid_batch_leaves_the_finished_videos_whole(tiny_model,
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["seed"] for r in index(out)] == list(range(10))
     assert sorted(p.name for p in out.iterdir()) == sorted([r["file"] for r in index(out)] + ["index.jsonl"])
+
+
+@pytest.mark.slow  # torch.compile's import
+def test_compile_is_refused_where_processes_share_steps_and_kept_where_each_makes_its_own_videos(tiny_model,
+                                                                                                  monkeypatch):
+    """Under torchrun (the world size is read before any group is joined): --compile with one PROMPT, whose
+    steps the processes share, is one line; with --prompts each process compiles its own DiT."""
+    from soragen.cli.generate import _load
+    from soragen.core.errors import UsageError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--compile under torchrun"):
+        _load(tiny_model, "cpu", "float32", True, False, [], "auto")
+    pipe, _ = _load(tiny_model, "cpu", "float32", True, False, [], None)  # --prompts: no steps shared
+    assert pipe.compiled and pipe.predict is not pipe.model.dit.predict

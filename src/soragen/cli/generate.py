@@ -300,12 +300,12 @@ def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
     if world_size() == 1 and parallel != "auto":
         raise UsageError(f"--parallel {parallel} shares each video's steps between processes: start them with "
                          f"torchrun (torchrun --nproc_per_node=N -m soragen generate ... --parallel {parallel})")
-    elif world_size() > 1:
+    elif world_size() > 1 and parallel is not None:  # the processes share each video's steps
         if compile:
             raise UsageError("--compile under torchrun: the steps shared between processes run eagerly; drop "
                              "--compile")
         from soragen.train.parallel import init_distributed
-        init_distributed(device)
+        init_distributed(device)  # (with --prompts, soragen.cli.spread joined the group, each process its GPU)
     t0 = time.perf_counter()
     seconds = {"imports": t0 - STARTED}
     pipe = Pipeline.load(model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
