@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +97,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(nproc: int, *args, module: bool = True) -> list[str]:
-    """torchrun on `nproc` processes of `soragen *args` (or, without `module`, of a script and its args)."""
+# torchrun makes a log folder per launch, in /tmp unless told where: the suite's go here, removed at its end
+TORCHRUN_LOGS = Path(tempfile.mkdtemp(prefix="soragen-tests-torchrun-"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TORCHRUN_LOGS, ignore_errors=True)
+
+
+def torchrun_command(nproc: int, *args, module: bool = True, options: tuple = ()) -> list[str]:
+    """torchrun (with its `options`) on `nproc` processes of `soragen *args` (or, without `module`, of a
+    script and its args)."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            *(["-m", "soragen"] if module else []), *[str(a) for a in args]]
+            f"--log-dir={TORCHRUN_LOGS}", *options, *(["-m", "soragen"] if module else []), *[str(a) for a in args]]
 
 
 def torchrun(nproc: int, *args, module: bool = True, check: bool = True, timeout: float = 400):

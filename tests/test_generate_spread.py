@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli, descendants, free_port
+from conftest import cli, descendants, torchrun_command
 from soragen.io.video import read_video
 
 PROMPTS = ["a red ball moving right", "a blue square moving left", "a green circle", "a yellow star",
@@ -26,9 +25,8 @@ FAST = ["--frames", 5, "--steps", 2]
 
 
 def command(tiny_model, prompts, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            "--tee", "1", "-m", "soragen", "generate", "--prompts", str(prompts), "--out", str(out), "--model",
-            str(tiny_model), *[str(a) for a in [*FAST, *extra]]]
+    return torchrun_command(2, "generate", "--prompts", prompts, "--out", out, "--model", tiny_model, *FAST, *extra,
+                            options=("--tee", "1"))
 
 
 def environment() -> dict:
