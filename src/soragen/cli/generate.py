@@ -147,8 +147,8 @@ def _check_cfg_split(parallel: str, guidance: Optional[float], guidance_2: Optio
 def _spread(prompts: Optional[Path], parallel: str, guidance: Optional[float], guidance_2: Optional[float]) -> Spread:
     """With --prompts under torchrun, each process makes its share of the videos (soragen.cli.spread);
     with one PROMPT, the processes share each step of it (--parallel)."""
-    _check_cfg_split(parallel, guidance, guidance_2)
     if prompts is None:
+        _check_cfg_split(parallel, guidance, guidance_2)
         return Spread()
     if parallel != "auto" and world_size() > 1:
         raise UsageError(f"--parallel {parallel} shares one video's steps; with --prompts under torchrun each "
@@ -305,7 +305,7 @@ def _load(model, device, dtype, compile, offload, loras, parallel="auto"):
             raise UsageError("--compile under torchrun: the steps shared between processes run eagerly; drop "
                              "--compile")
         from soragen.train.parallel import init_distributed
-        init_distributed(device)  # (with --prompts, soragen.cli.spread joined the group, each process its GPU)
+        init_distributed(device)  # (--prompts: soragen.cli.spread has joined the group, each process its GPU)
     t0 = time.perf_counter()
     seconds = {"imports": t0 - STARTED}
     pipe = Pipeline.load(model_dir(model), device=device, dtype=dtype, compile=compile, offload=offload, loras=loras)
