@@ -130,8 +130,10 @@ import torch.distributed as dist
 from soragen.cli import run
 for i, command in enumerate(json.loads(sys.argv[1])):
     main = os.environ["RANK"] == "0"
-    if isinstance(command, str):
-        code = exec(command, {}) if main else None
+    if isinstance(command, str):  # the test's own Python, on rank 0
+        if main:
+            exec(command, {})
+        code = 0
     else:
         code = run(command)
     if main:

@@ -36,17 +36,8 @@ def run(settings: Settings) -> Section:
         s.notes.append(f"generate skipped: {settings.model_note}")
         return s
 
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="soragen-bench-") as tmp:
-        model_args = ["--model", str(settings.model_dir)]
-        for i in range(1 if settings.quick else 4):  # full: one warm-up run, then three measured
-            timings = Path(tmp) / f"timings-{i}.json"
-            r = run_child(soragen_argv("generate", PROMPT, "--out", str(Path(tmp) / f"video-{i}.mp4"), *model_args,
-                                       "--timings", str(timings)))
-            if r["rc"] != 0:
-                raise child_error(r, "soragen generate")
-            r["split"] = json.loads(timings.read_text())
-            runs.append(r)
+    model_args = ["--model", str(settings.model_dir)]
+    runs = generates(1 if settings.quick else 4, model_args, "soragen generate")  # full: a warm-up, then three
     measured = runs if settings.quick else runs[1:]  # the first full run warms the disk cache
     wall = statistics.median(r["wall"] for r in measured)
     peak = max(r["maxrss_mb"] for r in measured)
@@ -72,19 +63,27 @@ def run(settings: Settings) -> Section:
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def avx2_row(s: Section, model_args: list[str], quick: bool) -> None:
+def generates(count: int, args: list[str], what: str, env: dict | None = None) -> list[dict]:
+    """`count` runs of `soragen generate PROMPT *args` as new processes: each run's figures (run_child's),
+    with its `--timings` split."""
+    runs = []
     with tempfile.TemporaryDirectory(prefix="soragen-bench-") as tmp:
-        walls, splits = [], []
-        for i in range(1 if quick else 3):
+        for i in range(count):
             timings = Path(tmp) / f"timings-{i}.json"
-            r = run_child(soragen_argv("generate", PROMPT, "--dtype", "float32", "--out", str(Path(tmp) / f"{i}.mp4"),
-                                       *model_args, "--timings", str(timings)), env=AVX2)
+            r = run_child(soragen_argv("generate", PROMPT, "--out", str(Path(tmp) / f"video-{i}.mp4"), *args,
+                                       "--timings", str(timings)), env=env)
             if r["rc"] != 0:
-                raise child_error(r, "soragen generate (AVX2 kernels, float32)")
-            walls.append(r["wall"])
-            splits.append(json.loads(timings.read_text()))
-    middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
-    wall, split = walls[middle], splits[middle]
+                raise child_error(r, what)
+            r["split"] = json.loads(timings.read_text())
+            runs.append(r)
+    return runs
+
+
+def avx2_row(s: Section, model_args: list[str], quick: bool) -> None:
+    runs = generates(1 if quick else 3, ["--dtype", "float32", *model_args], "soragen generate (AVX2 kernels, float32)",
+                     env=AVX2)
+    middle = sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]  # the median run, its own split
+    wall, split = middle["wall"], middle["split"]
     parts = ", ".join(f"{k} {split[k]:.2f}" for k in ("imports", "load", "denoise", "decode") if k in split)
     s.rows.append(["generate with AVX2 kernels in float32 (an AVX2-only CPU's work at this clock)",
                    f"{wall:.2f} s ({parts})",

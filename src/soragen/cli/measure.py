@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from soragen.cli.app import StageProgress, check_overrides, check_writable, command, model_dir
-from soragen.cli.generate import DeviceOption, DtypeOption, HeightOption, ModelOption, SamplerOption, StepsOption, WidthOption, _check_choices, _load, _read_prompts
+from soragen.cli.generate import (DeviceOption, DtypeOption, HeightOption, ModelOption, SamplerOption, StepsOption,
+                                  WidthOption, _check_choices, _load, _read_prompts)
 from soragen.core.config import MAX_SEED
 from soragen.core.errors import UsageError
 

@@ -99,10 +99,16 @@ class VideoVAE:
             else:
                 fast_paths.uninstall(part)
 
+    @property
+    def described_by_files(self) -> bool:
+        """Whether diffusers' model is not made and the files say all it would hold: every weight, and
+        a config naming every setting."""
+        return self._model is None and self.complete and bool(self.files)
+
     def weights_and_config(self) -> tuple[list[tuple[str, torch.Tensor]], dict]:
         """Every weight by name (sorted) and the config as diffusers' model holds it: what identifies
         the VAE (the latent cache's key). Read from the files where diffusers' model is not made."""
-        if self._model is None and self.complete and self.files:
+        if self.described_by_files:
             from importlib.metadata import version
 
             from soragen.core.weights import read_safetensors
@@ -302,7 +308,7 @@ def save_vae(vae: VideoVAE, folder: Path) -> None:
     """diffusers layout, so `AutoencoderKLWan.from_pretrained(folder)` reads it too."""
     from soragen.core.weights import save_module, save_tensors
     folder.mkdir(parents=True, exist_ok=True)
-    if vae.parts() == [vae.decoder] and vae.complete and vae.files:  # what diffusers would write, from the files
+    if vae.described_by_files:  # what diffusers would write, from the files
         weights, config = vae.weights_and_config()
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_tensors(dict(weights), folder / "diffusion_pytorch_model.safetensors", "VAE",
